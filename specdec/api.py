@@ -1,0 +1,183 @@
+"""The public face: ``wrap(model, drafter=...)`` gives a model whose ``generate`` speculates.
+
+``SpecDecoder.generate`` takes Hugging Face's ``generate`` arguments and returns what HF
+returns: a tensor of sequences, or (``return_dict_in_generate=True``) an output object with
+``sequences`` plus ``spec_stats``. Options it cannot honour raise ``UnsupportedGenerationOption``
+instead of being silently ignored. Every other attribute is forwarded to the wrapped model.
+
+This module translates HF generation options into engine calls; the decoding itself lives in
+``specdec.engine``.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, StoppingCriteriaList, StopStringCriteria
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from specdec.drafters import make_drafter
+from specdec.engine import SpecEngine
+from specdec.stats import SpecStats
+from specdec.verifiers.acceptance import SamplingParams
+
+
+class UnsupportedGenerationOption(ValueError):
+    """A ``generate`` option that speculative decoding here cannot honour."""
+
+
+# Options whose non-default values we refuse, with the reason shown to the user.
+_UNSUPPORTED = {
+    "num_beams": "beam search", "num_beam_groups": "group beam search", "penalty_alpha": "contrastive search",
+    "num_return_sequences": "several sequences per prompt (repeat the prompt rows instead)",
+    "repetition_penalty": "repetition penalty", "no_repeat_ngram_size": "n-gram blocking",
+    "encoder_repetition_penalty": "encoder repetition penalty", "bad_words_ids": "bad-word filtering",
+    "force_words_ids": "constrained decoding", "min_length": "min_length", "min_new_tokens": "min_new_tokens",
+    "typical_p": "HF typical sampling (specdec's typical acceptance is a separate, lossy rule)",
+    "epsilon_cutoff": "epsilon sampling", "eta_cutoff": "eta sampling", "min_p": "min-p sampling",
+    "diversity_penalty": "diverse beam search", "sequence_bias": "sequence bias",
+    "guidance_scale": "classifier-free guidance", "suppress_tokens": "token suppression",
+    "begin_suppress_tokens": "token suppression", "forced_bos_token_id": "forced tokens",
+    "forced_eos_token_id": "forced tokens", "exponential_decay_length_penalty": "length penalty decay",
+    "output_scores": "returning scores", "output_logits": "returning logits",
+    "output_attentions": "returning attentions", "output_hidden_states": "returning hidden states",
+    "prompt_lookup_num_tokens": "HF's prompt lookup (use specdec.drafters.PromptLookup)",
+    "watermarking_config": "watermarking", "assistant_early_exit": "HF's early-exit assistant",
+}
+_UNSUPPORTED_ARGS = ("logits_processor", "prefix_allowed_tokens_fn", "assistant_model", "negative_prompt_ids",
+                     "negative_prompt_attention_mask", "synced_gpus", "custom_generate", "assistant_tokenizer")
+
+
+@dataclass
+class SpecGenerateOutput(GenerateDecoderOnlyOutput):
+    """HF's decoder-only generate output, plus specdec's statistics."""
+
+    spec_stats: SpecStats | None = None
+
+
+class SpecDecoder:
+    """A speculative-decoding view of an HF causal LM. Build it with ``specdec.wrap``."""
+
+    def __init__(self, model, drafter=None, acceptance: str | None = None):
+        if isinstance(drafter, str):
+            drafter = make_drafter(drafter)
+        self.__dict__["model"] = model
+        self.__dict__["drafter"] = drafter
+        self.__dict__["engine"] = SpecEngine(model, drafter=drafter, acceptance=acceptance)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["model"], name)
+
+    def __repr__(self) -> str:
+        return f"SpecDecoder(model={type(self.model).__name__}, drafter={self.drafter!r})"
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
+                 stopping_criteria: StoppingCriteriaList | None = None, streamer=None, tokenizer=None, **kwargs):
+        """Same arguments as HF ``generate`` (the supported subset; see the module docstring)."""
+        for arg in _UNSUPPORTED_ARGS:
+            if kwargs.get(arg) not in (None, [], False):
+                raise UnsupportedGenerationOption(f"generate(): {arg!r} is not supported by specdec")
+            kwargs.pop(arg, None)
+        input_ids = kwargs.pop("input_ids", None)
+        if inputs is not None and input_ids is not None:
+            raise ValueError("pass the prompt as `inputs` or `input_ids`, not both")
+        input_ids = inputs if inputs is not None else input_ids
+        attention_mask = kwargs.pop("attention_mask", None)
+        kwargs.pop("use_cache", None)
+        gc = copy.deepcopy(generation_config if generation_config is not None else self.model.generation_config)
+        unknown = gc.update(**kwargs)
+        if unknown:
+            raise UnsupportedGenerationOption(
+                f"generate() got unsupported argument(s) {sorted(unknown)}; specdec passes no extra model inputs")
+        self._check_options(gc)
+
+        if input_ids is None or not torch.is_tensor(input_ids) or input_ids.dim() != 2:
+            raise ValueError("generate() needs `input_ids` as a [batch, length] LongTensor")
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}; give at least one token per row")
+        eos = gc.eos_token_id
+        eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
+        pad_id = gc.pad_token_id if gc.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+            if gc.pad_token_id is not None and gc.pad_token_id not in eos_ids:
+                attention_mask = (input_ids != gc.pad_token_id).long()
+        empty = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"empty prompt in row(s) {empty}: the attention mask has no real tokens")
+        longest = int(attention_mask.sum(dim=1).max())
+        max_new = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - input_ids.shape[1]
+        if max_new is None or max_new <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new}")
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and longest + max_new > limit:
+            raise ValueError(
+                f"prompt ({longest} tokens) + max_new_tokens ({max_new}) exceeds the model's context of {limit} "
+                "positions; shorten the prompt or lower max_new_tokens")
+        params = SamplingParams(do_sample=bool(gc.do_sample), temperature=float(gc.temperature or 1.0),
+                                top_k=gc.top_k or None, top_p=gc.top_p)
+
+        stop_fn = self._stop_fn(gc, stopping_criteria, tokenizer, input_ids.device)
+        on_tokens = None
+        if streamer is not None:
+            if input_ids.shape[0] != 1:
+                raise ValueError("streaming supports batch size 1 only, as in HF")
+            streamer.put(input_ids.cpu())
+            on_tokens = lambda row, new: streamer.put(torch.tensor(new, dtype=torch.long)) if new else None  # noqa: E731
+        out = self.engine.generate(input_ids, attention_mask, max_new, params, eos_ids, pad_id,
+                                   stop_fn=stop_fn, on_tokens=on_tokens)
+        if streamer is not None:
+            streamer.end()
+
+        width = max(len(g) for g in out.generated)
+        new = torch.full((input_ids.shape[0], width), pad_id, dtype=input_ids.dtype)
+        for r, g in enumerate(out.generated):
+            new[r, : len(g)] = torch.tensor(g, dtype=input_ids.dtype)
+        sequences = torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+        if gc.return_dict_in_generate:
+            return SpecGenerateOutput(sequences=sequences, spec_stats=out.stats)
+        return sequences
+
+    @staticmethod
+    def _check_options(gc: GenerationConfig) -> None:
+        for name, what in _UNSUPPORTED.items():
+            value = getattr(gc, name, None)
+            # None, False, 0, 1 and empty collections are the "off" values of every option listed.
+            if not (value is None or value is False or (isinstance(value, (int, float)) and value in (0, 1))
+                    or (isinstance(value, (list, dict, tuple)) and not value)):
+                raise UnsupportedGenerationOption(
+                    f"generate(): {name}={value!r} ({what}) is not supported by specdec; remove it, or call the "
+                    "wrapped model's own generate")
+
+    @staticmethod
+    def _stop_fn(gc, stopping_criteria, tokenizer, device):
+        criteria = list(stopping_criteria or [])
+        if gc.stop_strings:
+            if tokenizer is None:
+                raise ValueError("stop_strings needs the tokenizer: call generate(..., tokenizer=tokenizer)")
+            criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=gc.stop_strings))
+        if not criteria:
+            return None
+
+        def stop(row: int, ids: list[int]) -> bool:
+            t = torch.tensor([ids], dtype=torch.long, device=device)
+            return any(bool(c(t, None).any()) for c in criteria)
+
+        return stop
+
+
+def wrap(model, drafter=None, acceptance: str | None = None) -> SpecDecoder:
+    """Wrap an HF causal LM for speculative decoding.
+
+    ``drafter`` is a Drafter instance, a registered name (``"lookup"``), or None for plain
+    autoregressive decoding through the same engine. ``acceptance`` picks the rule (default:
+    ``greedy`` when ``do_sample=False``, ``speculative`` sampling otherwise).
+
+    Example::
+
+        spec = specdec.wrap(model, drafter=PromptLookup(num_tokens=8))
+        out = spec.generate(input_ids, max_new_tokens=64, return_dict_in_generate=True)
+        print(out.spec_stats.tau)
+    """
+    return SpecDecoder(model, drafter=drafter, acceptance=acceptance)

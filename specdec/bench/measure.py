@@ -1,0 +1,175 @@
+"""Timed decoding of prompts, turn by turn, through one generate method.
+
+A *method* is the engine without a drafter (the baseline), the engine with a drafter, or HF's
+own ``generate``. ``decode`` runs one method over a batch of prompts: turn t of every prompt
+that has one goes in one ``generate`` call, and later turns see the method's own earlier
+answers. This module knows nothing about configs, files or reports.
+
+Glossary:
+    step             one engine iteration: propose, verify, accept, commit.
+    accepted length  tokens one step emits: the accepted draft tokens plus the bonus (or
+                     recovered) token, so at least 1. τ is its mean over steps.
+    acceptance rate  α, the share of drafted tokens that the target accepted.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from specdec.bench.prompts import Prompt, render
+
+PHASES = ("draft", "verify", "accept", "commit", "host")
+
+
+@dataclass
+class Generated:
+    """What one ``generate`` call returned, reduced to what the benchmark reads."""
+    sequences: torch.Tensor          # [B, T + new], left-padded prompt then new tokens
+    new_tokens: list[int]            # [B] tokens generated per row, EOS included
+    stats: object | None = None      # the engine's spec_stats; None for HF generate
+
+
+Method = Callable[[torch.Tensor, torch.Tensor], Generated]  # (input_ids, attention_mask) -> ...
+
+
+@dataclass
+class Decoded:
+    """One method's answer to one prompt, over all of its turns."""
+    output_ids: list[list[int]] = field(default_factory=list)   # [turns][new tokens]
+    answers: list[str] = field(default_factory=list)            # [turns] decoded text
+    prompt_tokens: list[int] = field(default_factory=list)      # [turns] input length
+    wall_time: float = 0.0           # seconds; at batch > 1, this row's equal share of each call
+    accepted_lengths: list[int] | None = None   # [steps] tokens emitted per step; None for HF
+    accepted_drafts: float = 0.0     # Σ α·steps, so α over all turns is accepted_drafts / steps
+    times: dict[str, float] = field(default_factory=dict)       # phase -> seconds (row share)
+    lossless: bool | None = None
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(ids) for ids in self.output_ids)
+
+    @property
+    def steps(self) -> int | None:
+        return None if self.accepted_lengths is None else len(self.accepted_lengths)
+
+    @property
+    def tau(self) -> float | None:
+        if not self.accepted_lengths:
+            return None
+        return sum(self.accepted_lengths) / len(self.accepted_lengths)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_drafts / self.steps if self.steps else None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_time if self.wall_time > 0 else 0.0
+
+    def histogram(self) -> list[int]:
+        """``hist[k]`` is the number of steps that emitted k tokens (``hist[0]`` is always 0)."""
+        lengths = self.accepted_lengths or []
+        hist = [0] * (max(lengths, default=0) + 1)
+        for n in lengths:
+            hist[n] += 1
+        return hist
+
+
+def engine_method(spec, **gen_kwargs) -> Method:
+    """``spec.generate`` of a wrapped model (with or without a drafter) as a Method."""
+    def run(input_ids, attention_mask):
+        out = spec.generate(input_ids=input_ids, attention_mask=attention_mask,
+                            return_dict_in_generate=True, **gen_kwargs)
+        stats = out.spec_stats
+        return Generated(out.sequences, [int(n) for n in stats.new_tokens], stats)
+    return run
+
+
+def hf_method(model, eos_token_id, **gen_kwargs) -> Method:
+    """HF's own ``model.generate`` as a Method; new tokens end at the first EOS."""
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+
+    def run(input_ids, attention_mask):
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                             eos_token_id=eos_token_id, return_dict_in_generate=True, **gen_kwargs)
+        new = out.sequences[:, input_ids.shape[1]:].tolist()
+        lengths = [next((i + 1 for i, t in enumerate(row) if t in eos), len(row)) for row in new]
+        return Generated(out.sequences, lengths)
+    return run
+
+
+def decode(method: Method, prompts: Sequence[Prompt], tokenizer, device: torch.device,
+           seed: int = 0) -> list[Decoded]:
+    """Answer every turn of ``prompts`` with ``method``, batching the rows that have turn t.
+
+    The tokenizer must pad on the left. Before turn t's call the RNG is seeded with
+    ``seed + t``, so two methods that sample see the same seeds.
+    """
+    results = [Decoded() for _ in prompts]
+    for turn in range(max(len(p.turns) for p in prompts)):
+        active = [i for i, p in enumerate(prompts) if turn < len(p.turns)]
+        texts = [render(tokenizer, prompts[i].turns[: turn + 1], results[i].answers) for i in active]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        input_ids, attention_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        torch.manual_seed(seed + turn)
+        _sync(device)
+        start = time.perf_counter()
+        out = method(input_ids, attention_mask)
+        _sync(device)
+        share = (time.perf_counter() - start) / len(active)
+        prompt_len = input_ids.shape[1]
+        for row, i in enumerate(active):
+            ids = out.sequences[row, prompt_len: prompt_len + out.new_tokens[row]].tolist()
+            res = results[i]
+            res.output_ids.append(ids)
+            res.answers.append(tokenizer.decode(ids, skip_special_tokens=True))
+            res.prompt_tokens.append(int(attention_mask[row].sum()))
+            res.wall_time += share
+            if out.stats is not None:
+                _add_engine_stats(res, out.stats, row, len(active))
+    return results
+
+
+def first_divergence(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> dict | None:
+    """Where two multi-turn outputs first differ: ``{"turn", "index"}``, or None if equal.
+
+    Example:
+        first_divergence([[5, 6, 7]], [[5, 6, 9]])  # {"turn": 0, "index": 2}
+        first_divergence([[5, 6]], [[5, 6, 2]])     # {"turn": 0, "index": 2}: one stopped early
+    """
+    for turn, (x, y) in enumerate(zip(a, b)):
+        index = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), None)
+        if index is None and len(x) != len(y):
+            index = min(len(x), len(y))
+        if index is not None:
+            return {"turn": turn, "index": index}
+    if len(a) != len(b):
+        return {"turn": min(len(a), len(b)), "index": 0}
+    return None
+
+
+def _add_engine_stats(res: Decoded, stats, row: int, rows: int) -> None:
+    """Fold one call's spec_stats for batch row ``row`` (of ``rows`` active) into ``res``."""
+    lengths = [int(n) for n in stats.accepted_lengths[row]]
+    res.accepted_lengths = (res.accepted_lengths or []) + lengths
+    res.accepted_drafts += _row_value(stats.acceptance_rate, row) * len(lengths)
+    for phase, seconds in stats.times.items():
+        res.times[phase] = res.times.get(phase, 0.0) + float(seconds) / rows
+    res.lossless = bool(stats.lossless) if res.lossless is None else res.lossless and bool(stats.lossless)
+
+
+def _row_value(value, row: int) -> float:
+    """A per-row stat given as a scalar (one value for the batch) or as one value per row."""
+    if isinstance(value, torch.Tensor):
+        return float(value[row] if value.ndim else value)
+    if isinstance(value, (list, tuple)):
+        return float(value[row])
+    return float(value)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

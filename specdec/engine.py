@@ -1,0 +1,196 @@
+"""SpecEngine: the decoding loop. Prefill, then propose -> verify -> accept -> commit.
+
+Layout: every prompt is left padded to a common length T (plus one extra pad column, so each
+row has at least two slots; drafters may re-read the last two). Row b's committed tokens are
+``tokens[b, :seq_len[b]]`` and its *root*, the last committed token, is not in the KV cache yet:
+each step feeds the root together with the draft nodes, so the root's logits judge the first
+draft level and a step with no draft is plain autoregressive decoding. The no-drafter baseline
+therefore runs through exactly this loop.
+
+One host sync per step, at commit: the emitted tokens come to the host for stopping rules
+(EOS, stop strings, ``max_new_tokens``), streaming and statistics.
+
+The engine knows the runner, the cache, drafters and acceptance rules; not tokenizers or HF
+generation options (``specdec.api`` translates those).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from specdec.drafters.base import DecodeContext, Drafter
+from specdec.runner import ModelRunner
+from specdec.stats import PhaseTimer, SpecStats
+from specdec.verifiers.acceptance import SamplingParams, make_acceptance
+from specdec.verifiers.tree import DraftTree
+
+
+@dataclass
+class EngineOutput:
+    generated: list[list[int]]  # [B][new tokens] per row, EOS included when hit
+    stats: SpecStats
+
+
+def left_pack(input_ids: Tensor, attention_mask: Tensor, width: int, pad: int) -> tuple[Tensor, Tensor]:
+    """Right-align each row's real tokens in a ``[B, width]`` buffer. Returns (buffer, start).
+
+    Works for left or right padded input: only positions where the mask is 1 are kept.
+    """
+    b, t = input_ids.shape
+    real = attention_mask.bool()
+    lengths = real.sum(dim=1)
+    # Stable sort puts padding first and keeps real tokens in order.
+    order = real.long().argsort(dim=1, stable=True)
+    packed = input_ids.gather(1, order)
+    buf = torch.full((b, width), pad, dtype=input_ids.dtype, device=input_ids.device)
+    buf[:, width - t:] = packed
+    start = width - lengths
+    pos = torch.arange(width, device=input_ids.device).unsqueeze(0)
+    buf = torch.where(pos >= start.unsqueeze(1), buf, torch.full_like(buf, pad))
+    return buf, start
+
+
+class SpecEngine:
+    """Speculative decoding over one target model.
+
+    Example::
+
+        engine = SpecEngine(model, drafter=PromptLookup(num_tokens=4))
+        out = engine.generate(input_ids, attention_mask, max_new_tokens=64,
+                              params=SamplingParams(), eos_ids={2}, pad_id=0)
+    """
+
+    def __init__(self, model, drafter: Drafter | None = None, acceptance: str | None = None):
+        self.runner = ModelRunner(model)
+        self.drafter = drafter
+        self.acceptance_name = acceptance
+        if drafter is not None:
+            for member in ("num_nodes", "begin", "propose", "observe"):
+                if not hasattr(drafter, member):
+                    raise TypeError(f"{type(drafter).__name__} is not a Drafter: it has no {member!r}")
+            if hasattr(drafter, "check_target"):
+                drafter.check_target(self.runner)
+
+    def _rule(self, params: SamplingParams):
+        name = self.acceptance_name or ("speculative" if params.do_sample else "greedy")
+        if name == "greedy" and params.do_sample:
+            raise ValueError("acceptance='greedy' needs do_sample=False; sampling uses acceptance='speculative'")
+        return make_acceptance(name)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int, params: SamplingParams,
+                 eos_ids: set[int], pad_id: int, stop_fn: Callable[[int, list[int]], bool] | None = None,
+                 on_tokens: Callable[[int, list[int]], None] | None = None) -> EngineOutput:
+        """Decode up to ``max_new_tokens`` per row. ``stop_fn(row, row_tokens)`` may end a row early
+        (row_tokens are the real prompt tokens plus everything generated); ``on_tokens(row, new)``
+        sees each step's kept tokens (streaming)."""
+        runner, drafter, rule = self.runner, self.drafter, self._rule(params)
+        dev = runner.device
+        input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
+        b = input_ids.shape[0]
+        n_nodes = drafter.num_nodes if drafter is not None else 0
+        width = int(attention_mask.sum(dim=1).max()) + 1
+        capacity = width + max_new_tokens + n_nodes + 1
+        wall0 = time.perf_counter()
+
+        tokens = torch.full((b, capacity), pad_id, dtype=torch.long, device=dev)
+        tokens[:, :width], start = left_pack(input_ids.long(), attention_mask, width, pad_id)
+        seq_len = torch.full((b,), width, dtype=torch.long, device=dev)
+        cache = runner.new_cache(b, capacity)
+        cache.start.copy_(start)
+        # Prefill: every committed token but the root.
+        n = width - 1
+        slots = torch.arange(n, device=dev).expand(b, n)
+        causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril().expand(b, n, n)
+        runner.forward(cache, tokens[:, :n], (slots - start[:, None]).clamp(min=0), slots, causal,
+                       view_len=n, compute_logits=False)
+        cache.lengths.copy_(seq_len - 1)
+        prefill_time = time.perf_counter() - wall0
+
+        ctx = DecodeContext(target=runner, tokens=tokens, seq_len=seq_len, start=start, params=params,
+                            max_seq_len=width, capacity=capacity)
+        if drafter is not None:
+            drafter.begin(ctx)
+        prompts = [row[s:] for row, s in zip(tokens[:, :width].tolist(), start.tolist())]
+        generated: list[list[int]] = [[] for _ in range(b)]
+        gained: list[list[int]] = [[] for _ in range(b)]
+        offered: list[list[int]] = [[] for _ in range(b)]
+        active = [True] * b
+        seq_host = [width] * b
+        timer = PhaseTimer(dev)
+        steps = drafts = 0
+        while any(active):
+            timer.start()
+            tree = drafter.propose(ctx) if drafter is not None else DraftTree.empty(b, dev)
+            drafts += int(drafter is not None)
+            timer.lap("draft")
+
+            # Verify: one target forward over [root, nodes]; nodes see the root and their ancestors.
+            k = tree.num_nodes
+            anc, depth = tree.compile()
+            among = torch.ones(b, k + 1, k + 1, dtype=torch.bool, device=dev)
+            among[:, 0, 1:] = False
+            among[:, 1:, 1:] = anc
+            root_slot = seq_len - 1
+            slots = root_slot.unsqueeze(1) + torch.arange(k + 1, device=dev)
+            offsets = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), depth], dim=1)
+            positions = (root_slot - start).unsqueeze(1) + offsets
+            step_tokens = torch.cat([tokens.gather(1, root_slot.unsqueeze(1)), tree.tokens], dim=1)
+            logits = runner.forward(cache, step_tokens, positions, slots, among, view_len=ctx.max_seq_len + k).logits
+            timer.lap("verify")
+
+            outcome = rule.accept(logits, tree, params)
+            emitted, count = outcome.emitted()  # [B, k + 1], [B]
+            proposed = (depth * tree.valid).max(dim=1).values if k else torch.zeros_like(count)
+            timer.lap("accept")
+
+            # Host bookkeeping: the step's single sync.
+            host = torch.cat([emitted, count.unsqueeze(1), proposed.unsqueeze(1)], dim=1).tolist()
+            keep = [0] * b
+            for r in range(b):
+                if not active[r]:
+                    continue
+                *em, cnt, prop = host[r]
+                for tok in em[:cnt]:
+                    generated[r].append(tok)
+                    keep[r] += 1
+                    if (tok in eos_ids or len(generated[r]) >= max_new_tokens
+                            or (stop_fn is not None and stop_fn(r, prompts[r] + generated[r]))):
+                        active[r] = False
+                        break
+                gained[r].append(keep[r])
+                offered[r].append(prop)
+                if on_tokens is not None:
+                    on_tokens(r, generated[r][-keep[r]:])
+            outcome.accepted_host = [host[r][k + 1] - 1 for r in range(b) if keep[r]]
+            timer.start()
+
+            # Commit: kept tokens into the buffer, accepted nodes' K/V next to the prefix.
+            keep_t = torch.tensor(keep, device=dev)
+            write = seq_len.unsqueeze(1) + torch.arange(k + 1, device=dev)
+            old = tokens.gather(1, write)
+            tokens.scatter_(1, write, torch.where(torch.arange(k + 1, device=dev) < keep_t[:, None], emitted, old))
+            cache.lengths.copy_(seq_len)  # the root is now committed in the cache
+            cache.commit(root_slot.unsqueeze(1) + 1 + outcome.path.clamp(min=0), outcome.accept_len)
+            seq_len += keep_t
+            cache.lengths.copy_(seq_len - 1)
+            seq_host = [s + kk for s, kk in zip(seq_host, keep)]
+            ctx.max_seq_len = max(seq_host)
+            steps += 1
+            ctx.step = steps
+            if drafter is not None:
+                drafter.observe(outcome)
+            timer.lap("commit")
+
+        wall = time.perf_counter() - wall0
+        stats = SpecStats(accepted_lengths=gained, proposed=offered, new_tokens=[len(g) for g in generated],
+                          num_steps=steps, draft_forwards=getattr(drafter, "forwards", drafts),
+                          verify_forwards=steps, times=timer.result(wall - prefill_time), wall_time=wall,
+                          lossless=rule.lossless, acceptance=rule.name,
+                          drafter=type(drafter).__name__ if drafter is not None else "none",
+                          prefill_time=prefill_time)
+        return EngineOutput(generated=generated, stats=stats)

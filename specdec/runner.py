@@ -1,0 +1,158 @@
+"""ModelRunner: drives an HF decoder's own modules over the engine's KV cache.
+
+It calls the embedding, the decoder layers, the final norm and the LM head in order, never the
+model's ``forward``. That lets one forward pass:
+
+- take explicit positions and an arbitrary per-row visibility mask (tree attention);
+- stop at any layer or skip any set of layers (self-drafting, early exit);
+- return hidden states.
+
+HF's own code still does rotary embeddings, q/k norms and projections per architecture; the
+attention itself goes through a registered attention function that applies our mask.
+
+The runner knows models and masks. It does not know trees, drafters or acceptance.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import Tensor
+from transformers import AttentionInterface
+
+from specdec.cache import KVCache
+from specdec.kernels import masked_attention_reference
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
+ATTENTION_NAME = "specdec"
+
+
+def _specdec_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """HF attention-interface function: ``attention_mask`` is our ``[B, Q, S]`` boolean mask."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = masked_attention_reference(query, key, value, attention_mask, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, _specdec_attention)
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture is not one the runner can drive."""
+
+
+@dataclass
+class RunnerOutput:
+    logits: Tensor | None  # [B, Q', V] (Q' = Q, or the number of positions asked for)
+    hidden: Tensor | None  # [B, Q, H] output of the last layer run, before the final norm
+
+
+class ModelRunner:
+    """Runs a Llama-family ``*ForCausalLM`` layer by layer.
+
+    Example::
+
+        runner = ModelRunner(model)
+        cache = runner.new_cache(batch=2, max_len=128)
+        out = runner.forward(cache, tokens, positions, slots, among, view_len=64)
+    """
+
+    def __init__(self, model):
+        config = getattr(model, "config", None)
+        arch = getattr(config, "model_type", None)
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"specdec cannot drive model_type={arch!r} ({type(model).__name__}); supported decoder "
+                f"architectures are {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        base = getattr(model, "model", None)
+        needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+        missing = [n for n in needed if not hasattr(base, n)]
+        if missing or model.get_output_embeddings() is None:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} lacks the expected decoder modules ({', '.join(missing) or 'lm_head'}); "
+                "pass a *ForCausalLM model of a supported architecture"
+            )
+        self.model = model
+        self.config = config
+        self.base = base
+        self.layers = list(base.layers)
+        self.lm_head = model.get_output_embeddings()
+        self.num_layers = len(self.layers)
+        self.windows = [self._window(layer) for layer in self.layers]
+
+    def _window(self, layer) -> int | None:
+        """Sliding-window size of one layer, or None for full attention."""
+        attn = layer.self_attn
+        if hasattr(attn, "sliding_window"):  # qwen2 / qwen3: set per layer type
+            return attn.sliding_window
+        if self.config.model_type == "mistral":
+            return getattr(self.config, "sliding_window", None)
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head.weight.shape[0]
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache.for_model(self.config, batch, max_len, self.dtype, self.device)
+
+    @contextmanager
+    def _our_attention(self):
+        previous = self.config._attn_implementation
+        self.config._attn_implementation = ATTENTION_NAME
+        try:
+            yield
+        finally:
+            self.config._attn_implementation = previous
+
+    @torch.no_grad()
+    def forward(self, cache: KVCache, tokens: Tensor, positions: Tensor, slots: Tensor, among: Tensor, *,
+                view_len: int, layers: Iterable[int] | None = None, logits_at: Tensor | None = None,
+                compute_logits: bool = True, return_hidden: bool = False) -> RunnerOutput:
+        """One pass over Q new tokens per row.
+
+        tokens, positions, slots: ``[B, Q]`` (slots are the cache slots the new K/V go to).
+        among: ``[B, Q, Q]`` bool, which new tokens each new token may see (itself included).
+        view_len: cache slots attention reads (must cover every committed and new slot).
+        layers: indices of the decoder layers to run (default all; early exit = ``range(E)``).
+        logits_at: ``[B, K]`` positions (into Q) whose logits are wanted; default all Q.
+        """
+        mask = cache.visible(slots, among, view_len)  # [B, Q, S]
+        masks = {None: mask}
+        layer_ids = range(self.num_layers) if layers is None else list(layers)
+        for window in {self.windows[i] for i in layer_ids} - {None}:
+            masks[window] = mask & self._within_window(cache, slots, positions, view_len, window)
+        cache.write_slots = slots
+        cache.view_len = view_len
+        hidden = self.base.embed_tokens(tokens)
+        rope = self.base.rotary_emb(hidden, position_ids=positions)
+        with self._our_attention():
+            for i in layer_ids:
+                hidden = self.layers[i](hidden, attention_mask=masks[self.windows[i]], position_ids=positions,
+                                        past_key_values=cache, use_cache=True, position_embeddings=rope)
+        logits = None
+        if compute_logits:
+            h = hidden
+            if logits_at is not None:
+                h = h.gather(1, logits_at.unsqueeze(-1).expand(*logits_at.shape, h.shape[-1]))
+            logits = self.lm_head(self.base.norm(h)).float()
+        return RunnerOutput(logits=logits, hidden=hidden if return_hidden else None)
+
+    @staticmethod
+    def _within_window(cache: KVCache, slots: Tensor, positions: Tensor, view_len: int, window: int) -> Tensor:
+        """``[B, Q, S]``: key within ``window`` positions of the query (HF: q_pos - k_pos < window)."""
+        j = torch.arange(view_len, device=slots.device)
+        key_pos = (j[None, :] - cache.start[:, None]).expand(slots.shape[0], view_len).clone()
+        key_pos.scatter_(1, slots, positions)
+        return (positions.unsqueeze(-1) - key_pos.unsqueeze(1)) < window
