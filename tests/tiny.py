@@ -23,3 +23,40 @@ def make_tiny(arch: str = "llama", vocab_size: int = 256, num_layers: int = 2, h
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer (73 tokens: <pad>=0, <s>=1, </s>=2, <unk>=3, then chars).
+
+    Pair it with ``make_tiny(vocab_size=73)`` to test text-level features such as stop strings.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?0123456789"
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for c in chars:
+        vocab[c] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def hf_greedy(model, input_ids, attention_mask=None, **kwargs):
+    """Plain HF greedy ``generate``: the reference every lossless path must equal."""
+    kwargs.setdefault("pad_token_id", 0)
+    return model.generate(input_ids, attention_mask=attention_mask, do_sample=False, **kwargs)
+
+
+def ragged_batch(lengths, vocab_size, seed=0, pad=0):
+    """Left-padded ``(input_ids, attention_mask)`` with rows of the given lengths (tokens >= 4)."""
+    g = torch.Generator().manual_seed(seed)
+    t = max(lengths)
+    ids = torch.full((len(lengths), t), pad, dtype=torch.long)
+    mask = torch.zeros(len(lengths), t, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        ids[r, t - n:] = torch.randint(4, vocab_size, (n,), generator=g)
+        mask[r, t - n:] = 1
+    return ids, mask

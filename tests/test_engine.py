@@ -1,0 +1,100 @@
+"""Greedy speculative decoding must equal plain HF greedy decoding, token for token (fp32)."""
+import pytest
+import torch
+from tiny import ARCHS, char_tokenizer, hf_greedy, make_tiny, ragged_batch
+
+import specdec
+from specdec.drafters import DraftModel, PromptLookup
+
+
+def drafters_for(model, arch):
+    return {
+        "none": None,
+        "lookup": PromptLookup(num_tokens=4, max_ngram=3),
+        "draft_model": DraftModel(make_tiny(arch, seed=1), num_tokens=3),
+        "draft_model_adaptive": DraftModel(make_tiny(arch, seed=2), num_tokens=4, schedule="adaptive"),
+        "self_draft": DraftModel(model, num_tokens=4),  # accepts everything: long accepted runs
+    }
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("lengths", [[7], [3, 9, 1, 6]], ids=["batch1", "batch4_ragged"])
+def test_greedy_equals_hf(arch, lengths):
+    model = make_tiny(arch)
+    ids, mask = ragged_batch(lengths, model.config.vocab_size, seed=len(lengths))
+    ref = hf_greedy(model, ids, mask, max_new_tokens=24, eos_token_id=None)
+    for name, drafter in drafters_for(model, arch).items():
+        out = specdec.wrap(model, drafter=drafter).generate(
+            ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None,
+            return_dict_in_generate=True)
+        assert torch.equal(out.sequences, ref), f"{arch}/{name} differs from HF greedy"
+        stats = out.spec_stats
+        assert stats.new_tokens == [24] * len(lengths)  # max_new_tokens is exact
+        assert all(sum(r) == 24 for r in stats.accepted_lengths)
+        if name == "self_draft":
+            assert stats.tau > 4.0 and stats.acceptance_rate > 0.9
+        if name == "none":
+            assert stats.tau == 1.0 and stats.draft_forwards == 0
+
+
+def test_lookup_accepts_on_repetitive_model():
+    # A 16-token one-layer model falls into loops, so n-gram lookup gets real acceptances.
+    model = make_tiny("llama", vocab_size=16, init_range=1.0, num_layers=1)
+    ids, mask = ragged_batch([6, 2, 11, 4], 16, seed=3)
+    ref = hf_greedy(model, ids, mask, max_new_tokens=60, eos_token_id=None)
+    out = specdec.wrap(model, drafter=PromptLookup(num_tokens=6, max_ngram=2)).generate(
+        ids, attention_mask=mask, max_new_tokens=60, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    assert out.spec_stats.tau > 1.3
+    assert out.spec_stats.num_steps < 60
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_eos_inside_accepted_run(arch):
+    model = make_tiny(arch)
+    ids, mask = ragged_batch([5, 8], model.config.vocab_size, seed=7)
+    free = hf_greedy(model, ids, mask, max_new_tokens=20, eos_token_id=None)[:, ids.shape[1]:]
+    # Pick as EOS a token that row 0 first emits at position 7: with a self-draft of 4 tokens
+    # per step, position 7 lies inside the second step's accepted run.
+    eos = None
+    for pos in range(6, 9):
+        tok = int(free[0, pos])
+        if tok not in free[0, :pos].tolist():
+            eos = tok
+            break
+    assert eos is not None
+    ref = hf_greedy(model, ids, mask, max_new_tokens=20, eos_token_id=eos)
+    out = specdec.wrap(model, drafter=DraftModel(model, num_tokens=4)).generate(
+        ids, attention_mask=mask, max_new_tokens=20, pad_token_id=0, eos_token_id=eos, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    assert out.spec_stats.new_tokens[0] == pos + 1  # stopped right after EOS, EOS kept
+    assert out.spec_stats.tau > 1.5  # the stop really happened mid-run
+
+
+def test_stop_strings_match_hf():
+    tok = char_tokenizer()
+    model = make_tiny("llama", vocab_size=len(tok), init_range=0.5)
+    prompts = ["the cat sat", "a dog"]
+    refs = []
+    for text in prompts:  # HF batch-1 references (see the note below)
+        enc = tok([text], return_tensors="pt")
+        free = hf_greedy(model, enc.input_ids, max_new_tokens=30, eos_token_id=None)[0, enc.input_ids.shape[1]:]
+        refs.append((enc.input_ids, tok.decode(free)))
+    stop = refs[0][1][9:12]  # a string row 0 completes mid-generation
+    expected = [hf_greedy(model, ids, max_new_tokens=30, eos_token_id=None, stop_strings=[stop], tokenizer=tok)
+                [0, ids.shape[1]:].tolist() for ids, _ in refs]
+    assert len(expected[0]) == 12 and tok.decode(expected[0]).endswith(stop)
+    # Batch 1 against HF directly, then a left-padded batch of both rows against the per-row
+    # references. (HF 5.23's own batched generate did not stop row 0 at the stop string in this
+    # setting, so the batched reference is built row by row.)
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    for drafter in (PromptLookup(num_tokens=4), DraftModel(model, num_tokens=4)):
+        spec = specdec.wrap(model, drafter=drafter)
+        one = spec.generate(refs[0][0], max_new_tokens=30, pad_token_id=0, eos_token_id=None, stop_strings=[stop],
+                            tokenizer=tok)
+        assert one[0, refs[0][0].shape[1]:].tolist() == expected[0]
+        out = spec.generate(enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=30, pad_token_id=0,
+                            eos_token_id=None, stop_strings=[stop], tokenizer=tok)
+        new = out[:, enc.input_ids.shape[1]:].tolist()
+        for row, exp in zip(new, expected):
+            assert row[: len(exp)] == exp and all(t == 0 for t in row[len(exp):])
