@@ -115,7 +115,7 @@ class SpecDecoder:
             raise ValueError(
                 f"prompt ({longest} tokens) + max_new_tokens ({max_new}) exceeds the model's context of {limit} "
                 "positions; shorten the prompt or lower max_new_tokens")
-        params = SamplingParams(do_sample=bool(gc.do_sample), temperature=float(gc.temperature or 1.0),
+        params = SamplingParams(do_sample=bool(gc.do_sample), temperature=float(1.0 if gc.temperature is None else gc.temperature),
                                 top_k=gc.top_k or None, top_p=gc.top_p)
 
         stop_fn = self._stop_fn(gc, stopping_criteria, tokenizer, input_ids.device)
@@ -144,7 +144,8 @@ class SpecDecoder:
         for name, what in _UNSUPPORTED.items():
             value = getattr(gc, name, None)
             # None, False, 0, 1 and empty collections are the "off" values of every option listed.
-            if not (value is None or value is False or (isinstance(value, (int, float)) and value in (0, 1))
+            if not (value is None or value is False
+                    or (not isinstance(value, bool) and isinstance(value, (int, float)) and value in (0, 1))
                     or (isinstance(value, (list, dict, tuple)) and not value)):
                 raise UnsupportedGenerationOption(
                     f"generate(): {name}={value!r} ({what}) is not supported by specdec; remove it, or call the "
