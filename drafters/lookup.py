@@ -16,20 +16,27 @@ from .base import DecodeContext
 
 
 class PromptLookup:
-    """Example: ``PromptLookup(num_tokens=8, max_ngram=3)`` copies up to 8 tokens per step."""
+    """Example: ``PromptLookup(num_tokens=8, max_ngram=3)`` copies up to 8 tokens per step.
 
-    def __init__(self, num_tokens: int = 8, max_ngram: int = 3, min_ngram: int = 1):
+    With ``num_branches`` > 1 the best distinct matches become sibling branches of a tree
+    (``num_tokens`` each), so the target can take whichever continuation is right.
+    """
+
+    def __init__(self, num_tokens: int = 8, max_ngram: int = 3, min_ngram: int = 1, num_branches: int = 1):
         if num_tokens < 1:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram}, max_ngram={max_ngram}")
+        if num_branches < 1:
+            raise ValueError(f"num_branches must be >= 1, got {num_branches}")
         self.num_tokens = num_tokens
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
+        self.num_branches = num_branches
 
     @property
     def num_nodes(self) -> int:
-        return self.num_tokens
+        return self.num_tokens * self.num_branches
 
     def begin(self, ctx: DecodeContext) -> None:
         pass
@@ -40,10 +47,10 @@ class PromptLookup:
     def propose(self, ctx: DecodeContext) -> DraftTree:
         tokens = ctx.tokens[:, : ctx.max_seq_len]  # [B, L]
         b, length = tokens.shape
-        k = self.num_tokens
+        k, m = self.num_tokens, self.num_branches
         dev = tokens.device
         seq, start = ctx.seq_len, ctx.start
-        cont = torch.full((b,), -1, dtype=torch.long, device=dev)  # continuation start per row
+        scores, conts = [], []
         for n in range(self.max_ngram, self.min_ngram - 1, -1):
             if length < n + 1:
                 continue
@@ -53,13 +60,23 @@ class PromptLookup:
             match = (windows == suffix.unsqueeze(1)).all(dim=-1)
             match &= (w >= start.unsqueeze(1)) & (w + n < seq.unsqueeze(1))  # real, with a continuation
             match &= (seq - n >= start).unsqueeze(1)  # the suffix itself is real text
-            # Prefer the most recent match that still has k tokens after it, else the most recent.
-            full = (w + n + k <= seq.unsqueeze(1)).long() * length
-            score = torch.where(match, w + full, torch.full_like(w, -1))
-            best_score, best = score.max(dim=1)
-            take = (cont < 0) & (best_score >= 0)
-            cont = torch.where(take, best + n, cont)
-        idx = cont.unsqueeze(1) + torch.arange(k, device=dev)
-        valid = (cont >= 0).unsqueeze(1) & (idx < seq.unsqueeze(1))
-        draft = tokens.gather(1, idx.clamp(min=0, max=length - 1))
-        return DraftTree.chain(draft, valid)
+            # Rank: longer n-gram first, then matches with k tokens after them, then the most recent.
+            full = (w + n + k <= seq.unsqueeze(1)).long()
+            score = (n * 2 + full) * length + w
+            scores.append(torch.where(match, score, torch.full_like(score, -1)))
+            conts.append((w + n).expand(b, -1))
+        if not scores:
+            return DraftTree.branches(torch.zeros(b, m, k, dtype=torch.long, device=dev),
+                                      torch.zeros(b, m, k, dtype=torch.bool, device=dev))
+        score, cont = torch.cat(scores, dim=1), torch.cat(conts, dim=1)
+        top, pick = score.topk(min(m, score.shape[1]), dim=1)
+        cont = torch.where(top >= 0, cont.gather(1, pick), torch.full_like(pick, -1))  # [B, M']
+        if cont.shape[1] < m:
+            cont = torch.cat([cont, torch.full((b, m - cont.shape[1]), -1, dtype=torch.long, device=dev)], dim=1)
+        # Two n-grams can point at the same continuation; keep the first copy only.
+        same = (cont.unsqueeze(2) == cont.unsqueeze(1)).tril(diagonal=-1).any(dim=2)
+        cont = torch.where(same, torch.full_like(cont, -1), cont)
+        idx = cont.unsqueeze(2) + torch.arange(k, device=dev)  # [B, M, K]
+        valid = (cont >= 0).unsqueeze(2) & (idx < seq.view(b, 1, 1))
+        draft = tokens.gather(1, idx.clamp(min=0, max=length - 1).view(b, m * k)).view(b, m, k)
+        return DraftTree.branches(draft, valid)

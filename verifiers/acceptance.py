@@ -15,9 +15,10 @@ Logit indexing used throughout: ``logits[:, 0]`` is the target's prediction at t
 ``logits[:, 1 + i]`` its prediction after draft node i. The distribution a node is judged by
 is therefore ``logits[:, 1 + parents[i]]``.
 
-Rules here are lossless: greedy decoding reproduces plain greedy decoding token for token, and
-speculative sampling leaves the target's sampling distribution unchanged. Nothing here knows
-about models or caches.
+Lossless rules: ``greedy`` reproduces plain greedy decoding token for token, and ``speculative``
+leaves the target's sampling distribution unchanged. Lossy rules, labelled ``lossless = False``
+and reported so in ``spec_stats``: ``typical`` (Medusa) and ``relaxed`` (DistillSpec's lenience).
+Nothing here knows about models or caches.
 """
 from __future__ import annotations
 
@@ -122,55 +123,113 @@ class GreedyAcceptance:
 
 
 class SpeculativeSampling:
-    """Lossless speculative sampling over a chain (Leviathan et al. 2023).
+    """Lossless speculative sampling over a tree; on a chain it is Leviathan et al. (2023).
 
-    For draft token x drawn from q: accept with probability min(1, p(x) / q(x)); at the first
-    rejection draw the recovered token from norm(max(0, p - q)); if every node is accepted draw
-    the bonus token from p. A drafter without q is a point mass (q(x) = 1): x is kept with
-    probability p(x), and the residual is p with x removed.
+    Walk down from the root. At the current node, with target distribution p and the draft
+    distribution q its children were drawn from, try the children in index order: keep child x
+    with probability min(1, p(x) / q(x)). After a rejection the target becomes the residual
+    norm(max(0, p - q)) and, since siblings are drawn without replacement, the draft becomes q
+    with x removed (recursive rejection sampling, as in SpecInfer and EAGLE). When no child is
+    kept, the next token is drawn from the (residual) target; after a kept leaf it is the bonus
+    token drawn from p.
+
+    A drafter without q is a point mass at each sibling (q(x) = 1): x is kept with probability
+    p(x), and the residual is p with x removed, so a duplicate sibling can never be kept twice.
+
+    ``lenience`` < 1 turns this into the lossy "relaxed" rule of DistillSpec: accept with
+    min(1, p(x) / (lenience * q(x))) and draw from norm(max(0, p - lenience * q)).
     """
 
     name = "speculative"
-    lossless = True
+
+    def __init__(self, lenience: float = 1.0):
+        if not 0.0 < lenience <= 1.0:
+            raise ValueError(f"lenience must be in (0, 1], got {lenience}")
+        self.lenience = lenience
+        self.lossless = lenience == 1.0
 
     def accept(self, logits: Tensor, tree: DraftTree, params: SamplingParams) -> StepOutcome:
         b, n = tree.tokens.shape
-        p = warp_probs(logits, params)  # [B, 1 + N, V]
-        if n == 0:
-            node = torch.full((b,), -1, dtype=torch.long, device=logits.device)
-            return StepOutcome(tree, node + 1, tree.path_to(node, 0), sample(p[:, 0]))
-        chain = torch.arange(n, device=tree.parents.device) - 1
-        if not bool((tree.parents == chain).all()):
-            raise NotImplementedError(
-                "SpeculativeSampling handles chains; use TreeSpeculativeSampling for branching trees"
-            )
-        tok = tree.tokens.unsqueeze(-1)
-        px = p[:, :n].gather(2, tok).squeeze(-1)  # p(x_i | prefix), [B, N]
-        qx = tree.q.gather(2, tok).squeeze(-1) if tree.q is not None else torch.ones_like(px)
-        u = torch.rand_like(px)
-        ok = tree.valid & (u * qx < px)
-        a = ok.long().cumprod(dim=1).sum(dim=1)  # [B] accepted prefix length
-        p_next = p.gather(1, a.view(b, 1, 1).expand(b, 1, p.shape[-1])).squeeze(1)  # [B, V]
-        rejected = tree.valid.gather(1, a.clamp(max=n - 1).unsqueeze(1)).squeeze(1) & (a < n)
-        rej = a.clamp(max=n - 1)
-        if tree.q is not None:
-            q_rej = tree.q.gather(1, rej.view(b, 1, 1).expand(b, 1, tree.q.shape[-1])).squeeze(1)
-        else:
-            q_rej = torch.zeros_like(p_next).scatter_(1, tree.tokens.gather(1, rej.unsqueeze(1)), 1.0)
-        residual = (p_next - q_rej).clamp(min=0)
-        mass = residual.sum(dim=1, keepdim=True)
-        # mass == 0 only if p == q, where rejection has probability 0; fall back to p for safety.
-        residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p_next)
-        dist = torch.where(rejected.unsqueeze(1), residual, p_next)
-        node = a - 1
-        return StepOutcome(tree, a, tree.path_to(node, n), sample(dist))
+        lam = self.lenience
+        p_all = warp_probs(logits, params)  # [B, 1 + N, V]
+        cur = torch.full((b,), -1, dtype=torch.long, device=logits.device)  # deepest kept node
+        p_cur = p_all[:, 0]  # [B, V] target (residual) at cur
+        q_cur = torch.zeros_like(p_cur) if tree.q is not None else None  # draft (residual) at cur
+        fresh = torch.ones(b, dtype=torch.bool, device=logits.device)  # q_cur not loaded yet
+        u = torch.rand(b, max(n, 1), device=logits.device)
+        for i in range(n):
+            x = tree.tokens[:, i : i + 1]
+            live = tree.valid[:, i] & (tree.parents[:, i] == cur)  # a child of the current node
+            px = p_cur.gather(1, x).squeeze(1)
+            if q_cur is not None:
+                q_cur = torch.where((fresh & live).unsqueeze(1), tree.q[:, i], q_cur)
+                fresh = fresh & ~live
+                qx = q_cur.gather(1, x).squeeze(1)
+                residual = (p_cur - lam * q_cur).clamp(min=0)
+                q_next = q_cur.scatter(1, x, 0.0)
+                q_next = q_next / q_next.sum(dim=1, keepdim=True).clamp(min=1e-30)
+            else:
+                qx = torch.ones_like(px)
+                residual = p_cur.scatter(1, x, (px - lam).clamp(min=0).unsqueeze(1))
+            kept = live & (u[:, i] * lam * qx < px)
+            rejected = live & ~kept
+            mass = residual.sum(dim=1, keepdim=True)
+            # Zero residual mass means p <= lenience * q everywhere, where rejection has probability 0.
+            residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p_cur)
+            p_cur = torch.where(rejected.unsqueeze(1), residual, p_cur)
+            if q_cur is not None:
+                q_cur = torch.where(rejected.unsqueeze(1), q_next, q_cur)
+            cur = torch.where(kept, torch.full_like(cur, i), cur)
+            p_cur = torch.where(kept.unsqueeze(1), p_all[:, i + 1], p_cur)
+            fresh = fresh | kept
+        depth = tree.depth.gather(1, cur.clamp(min=0).unsqueeze(1)).squeeze(1) if n else cur + 1
+        depth = torch.where(cur >= 0, depth, torch.zeros_like(depth))
+        return StepOutcome(tree, depth, tree.path_to(cur, n), sample(p_cur))
 
 
-RULES = {"greedy": GreedyAcceptance, "speculative": SpeculativeSampling}
+class RelaxedAcceptance(SpeculativeSampling):
+    """Lossy: speculative sampling with a lenience factor (DistillSpec's lossy variant)."""
+
+    name = "relaxed"
+
+    def __init__(self, lenience: float = 0.5):
+        super().__init__(lenience)
+        self.lossless = False
 
 
-def make_acceptance(name: str):
-    """Build an acceptance rule by name. Example: ``make_acceptance("greedy")``."""
+class TypicalAcceptance:
+    """Lossy: Medusa's typical acceptance. Keep node x when the target gives it probability above
+    min(posterior_threshold, posterior_alpha * exp(-H(p))), H the entropy of the target at the
+    parent; take the deepest such path. The next token is sampled from p (argmax when greedy)."""
+
+    name = "typical"
+    lossless = False
+
+    def __init__(self, posterior_threshold: float = 0.09, posterior_alpha: float = 0.3):
+        self.threshold = posterior_threshold
+        self.alpha = posterior_alpha
+
+    def accept(self, logits: Tensor, tree: DraftTree, params: SamplingParams) -> StepOutcome:
+        p_all = warp_probs(logits, params) if params.do_sample else logits.float().softmax(dim=-1)
+        entropy = -(p_all * p_all.clamp(min=1e-30).log()).sum(dim=-1)  # [B, 1 + N]
+        cut = torch.minimum(torch.full_like(entropy, self.threshold), self.alpha * (-entropy).exp())
+        parent = tree.parents + 1
+        p_parent = p_all.gather(1, parent.unsqueeze(-1).expand(*parent.shape, p_all.shape[-1]))
+        px = p_parent.gather(2, tree.tokens.unsqueeze(-1)).squeeze(-1)
+        ok = tree.valid & (px > cut.gather(1, parent))
+        accepted = ~(tree.ancestors & ~ok.unsqueeze(1)).any(dim=-1)
+        node, depth = _deepest(tree, accepted)
+        final = p_all.gather(1, (node + 1).view(-1, 1, 1).expand(-1, 1, p_all.shape[-1])).squeeze(1)
+        nxt = sample(final) if params.do_sample else final.argmax(dim=-1)
+        return StepOutcome(tree, depth, tree.path_to(node, tree.num_nodes), nxt)
+
+
+RULES = {"greedy": GreedyAcceptance, "speculative": SpeculativeSampling, "relaxed": RelaxedAcceptance,
+         "typical": TypicalAcceptance}
+
+
+def make_acceptance(name: str, **kwargs):
+    """Build an acceptance rule by name. Example: ``make_acceptance("relaxed", lenience=0.5)``."""
     if name not in RULES:
         raise ValueError(f"unknown acceptance rule {name!r}; known rules: {sorted(RULES)}")
-    return RULES[name]()
+    return RULES[name](**kwargs)

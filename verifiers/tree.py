@@ -76,6 +76,21 @@ class DraftTree:
         return cls(tokens=tokens, parents=parents, valid=valid, q=q)
 
     @classmethod
+    def branches(cls, tokens: Tensor, valid: Tensor, q: Tensor | None = None) -> "DraftTree":
+        """Several chains hanging off the root: ``tokens``/``valid`` are ``[B, M, K]`` (M branches
+        of K tokens); node ``m * K + t`` is the child of ``m * K + t - 1``.
+
+        Example: two lookup matches "5 6" and "5 9" become ``branches([[[5, 6], [5, 9]]], ...)``.
+        """
+        b, m, k = tokens.shape
+        t = torch.arange(k, device=tokens.device)
+        par = torch.where(t == 0, -1, t - 1).unsqueeze(0) + (torch.arange(m, device=tokens.device) * k).unsqueeze(1)
+        par = torch.where(t.unsqueeze(0) == 0, torch.full_like(par, -1), par)
+        valid = valid.long().cumprod(dim=2).bool()
+        return cls(tokens=tokens.reshape(b, m * k), parents=par.reshape(1, m * k).expand(b, m * k).contiguous(),
+                   valid=valid.reshape(b, m * k), q=q.reshape(b, m * k, -1) if q is not None else None)
+
+    @classmethod
     def from_paths(cls, paths: list[list[int]], tokens: Tensor, q: Tensor | None = None) -> "DraftTree":
         """A static template (Medusa style): ``paths`` lists root-to-leaf index paths over N nodes.
 
