@@ -9,6 +9,14 @@ static ([B, 2], then [B, 1] per drafted token).
 Schedules: ``constant`` drafts ``num_tokens`` every step; ``adaptive`` starts at half of that,
 grows by one after a step in which every row accepted everything, and shrinks by one after a
 step with a rejection (the node budget stays ``num_tokens``; unused nodes are padding).
+
+Trees (``tree_width`` > 1), in the manner of EAGLE-2's dynamic trees: the root's top
+``tree_width`` tokens form level 1; each further level feeds the ``tree_width`` best frontier
+nodes (by cumulative draft log-probability) through the draft at once, under an ancestor mask
+in scratch slots, and takes each one's top ``tree_width`` children. After ``tree_depth`` levels
+the ``tree_nodes`` best candidates are kept. When sampling, children are drawn without
+replacement (Gumbel top-k) and every kept sibling set is a prefix of its draw order, which is
+what recursive rejection sampling needs to stay lossless.
 """
 from __future__ import annotations
 
@@ -30,11 +38,19 @@ class DraftModel:
         spec = specdec.wrap(target, drafter=DraftModel(draft, num_tokens=4))
     """
 
-    def __init__(self, model, num_tokens: int = 4, schedule: str = "constant"):
+    def __init__(self, model, num_tokens: int = 4, schedule: str = "constant", tree_width: int = 1,
+                 tree_depth: int | None = None, tree_nodes: int | None = None):
         if num_tokens < 1:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+        if tree_width < 1:
+            raise ValueError(f"tree_width must be >= 1, got {tree_width}")
+        if tree_width > 1 and schedule != "constant":
+            raise ValueError("the adaptive schedule applies to chains; use tree_width=1 with schedule='adaptive'")
+        self.tree_width = tree_width
+        self.tree_depth = tree_depth or num_tokens
+        self.tree_nodes = tree_nodes or (num_tokens if tree_width == 1 else 2 * tree_width * self.tree_depth)
         self.model = model
         self.runner = ModelRunner(model)
         self.num_tokens = num_tokens
@@ -44,16 +60,17 @@ class DraftModel:
         self.forwards = 0
 
     @classmethod
-    def from_pretrained(cls, spec: str, num_tokens: int = 4, schedule: str = "constant", dtype=None, device=None):
+    def from_pretrained(cls, spec: str, num_tokens: int = 4, schedule: str = "constant", dtype=None, device=None,
+                        **tree):
         """Load the draft with ``specdec.load_model`` (hub id, folder, .gguf or ``zoo:NAME``)."""
         from specdec.loading import load_model
 
         model, _ = load_model(spec, dtype=dtype, device=device)
-        return cls(model, num_tokens=num_tokens, schedule=schedule)
+        return cls(model, num_tokens=num_tokens, schedule=schedule, **tree)
 
     @property
     def num_nodes(self) -> int:
-        return self.num_tokens
+        return self.num_tokens if self.tree_width == 1 else self.tree_nodes
 
     def check_target(self, target: ModelRunner) -> None:
         """Raise if the draft cannot stand in for ``target`` token for token."""
@@ -73,8 +90,8 @@ class DraftModel:
         self.cache.start.copy_(ctx.start)
         self.cache.lengths.zero_()
         self.gamma = self.num_tokens if self.schedule == "constant" else max(1, self.num_tokens // 2)
-        # Prefill everything except the last two committed tokens; propose() reads those.
-        n = ctx.max_seq_len - 2
+        # Prefill everything except the last `lookback` committed tokens; propose() reads those.
+        n = ctx.max_seq_len - self.lookback
         if n > 0:
             slots = torch.arange(n, device=ctx.tokens.device).expand(b, n)
             among = torch.ones(n, n, dtype=torch.bool, device=slots.device).tril().expand(b, n, n)
@@ -82,34 +99,151 @@ class DraftModel:
                                 among, view_len=n, compute_logits=False)
         self.forwards = 0  # draft forwards of this generate call, prefill excluded
 
+    @property
+    def lookback(self) -> int:
+        """Committed tokens re-read at each step: the engine left-pads prompts so they exist.
+
+        A chain's accepted tokens were fed at their final slots, so only the last draft token and
+        the bonus token are new (2). A tree's nodes were fed in scratch slots, so the whole
+        accepted path plus the bonus token is re-read (depth + 1)."""
+        return 2 if self.tree_width == 1 else self.tree_depth + 1
+
+    def _read_root(self, ctx: DecodeContext):
+        """Roll back, re-read the last ``lookback`` committed tokens; return the root's logits."""
+        b, dev, w = ctx.tokens.shape[0], ctx.tokens.device, self.lookback
+        slots = ctx.seq_len.unsqueeze(1) - w + torch.arange(w, device=dev)
+        self.cache.lengths.copy_(ctx.seq_len - w)
+        among = torch.ones(w, w, dtype=torch.bool, device=dev).tril().expand(b, w, w)
+        out = self.runner.forward(self.cache, ctx.tokens.gather(1, slots), (slots - ctx.start.unsqueeze(1)).clamp(min=0),
+                                  slots, among, view_len=ctx.max_seq_len,
+                                  logits_at=torch.full((b, 1), w - 1, dtype=torch.long, device=dev))
+        self.forwards += 1
+        self.cache.lengths.copy_(ctx.seq_len)
+        return out.logits[:, 0]
+
+    def _children(self, logits, ctx: DecodeContext, width: int):
+        """Top ``width`` children of each node: ``(tokens, logq, q)``; tokens/logq ``[..., width]``.
+
+        Greedy: the most likely tokens. Sampling: ``width`` draws without replacement from the
+        warped q (Gumbel top-k), in draw order. ``q`` is the warped distribution (or None)."""
+        if ctx.params.do_sample:
+            q = warp_probs(logits, ctx.params)
+            logq = q.clamp(min=1e-30).log().masked_fill(q == 0, float("-inf"))
+            gumbel = -torch.empty_like(logq).exponential_(1.0).log()
+            key, tok = (logq + gumbel).topk(width, dim=-1)
+            return tok, logq.gather(-1, tok), key, q
+        logq = logits.float().log_softmax(dim=-1)
+        key, tok = logq.topk(width, dim=-1)
+        return tok, key, key, None
+
+    def _propose_tree(self, ctx: DecodeContext) -> DraftTree:
+        b, dev = ctx.tokens.shape[0], ctx.tokens.device
+        k, depth_max, n_keep = self.tree_width, self.tree_depth, self.tree_nodes
+        root_logits = self._read_root(ctx)
+        tok, logq, key, q = self._children(root_logits, ctx, k)  # [B, K]
+        # Candidate lists; "rank" is the selection key: cumulative, and capped by the parent's so
+        # that every kept set of siblings is a prefix of its draw order.
+        c_tok, c_rank, c_par, c_depth = [tok], [key], [torch.full((b, k), -1, device=dev)], [torch.ones(b, k, device=dev)]
+        c_valid = [logq > float("-inf")]
+        c_q = [q.unsqueeze(1).expand(b, k, q.shape[-1])] if q is not None else None
+        frontier = torch.arange(k, device=dev).expand(b, k)  # candidate indices to feed next
+        scratch = (depth_max - 1) * k
+        anc_rows = torch.zeros(b, 0, scratch, dtype=torch.bool, device=dev)  # per candidate: fed ancestors
+        j = torch.arange(ctx.max_seq_len + scratch, device=dev)
+        prefix = (j >= ctx.start[:, None]) & (j < ctx.seq_len[:, None])  # [B, S]
+        for level in range(1, depth_max):
+            flat_tok, flat_rank = torch.cat(c_tok, 1), torch.cat(c_rank, 1)
+            flat_par = torch.cat(c_par, 1)
+            n_c = flat_tok.shape[1]
+            # Ancestor rows of every candidate over the scratch slots fed so far.
+            if anc_rows.shape[1] < n_c:
+                par = flat_par[:, anc_rows.shape[1]:]
+                if anc_rows.shape[1] == 0:  # level 1: children of the root have no fed ancestors
+                    rows = torch.zeros(b, par.shape[1], scratch, dtype=torch.bool, device=dev)
+                else:
+                    rows = anc_rows.gather(1, par.clamp(min=0).unsqueeze(-1).expand(*par.shape, scratch))
+                    rows = rows & (par >= 0).unsqueeze(-1)
+                anc_rows = torch.cat([anc_rows, rows], dim=1)
+            r = (level - 1) * k + torch.arange(k, device=dev)  # scratch slots of this level
+            feed_rows = anc_rows.gather(1, frontier.unsqueeze(-1).expand(b, k, scratch)).clone()
+            feed_rows[:, torch.arange(k), r] = True
+            anc_rows = anc_rows.scatter(1, frontier.unsqueeze(-1).expand(b, k, scratch), feed_rows)
+            view = ctx.max_seq_len + scratch
+            mask = prefix[:, :view].unsqueeze(1).expand(b, k, view).clone()
+            cols = (ctx.seq_len.unsqueeze(1) + torch.arange(scratch, device=dev)).unsqueeze(1).expand(b, k, scratch)
+            mask.scatter_(2, cols, feed_rows)
+            slots = ctx.seq_len.unsqueeze(1) + r
+            pos = (ctx.seq_len - 1 - ctx.start).unsqueeze(1) + level
+            out = self.runner.forward(self.cache, flat_tok.gather(1, frontier), pos.expand(b, k), slots,
+                                      torch.eye(k, dtype=torch.bool, device=dev).expand(b, k, k),
+                                      view_len=view, mask=mask)
+            self.forwards += 1
+            tok, logq, key, q = self._children(out.logits, ctx, k)  # [B, K, K]
+            parent_rank = flat_rank.gather(1, frontier)
+            # Cumulative (perturbed, when sampling) log-probability, never above the parent's.
+            rank = torch.minimum(parent_rank.unsqueeze(2), parent_rank.unsqueeze(2) + key)
+            c_tok.append(tok.reshape(b, k * k))
+            c_rank.append(rank.reshape(b, k * k))
+            c_par.append(frontier.unsqueeze(2).expand(b, k, k).reshape(b, k * k))
+            c_depth.append(torch.full((b, k * k), level + 1.0, device=dev))
+            parent_valid = torch.cat(c_valid, 1).gather(1, frontier)
+            c_valid.append(((logq > float("-inf")) & parent_valid.unsqueeze(2)).reshape(b, k * k))
+            if c_q is not None:
+                c_q.append(q.unsqueeze(2).expand(b, k, k, q.shape[-1]).reshape(b, k * k, q.shape[-1]))
+            frontier = rank.reshape(b, k * k).topk(k, dim=1).indices + n_c
+        return self._select(c_tok, c_rank, c_par, c_depth, c_valid, c_q, n_keep)
+
+    @staticmethod
+    def _select(c_tok, c_rank, c_par, c_depth, c_valid, c_q, n_keep) -> DraftTree:
+        """Keep the ``n_keep`` best candidates (ancestor-closed) and renumber them parents-first."""
+        tok, rank, par = torch.cat(c_tok, 1), torch.cat(c_rank, 1), torch.cat(c_par, 1)
+        depth, valid = torch.cat(c_depth, 1), torch.cat(c_valid, 1)
+        b, n_c = tok.shape
+        n_keep = min(n_keep, n_c)
+        idx = torch.arange(n_c, device=tok.device).float()
+        # Order: rank (desc), then depth (asc), then creation order (draw order within siblings).
+        score = torch.where(valid, rank, torch.full_like(rank, float("-inf")))
+        order = torch.stack([-score, depth, idx.expand(b, n_c)], dim=-1)
+        perm = torch.arange(n_c, device=tok.device).expand(b, n_c)
+        for col in (2, 1, 0):  # stable sorts, least significant key first
+            vals = order[..., col].gather(1, perm)
+            perm = perm.gather(1, vals.argsort(dim=1, stable=True))
+        kept = perm[:, :n_keep]
+        # Parents first: sort the kept candidates by (depth, creation index).
+        d_kept = depth.gather(1, kept)
+        by_depth = (d_kept * n_c + kept.float()).argsort(dim=1)
+        kept = kept.gather(1, by_depth)
+        new_of_old = torch.full((b, n_c), -1, dtype=torch.long, device=tok.device)
+        new_of_old.scatter_(1, kept, torch.arange(n_keep, device=tok.device).expand(b, n_keep))
+        old_par = par.gather(1, kept)
+        new_par = torch.where(old_par >= 0, new_of_old.gather(1, old_par.clamp(min=0)), torch.full_like(old_par, -1))
+        keep_valid = valid.gather(1, kept) & ((old_par < 0) | (new_par >= 0))
+        q = None
+        if c_q is not None:
+            q_all = torch.cat(c_q, 1)
+            q = q_all.gather(1, kept.unsqueeze(-1).expand(b, n_keep, q_all.shape[-1]))
+        return DraftTree(tokens=tok.gather(1, kept), parents=new_par, valid=keep_valid, q=q)
+
     def propose(self, ctx: DecodeContext) -> DraftTree:
-        b = ctx.tokens.shape[0]
-        dev = ctx.tokens.device
+        if self.tree_width > 1:
+            return self._propose_tree(ctx)
+        b, dev = ctx.tokens.shape[0], ctx.tokens.device
         gamma, k = self.gamma, self.num_tokens
-        slots = ctx.seq_len.unsqueeze(1) - 2 + torch.arange(2, device=dev)  # last two committed
-        self.cache.lengths.copy_(ctx.seq_len - 2)  # rollback: drop anything beyond
-        tok = ctx.tokens.gather(1, slots)
-        among = torch.ones(2, 2, dtype=torch.bool, device=dev).tril().expand(b, 2, 2)
-        last = torch.ones(b, 1, dtype=torch.long, device=dev)
+        logits = self._read_root(ctx)
+        one = torch.ones(b, 1, 1, dtype=torch.bool, device=dev)
         drafted, dists = [], []
         for i in range(gamma):
-            pos = (slots - ctx.start.unsqueeze(1)).clamp(min=0)
-            out = self.runner.forward(self.cache, tok, pos, slots, among, view_len=ctx.max_seq_len + i,
-                                      logits_at=last if i == 0 else None)
-            self.forwards += 1
-            logits = out.logits[:, -1]
+            if i:  # feed the previous draft token at the next slot; logits for the one after
+                slot = (ctx.seq_len + i - 1).unsqueeze(1)
+                self.cache.lengths.copy_(ctx.seq_len + i - 1)
+                logits = self.runner.forward(self.cache, drafted[-1].unsqueeze(1), slot - ctx.start.unsqueeze(1),
+                                             slot, one, view_len=ctx.max_seq_len + i).logits[:, -1]
+                self.forwards += 1
             if ctx.params.do_sample:
-                q = warp_probs(logits, ctx.params)
-                nxt = sample(q)
-                dists.append(q)
+                dists.append(warp_probs(logits, ctx.params))
+                drafted.append(sample(dists[-1]))
             else:
-                nxt = logits.argmax(dim=-1)
-            drafted.append(nxt)
-            # Feed the new token at the next slot; everything before it is now committed here.
-            slots = (ctx.seq_len + i).unsqueeze(1)
-            self.cache.lengths.copy_(ctx.seq_len + i)
-            tok = nxt.unsqueeze(1)
-            among = torch.ones(b, 1, 1, dtype=torch.bool, device=dev)
+                drafted.append(logits.argmax(dim=-1))
         tokens = torch.zeros(b, k, dtype=torch.long, device=dev)
         tokens[:, :gamma] = torch.stack(drafted, dim=1)
         valid = torch.zeros(b, k, dtype=torch.bool, device=dev)

@@ -1,7 +1,7 @@
 """SpecEngine: the decoding loop. Prefill, then propose -> verify -> accept -> commit.
 
-Layout: every prompt is left padded to a common length T (plus one extra pad column, so each
-row has at least two slots; drafters may re-read the last two). Row b's committed tokens are
+Layout: every prompt is left padded to a common length T, plus extra pad columns so that each
+row has at least ``drafter.lookback`` slots (default 2; drafters may re-read that many). Row b's committed tokens are
 ``tokens[b, :seq_len[b]]`` and its *root*, the last committed token, is not in the KV cache yet:
 each step feeds the root together with the draft nodes, so the root's logits judge the first
 draft level and a step with no draft is plain autoregressive decoding. The no-drafter baseline
@@ -93,7 +93,8 @@ class SpecEngine:
         input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
         b = input_ids.shape[0]
         n_nodes = drafter.num_nodes if drafter is not None else 0
-        width = int(attention_mask.sum(dim=1).max()) + 1
+        # Extra left padding so every row has `lookback` committed slots (drafters re-read them).
+        width = int(attention_mask.sum(dim=1).max()) + max(1, getattr(drafter, "lookback", 2) - 1)
         capacity = width + max_new_tokens + n_nodes + 1
         wall0 = time.perf_counter()
 

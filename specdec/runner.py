@@ -119,7 +119,7 @@ class ModelRunner:
     @torch.no_grad()
     def forward(self, cache: KVCache, tokens: Tensor, positions: Tensor, slots: Tensor, among: Tensor, *,
                 view_len: int, layers: Iterable[int] | None = None, logits_at: Tensor | None = None,
-                compute_logits: bool = True, return_hidden: bool = False) -> RunnerOutput:
+                compute_logits: bool = True, return_hidden: bool = False, mask: Tensor | None = None) -> RunnerOutput:
         """One pass over Q new tokens per row.
 
         tokens, positions, slots: ``[B, Q]`` (slots are the cache slots the new K/V go to).
@@ -127,8 +127,11 @@ class ModelRunner:
         view_len: cache slots attention reads (must cover every committed and new slot).
         layers: indices of the decoder layers to run (default all; early exit = ``range(E)``).
         logits_at: ``[B, K]`` positions (into Q) whose logits are wanted; default all Q.
+        mask: ``[B, Q, view_len]`` bool to use instead of the one built from the cache and ``among``
+        (drafters exploring a tree in scratch slots need one).
         """
-        mask = cache.visible(slots, among, view_len)  # [B, Q, S]
+        if mask is None:
+            mask = cache.visible(slots, among, view_len)  # [B, Q, S]
         masks = {None: mask}
         layer_ids = range(self.num_layers) if layers is None else list(layers)
         for window in {self.windows[i] for i in layer_ids} - {None}:

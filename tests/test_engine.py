@@ -14,6 +14,9 @@ def drafters_for(model, arch):
         "draft_model": DraftModel(make_tiny(arch, seed=1), num_tokens=3),
         "draft_model_adaptive": DraftModel(make_tiny(arch, seed=2), num_tokens=4, schedule="adaptive"),
         "self_draft": DraftModel(model, num_tokens=4),  # accepts everything: long accepted runs
+        "draft_tree": DraftModel(make_tiny(arch, seed=1), num_tokens=3, tree_width=3, tree_nodes=10),
+        "self_draft_tree": DraftModel(model, num_tokens=4, tree_width=2, tree_nodes=8),
+        "lookup_tree": PromptLookup(num_tokens=3, max_ngram=3, num_branches=3),
     }
 
 
@@ -33,6 +36,8 @@ def test_greedy_equals_hf(arch, lengths):
         assert all(sum(r) == 24 for r in stats.accepted_lengths)
         if name == "self_draft":
             assert stats.tau > 4.0 and stats.acceptance_rate > 0.9
+        if name == "self_draft_tree":  # 8 nodes of width 2 always hold the greedy path to depth 3
+            assert stats.tau > 3.5
         if name == "none":
             assert stats.tau == 1.0 and stats.draft_forwards == 0
 
@@ -98,3 +103,17 @@ def test_stop_strings_match_hf():
         new = out[:, enc.input_ids.shape[1]:].tolist()
         for row, exp in zip(new, expected):
             assert row[: len(exp)] == exp and all(t == 0 for t in row[len(exp):])
+
+
+def test_lookup_branches_raise_tau_and_stay_exact():
+    model = make_tiny("llama", vocab_size=16, init_range=1.0, num_layers=1)
+    ids, mask = ragged_batch([6, 2, 11, 4], 16, seed=3)
+    ref = hf_greedy(model, ids, mask, max_new_tokens=60, eos_token_id=None)
+    taus = []
+    for branches in (1, 4):
+        out = specdec.wrap(model, drafter=PromptLookup(num_tokens=4, max_ngram=2, num_branches=branches)).generate(
+            ids, attention_mask=mask, max_new_tokens=60, pad_token_id=0, eos_token_id=None,
+            return_dict_in_generate=True)
+        assert torch.equal(out.sequences, ref)
+        taus.append(out.spec_stats.tau)
+    assert taus[1] > taus[0]

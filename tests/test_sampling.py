@@ -12,6 +12,7 @@ from tiny import make_tiny
 
 import specdec
 from specdec.drafters import DraftModel, PromptLookup
+from specdec.verifiers import DraftTree
 from specdec.verifiers.acceptance import SamplingParams, SpeculativeSampling, warp_probs
 
 V = 8
@@ -59,14 +60,42 @@ def target():
 PARAMS = [SamplingParams(True, 1.0), SamplingParams(True, 0.7, top_k=5, top_p=0.9)]
 
 
+class FixedTree:
+    """A static template tree with duplicate sibling tokens (point masses):
+
+    root -> 3 -> {5, 5, 3}; root -> 3 (a duplicate of node 0) -> 6; root -> 6.
+    """
+
+    num_nodes = 7
+
+    def begin(self, ctx):
+        pass
+
+    def observe(self, outcome):
+        pass
+
+    def propose(self, ctx):
+        b = ctx.tokens.shape[0]
+        tokens = torch.tensor([[3, 5, 5, 3, 3, 6, 6]]).expand(b, 7)
+        return DraftTree.from_paths([[0, 1], [0, 2], [0, 3], [4, 5], [6]], tokens.contiguous())
+
+
+def drafter_for(kind):
+    draft = make_tiny("llama", vocab_size=V, init_range=0.15, seed=12)
+    return {
+        "draft_model": lambda: DraftModel(draft, num_tokens=3),
+        "lookup": lambda: PromptLookup(num_tokens=3, max_ngram=2),
+        "draft_tree": lambda: DraftModel(draft, num_tokens=2, tree_width=3, tree_nodes=7),
+        "lookup_branches": lambda: PromptLookup(num_tokens=2, max_ngram=2, num_branches=3),
+        "fixed_tree_duplicates": FixedTree,
+    }[kind]()
+
+
 @pytest.mark.parametrize("params", PARAMS, ids=["t1", "t0.7_k5_p0.9"])
-@pytest.mark.parametrize("kind", ["draft_model", "lookup"])
+@pytest.mark.parametrize("kind", ["draft_model", "lookup", "draft_tree", "lookup_branches", "fixed_tree_duplicates"])
 def test_speculative_sampling_preserves_target(target, params, kind):
     torch.manual_seed(1234)
-    if kind == "draft_model":
-        drafter = DraftModel(make_tiny("llama", vocab_size=V, init_range=0.15, seed=12), num_tokens=3)
-    else:
-        drafter = PromptLookup(num_tokens=3, max_ngram=2)
+    drafter = drafter_for(kind)
     spec = specdec.wrap(target, drafter=drafter)
     counts = sampled_joint(spec, params)
     assert chi2_pvalue(counts, exact_joint(target, params)) > 1e-3
@@ -91,3 +120,12 @@ def test_chi_square_detects_a_biased_rule(target):
     spec.engine._rule = lambda p: AlwaysAccept()
     counts = sampled_joint(spec, params)
     assert chi2_pvalue(counts, exact_joint(target, params)) < 1e-6
+
+
+@pytest.mark.parametrize("rule", ["typical", "relaxed"])
+def test_lossy_rules_say_so(target, rule):
+    spec = specdec.wrap(target, drafter=PromptLookup(num_tokens=3, max_ngram=2), acceptance=rule)
+    out = spec.generate(torch.tensor([PROMPT]), max_new_tokens=8, do_sample=True, top_k=0, pad_token_id=0,
+                        eos_token_id=None, return_dict_in_generate=True)
+    assert out.spec_stats.lossless is False and out.spec_stats.acceptance == rule
+    assert out.sequences.shape == (1, len(PROMPT) + 8)

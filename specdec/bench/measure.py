@@ -43,7 +43,7 @@ class Decoded:
     prompt_tokens: list[int] = field(default_factory=list)      # [turns] input length
     wall_time: float = 0.0           # seconds; at batch > 1, this row's equal share of each call
     accepted_lengths: list[int] | None = None   # [steps] tokens emitted per step; None for HF
-    accepted_drafts: float = 0.0     # Σ α·steps, so α over all turns is accepted_drafts / steps
+    draft_tokens: int = 0            # draft tokens offered to the target, over all steps
     times: dict[str, float] = field(default_factory=dict)       # phase -> seconds (row share)
     lossless: bool | None = None
 
@@ -63,7 +63,10 @@ class Decoded:
 
     @property
     def acceptance_rate(self) -> float | None:
-        return self.accepted_drafts / self.steps if self.steps else None
+        """Accepted draft tokens (each step's emitted tokens less its bonus token) over offered ones."""
+        if not self.draft_tokens:
+            return None
+        return (sum(self.accepted_lengths) - len(self.accepted_lengths)) / self.draft_tokens
 
     @property
     def tokens_per_s(self) -> float:
@@ -155,19 +158,10 @@ def _add_engine_stats(res: Decoded, stats, row: int, rows: int) -> None:
     """Fold one call's spec_stats for batch row ``row`` (of ``rows`` active) into ``res``."""
     lengths = [int(n) for n in stats.accepted_lengths[row]]
     res.accepted_lengths = (res.accepted_lengths or []) + lengths
-    res.accepted_drafts += _row_value(stats.acceptance_rate, row) * len(lengths)
+    res.draft_tokens += sum(int(n) for n in stats.proposed[row])
     for phase, seconds in stats.times.items():
         res.times[phase] = res.times.get(phase, 0.0) + float(seconds) / rows
     res.lossless = bool(stats.lossless) if res.lossless is None else res.lossless and bool(stats.lossless)
-
-
-def _row_value(value, row: int) -> float:
-    """A per-row stat given as a scalar (one value for the batch) or as one value per row."""
-    if isinstance(value, torch.Tensor):
-        return float(value[row] if value.ndim else value)
-    if isinstance(value, (list, tuple)):
-        return float(value[row])
-    return float(value)
 
 
 def _sync(device: torch.device) -> None:

@@ -19,7 +19,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from specdec.bench.measure import PHASES  # noqa: E402
 
 # Sweep-axis candidates for the speedup plot, in order of preference: γ, then tree sizes.
-AXIS_KEYS = ("num_tokens", "num_nodes", "tree_size", "depth", "top_k")
+AXIS_KEYS = ("num_tokens", "num_nodes", "tree_size", "depth")
+# Row keys that identify a run within a sweep; _SETTINGS are those not shown as their own column.
+RUN_FIELDS = ("model", "dtype", "device", "drafter", "params", "batch_size", "max_new_tokens", "mode",
+              "temperature", "top_p", "top_k")
+_SETTINGS = ("model", "dtype", "device", "batch_size", "max_new_tokens")
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -43,6 +47,8 @@ def aggregate(rows: Sequence[dict]) -> dict:
     """
     hist = merge_histograms(r["accept_hist"] for r in rows)
     steps = sum(hist)
+    emitted = sum(k * n for k, n in enumerate(hist))   # accepted draft tokens + one bonus per step
+    drafts = sum(r["draft_tokens"] for r in rows)
     tps = _rate(rows)
     base_tps = _rate([r["baseline"] for r in rows])
     hf_rows = [r["hf"] for r in rows if r.get("hf")]
@@ -52,9 +58,8 @@ def aggregate(rows: Sequence[dict]) -> dict:
         "prompts": len(rows),
         "new_tokens": sum(r["new_tokens"] for r in rows),
         "steps": steps,
-        "tau": sum(k * n for k, n in enumerate(hist)) / steps if steps else None,
-        "alpha": (sum(r["acceptance_rate"] * r["steps"] for r in rows if r["acceptance_rate"] is not None)
-                  / steps if steps else None),
+        "tau": emitted / steps if steps else None,
+        "alpha": (emitted - steps) / drafts if drafts else None,
         "tokens_per_s": tps,
         "baseline_tokens_per_s": base_tps,
         "hf_tokens_per_s": hf_tps,
@@ -102,15 +107,15 @@ def run_markdown(rows: Sequence[dict], title: str, header: Sequence[str] = ()) -
         sampling = "" if mode == "greedy" else (
             f" (temperature {first['temperature']}, top_p {first['top_p']}, top_k {first['top_k']})")
         lines += [f"## {mode}{sampling}", "",
-                  "| category | prompts | τ | α | tok/s | baseline tok/s | HF tok/s | × baseline | × HF "
-                  "| = baseline |",
+                  "| category | prompts | τ | α | tok/s | baseline tok/s | HF greedy tok/s | × baseline "
+                  "| × HF greedy | = baseline |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for category, agg in by_category(mode_rows).items():
             name = f"**{category}**" if category == "all" else category
-            lines.append(f"| {name} | {agg['prompts']} | {_f(agg['tau'])} | {_f(agg['alpha'])} "
-                         f"| {_f(agg['tokens_per_s'], 1)} | {_f(agg['baseline_tokens_per_s'], 1)} "
-                         f"| {_f(agg['hf_tokens_per_s'], 1)} | {_f(agg['speedup'])} "
-                         f"| {_f(agg['speedup_hf'])} | {agg['matches_baseline'] or '—'} |")
+            lines.append(f"| {name} | {agg['prompts']} | {fmt(agg['tau'])} | {fmt(agg['alpha'])} "
+                         f"| {fmt(agg['tokens_per_s'], 1)} | {fmt(agg['baseline_tokens_per_s'], 1)} "
+                         f"| {fmt(agg['hf_tokens_per_s'], 1)} | {fmt(agg['speedup'])} "
+                         f"| {fmt(agg['speedup_hf'])} | {agg['matches_baseline'] or '—'} |")
         overall = aggregate(mode_rows)
         lines += ["", "Step time, ms per step: " + _phases(overall["step_ms"]) + "; baseline: "
                   + _phases(overall["baseline_step_ms"]), ""]
@@ -124,15 +129,16 @@ def run_markdown(rows: Sequence[dict], title: str, header: Sequence[str] = ()) -
 
 def plot_accepted_lengths(rows: Sequence[dict], path: str | Path, title: str) -> None:
     """Bar chart of the share of steps that emitted k tokens, one bar group per mode."""
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    hists = {mode: merge_histograms(r["accept_hist"] for r in rows if r["mode"] == mode)
+             for mode in dict.fromkeys(r["mode"] for r in rows)}
+    ks = range(1, max(2, *(len(h) for h in hists.values())))
+    width = 0.8 / len(hists)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    width = 0.8 / len(modes)
-    for i, mode in enumerate(modes):
-        hist = merge_histograms(r["accept_hist"] for r in rows if r["mode"] == mode)
-        total = sum(hist) or 1
-        ks = list(range(1, len(hist)))
-        ax.bar([k + (i - (len(modes) - 1) / 2) * width for k in ks], [hist[k] / total for k in ks],
-               width=width, label=mode)
+    for i, (mode, hist) in enumerate(hists.items()):
+        hist = hist + [0] * (len(ks) + 1 - len(hist))
+        offset = (i - (len(hists) - 1) / 2) * width
+        ax.bar([k + offset for k in ks], [hist[k] / (sum(hist) or 1) for k in ks], width=width, label=mode)
+    ax.set_xticks(list(ks))
     ax.set_xlabel("tokens emitted per step (accepted + 1)")
     ax.set_ylabel("share of steps")
     ax.set_title(title, fontsize=9)
@@ -143,16 +149,15 @@ def plot_accepted_lengths(rows: Sequence[dict], path: str | Path, title: str) ->
 
 
 def run_key(row: dict) -> tuple:
-    """What identifies a run's configuration within a sweep."""
-    return (row["model"], row["drafter"], json.dumps(row["params"], sort_keys=True), row["mode"],
-            row["temperature"], row["top_p"], row["top_k"], row["batch_size"], row["max_new_tokens"])
+    """What identifies a run's configuration within a sweep: its ``RUN_FIELDS``."""
+    return tuple(json.dumps(row[k], sort_keys=True) for k in RUN_FIELDS)
 
 
 def collect(multirun_dir: str | Path) -> list[dict]:
     """Gather every ``rows.jsonl`` under ``multirun_dir`` into ``summary.md`` and ``sweep.png`` there.
 
-    Returns one record per run configuration and mode: the ``run_key`` fields and ``aggregate``
-    over all prompts, plus ``categories`` (``aggregate`` per category).
+    Returns one record per run configuration and mode (written to ``summary.jsonl`` too): the
+    ``RUN_FIELDS``, ``aggregate`` over all prompts, and ``categories`` (``aggregate`` per category).
     """
     root = Path(multirun_dir)
     rows = [r for path in sorted(root.rglob("rows.jsonl")) for r in read_rows(path)]
@@ -162,12 +167,9 @@ def collect(multirun_dir: str | Path) -> list[dict]:
     for r in rows:
         groups.setdefault(run_key(r), []).append(r)
     runs = []
-    for key, group in groups.items():
-        first = group[0]
+    for group in groups.values():
         cats = by_category(group)
-        runs.append({k: first[k] for k in ("model", "drafter", "params", "mode", "temperature", "top_p",
-                                            "top_k", "batch_size", "max_new_tokens")}
-                    | cats.pop("all") | {"categories": cats})
+        runs.append({k: group[0][k] for k in RUN_FIELDS} | cats.pop("all") | {"categories": cats})
     (root / "summary.md").write_text(sweep_markdown(runs), encoding="utf-8")
     write_rows(runs, root / "summary.jsonl")
     plot_sweep(runs, root / "sweep.png")
@@ -175,55 +177,62 @@ def collect(multirun_dir: str | Path) -> list[dict]:
 
 
 def sweep_markdown(runs: Sequence[dict]) -> str:
+    """One table for the whole sweep: a line per run and mode, per-category speedups at the right.
+
+    Settings that are the same for every run go in the line above the table; settings that vary
+    (say ``batch_size`` in a batch sweep) get a column each.
+    """
+    varying = [k for k in _SETTINGS if len({json.dumps(r[k]) for r in runs}) > 1]
+    fixed = ", ".join(f"{k} {runs[0][k]}" for k in _SETTINGS if k not in varying)
     categories = list(dict.fromkeys(c for run in runs for c in run["categories"]))
-    models = sorted({run["model"] for run in runs})
     lines = ["# specdec-bench sweep", "",
-             f"Models: {', '.join(models)}. Speedups are against the no-drafter engine baseline "
-             "measured in the same run; per-category columns give × baseline (τ).", "",
-             "| drafter | params | mode | τ | α | tok/s | × baseline | × HF | = baseline | "
-             + " | ".join(categories) + " |",
-             "|---|---|---|---|---|---|---|---|---|" + "---|" * len(categories)]
-    for run in sorted(runs, key=lambda r: (r["drafter"], _axis_sort(r), r["mode"], str(r["temperature"]))):
-        mode = run["mode"] if run["mode"] == "greedy" else f"{run['mode']} T={run['temperature']}"
-        cells = [f"{_f(c['speedup'])} ({_f(c['tau'])})" if (c := run["categories"].get(cat)) else "—"
+             f"{fixed}. Speedups are tokens/s ratios against the no-drafter engine baseline measured in "
+             "the same run (× HF: against HF greedy `generate`); category columns give × baseline (τ).", "",
+             "| drafter | params | mode | " + "".join(f"{k} | " for k in varying)
+             + "τ | α | tok/s | × baseline | × HF | = baseline | " + " | ".join(categories) + " |",
+             "|---|---|---|" + "---|" * len(varying) + "---|---|---|---|---|---|" + "---|" * len(categories)]
+    for run in sorted(runs, key=lambda r: (r["drafter"].lower(), _numbers(r), r["mode"], str(r["temperature"]))):
+        cells = [f"{fmt(c['speedup'])} ({fmt(c['tau'])})" if (c := run["categories"].get(cat)) else "—"
                  for cat in categories]
-        lines.append(f"| {run['drafter']} | {format_params(run['params']) or '—'} | {mode} | {_f(run['tau'])} "
-                     f"| {_f(run['alpha'])} | {_f(run['tokens_per_s'], 1)} | {_f(run['speedup'])} "
-                     f"| {_f(run['speedup_hf'])} | {run['matches_baseline'] or '—'} | "
+        lines.append(f"| {run['drafter']} | {format_params(run['params']) or '—'} | {_mode(run)} | "
+                     + "".join(f"{run[k]} | " for k in varying)
+                     + f"{fmt(run['tau'])} | {fmt(run['alpha'])} | {fmt(run['tokens_per_s'], 1)} "
+                     f"| {fmt(run['speedup'])} | {fmt(run['speedup_hf'])} | {run['matches_baseline'] or '—'} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def sweep_axis(runs: Sequence[dict]) -> str | None:
-    """The drafter parameter to put on the x axis: a numeric one that varies across runs."""
-    varying = [k for k in dict.fromkeys(k for r in runs for k in r["params"])
-               if len({r["params"].get(k) for r in runs if isinstance(r["params"].get(k), (int, float))}) > 1]
-    preferred = [k for k in AXIS_KEYS if k in varying]
-    return (preferred or varying or [None])[0]
+    """The x axis of the sweep plot: γ or a tree size if swept, else any numeric drafter
+    parameter that varies, else ``batch_size`` if it varies; None if nothing numeric varies."""
+    keys = [*AXIS_KEYS, *dict.fromkeys(k for r in runs for k in r["params"]), "batch_size"]
+    varying = [k for k in keys if len({v for r in runs if isinstance(v := _setting(r, k), (int, float))}) > 1]
+    return varying[0] if varying else None
 
 
 def plot_sweep(runs: Sequence[dict], path: str | Path) -> None:
-    """Speedup over the same-engine baseline, and τ, against γ (or tree size); bars if nothing varies."""
+    """Speedup over the same-engine baseline, and τ, against the ``sweep_axis``; bars if there is none."""
     axis = sweep_axis(runs)
     fig, (ax_speed, ax_tau) = plt.subplots(1, 2, figsize=(10, 4))
     if axis is None:
-        labels = [f"{r['drafter']} {format_params(r['params'])} {r['mode']}" for r in runs]
+        labels = [" ".join(filter(None, (r["drafter"], format_params(r["params"]), _mode(r)))) for r in runs]
         ax_speed.barh(labels, [r["speedup"] or 0 for r in runs])
         ax_tau.barh(labels, [r["tau"] or 0 for r in runs])
     else:
         lines: dict[str, list[dict]] = {}
         for r in runs:
-            if isinstance(r["params"].get(axis), (int, float)):
+            if isinstance(_setting(r, axis), (int, float)):
                 rest = {k: v for k, v in r["params"].items() if k != axis}
-                mode = r["mode"] if r["mode"] == "greedy" else f"{r['mode']} T={r['temperature']}"
-                lines.setdefault(" ".join(filter(None, (r["drafter"], format_params(rest), mode))), []).append(r)
+                lines.setdefault(" ".join(filter(None, (r["drafter"], format_params(rest), _mode(r)))), []).append(r)
         for label, group in lines.items():
-            group.sort(key=lambda r: r["params"][axis])
-            xs = [r["params"][axis] for r in group]
+            group.sort(key=lambda r: _setting(r, axis))
+            xs = [_setting(r, axis) for r in group]
             ax_speed.plot(xs, [r["speedup"] for r in group], marker="o", label=label)
             ax_tau.plot(xs, [r["tau"] for r in group], marker="o", label=label)
+        ticks = sorted({_setting(r, axis) for group in lines.values() for r in group})
         for ax in (ax_speed, ax_tau):
             ax.set_xlabel(axis)
+            ax.set_xticks(ticks)
         ax_speed.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
         ax_speed.legend(fontsize=7)
     ax_speed.set_title("speedup over the same-engine baseline", fontsize=9)
@@ -233,13 +242,22 @@ def plot_sweep(runs: Sequence[dict], path: str | Path) -> None:
     plt.close(fig)
 
 
+def _setting(run: dict, key: str):
+    """A drafter parameter of the run, or else a run-level setting such as ``batch_size``."""
+    return run["params"][key] if key in run["params"] else run.get(key)
+
+
+def _mode(run: dict) -> str:
+    return run["mode"] if run["mode"] == "greedy" else f"{run['mode']} T={run['temperature']}"
+
+
+def _numbers(run: dict) -> tuple:
+    return tuple(v for _, v in sorted(run["params"].items()) if isinstance(v, (int, float))) + (run["batch_size"],)
+
+
 def _rate(rows: Sequence[dict]) -> float | None:
     seconds = sum(r["wall_time"] for r in rows)
     return sum(r["new_tokens"] for r in rows) / seconds if seconds > 0 else None
-
-
-def _axis_sort(run: dict) -> tuple:
-    return tuple(v for _, v in sorted(run["params"].items()) if isinstance(v, (int, float)))
 
 
 def format_params(params: dict) -> str:
@@ -253,5 +271,6 @@ def _phases(ms: dict[str, float] | None) -> str:
     return ", ".join(f"{p} {ms[p]:.2f}" for p in (*PHASES, "wall"))
 
 
-def _f(x: float | None, digits: int = 2) -> str:
+def fmt(x: float | None, digits: int = 2) -> str:
+    """A number for a table cell; None (not measured) prints as a dash."""
     return "—" if x is None else f"{x:.{digits}f}"

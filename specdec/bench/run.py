@@ -6,7 +6,6 @@ Hydra multirun ends.
 """
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
 import hydra
@@ -20,11 +19,12 @@ from tqdm.auto import tqdm
 import specdec
 from specdec.bench.measure import Decoded, decode, engine_method, first_divergence, hf_method
 from specdec.bench.prompts import Prompt, select
-from specdec.bench.report import (aggregate, by_category, collect, format_params, plot_accepted_lengths,
+from specdec.bench.report import (aggregate, by_category, collect, fmt, format_params, plot_accepted_lengths,
                                   run_markdown, write_rows)
+from specdec.cli import resolve_model_cfg
+from specdec.drafters import build_drafter
 
 MODES = ("greedy", "sample")
-LOGGERS = ("wandb", "none")
 _LABEL_SKIP = ("_target_", "name", "dtype", "device")   # drafter keys that don't name a config
 _MODELS: dict[tuple, tuple] = {}   # (spec, dtype, device) -> (model, tokenizer), reused across a multirun
 
@@ -33,28 +33,35 @@ def run_bench(cfg: DictConfig, out_dir: str | Path) -> dict[str, dict[str, dict]
     """Run one benchmark configuration and write its outputs into ``out_dir``.
 
     Writes ``rows.jsonl`` (one row per prompt and mode), ``summary.md`` and
-    ``accepted_lengths.png``, and logs to wandb when ``cfg.logger == "wandb"``.
+    ``accepted_lengths.png``, and logs to wandb when ``cfg.logger.name == "wandb"``.
     Returns ``{mode: {category: aggregate}}``, with an ``"all"`` category.
     """
     bad_modes = set(cfg.modes) - set(MODES)
     if bad_modes or not cfg.modes:
         raise ValueError(f"modes: {sorted(bad_modes) or '[]'} not allowed; choose from {MODES}")
-    if cfg.logger not in LOGGERS:
-        raise ValueError(f"logger: {cfg.logger!r} not allowed; choose from {LOGGERS}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or threads)
+    try:
+        return _run(cfg, out_dir)
+    finally:
+        torch.set_num_threads(threads)
 
+
+def _run(cfg: DictConfig, out_dir: Path) -> dict[str, dict[str, dict]]:
     prompts = select(instantiate(cfg.prompts), cfg.num_prompts, cfg.categories)
+    resolve_model_cfg(cfg)   # "auto" dtype and device become real values before interpolation
     model, tok = load_cached(cfg.model.spec, cfg.model.dtype, cfg.model.device)
     device = next(model.parameters()).device
-    drafter = specdec.drafters.build_drafter(cfg.drafter, target=model)
+    drafter = build_drafter(OmegaConf.to_container(cfg.drafter, resolve=True), target=model)
     baseline = specdec.wrap(model, drafter=None)
     spec = specdec.wrap(model, drafter=drafter) if drafter is not None else None
 
-    identity = {"model": cfg.model.spec, "dtype": str(cfg.model.dtype), "device": str(device),
+    identity = {"model": cfg.model.spec, "dtype": str(model.dtype).removeprefix("torch."), "device": str(device),
                 "drafter": drafter_name(cfg.drafter), "params": drafter_params(cfg.drafter),
                 "batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens}
-    label = f"{identity['drafter']} {format_params(identity['params'])}"
+    label = " ".join(filter(None, (identity["drafter"], format_params(identity["params"]))))
     batches = [prompts[i: i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
     eos = model.generation_config.eos_token_id
     eos = tok.eos_token_id if eos is None else eos
@@ -85,7 +92,7 @@ def run_bench(cfg: DictConfig, out_dir: str | Path) -> dict[str, dict[str, dict]
                 rows.append(make_row(identity | settings, prompt, drafted[i], base[i],
                                      hf[b][i] if hf else None))
             so_far = aggregate([r for r in rows if r["mode"] == mode])
-            bar.set_postfix_str(f"{mode} τ {so_far['tau']:.2f} × baseline {so_far['speedup']:.2f}")
+            bar.set_postfix_str(f"{mode} τ {fmt(so_far['tau'])} × baseline {fmt(so_far['speedup'])}")
             bar.update()
     bar.close()
 
@@ -93,13 +100,15 @@ def run_bench(cfg: DictConfig, out_dir: str | Path) -> dict[str, dict[str, dict]
     header = [f"Model `{identity['model']}` ({identity['dtype']}, {identity['device']}"
               f"{', ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}), "
               f"{len(prompts)} prompts, batch {cfg.batch_size}, max_new_tokens {cfg.max_new_tokens}; "
-              f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} CPU threads."]
+              f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads."]
+    if cfg.batch_size > 1:
+        header.append("At batch > 1 each prompt is charged an equal share of its batch's time: the "
+                      "**all** rows are exact throughput, per-category speeds are approximate.")
     title = f"specdec-bench: {label}"
     (out_dir / "summary.md").write_text(run_markdown(rows, title, header), encoding="utf-8")
     plot_accepted_lengths(rows, out_dir / "accepted_lengths.png", title)
     summary = {mode: by_category([r for r in rows if r["mode"] == mode]) for mode in cfg.modes}
-    if cfg.logger == "wandb":
+    if cfg.logger.name == "wandb":
         log_wandb(cfg, out_dir, rows, summary, label)
     return summary
 
@@ -109,9 +118,9 @@ def make_row(identity: dict, prompt: Prompt, drafted: Decoded, base: Decoded, hf
 
     Keys: the run identity (``model dtype device drafter params batch_size max_new_tokens mode
     temperature top_p top_k``); ``question_id category num_turns prompt_tokens``; the drafter's
-    ``new_tokens steps tau acceptance_rate accept_hist wall_time tokens_per_s times lossless``,
-    where ``accept_hist[k]`` counts steps that emitted k tokens; ``baseline`` and ``hf`` (or
-    null) with ``new_tokens steps wall_time tokens_per_s times``; ``speedup`` and ``speedup_hf``
+    ``new_tokens steps tau draft_tokens acceptance_rate accept_hist wall_time tokens_per_s times
+    lossless``, where ``accept_hist[k]`` counts steps that emitted k tokens; ``baseline`` and
+    ``hf`` (or null) with ``new_tokens steps wall_time tokens_per_s times``; ``speedup`` and ``speedup_hf``
     (tokens/s ratios); and, for greedy rows, ``matches_baseline`` and ``first_divergence``
     (``{"turn", "index"}`` or null). Times are in seconds.
     """
@@ -121,7 +130,8 @@ def make_row(identity: dict, prompt: Prompt, drafted: Decoded, base: Decoded, hf
         "question_id": prompt.question_id, "category": prompt.category, "num_turns": len(prompt.turns),
         "prompt_tokens": drafted.prompt_tokens,
         "new_tokens": drafted.new_tokens, "steps": drafted.steps, "tau": drafted.tau,
-        "acceptance_rate": drafted.acceptance_rate, "accept_hist": drafted.histogram(),
+        "draft_tokens": drafted.draft_tokens, "acceptance_rate": drafted.acceptance_rate,
+        "accept_hist": drafted.histogram(),
         "wall_time": drafted.wall_time, "tokens_per_s": drafted.tokens_per_s,
         "times": drafted.times, "lossless": drafted.lossless,
         "baseline": _timing(base), "hf": _timing(hf) if hf else None,
@@ -173,8 +183,9 @@ def log_wandb(cfg: DictConfig, out_dir: Path, rows: list[dict], summary: dict, n
     """Log the run's config, per-category metrics, rows table and histogram to wandb."""
     import wandb
 
-    run = wandb.init(project=cfg.wandb.project, group=cfg.wandb.group, mode=cfg.wandb.mode,
-                     name=name, dir=str(out_dir),
+    log = cfg.logger
+    run = wandb.init(project=log.project, entity=log.entity, mode=log.mode, tags=list(log.tags),
+                     name=log.run_name or name, job_type="bench", dir=str(out_dir),
                      config=OmegaConf.to_container(cfg, resolve=True))
     for mode, cats in summary.items():
         for category, agg in cats.items():

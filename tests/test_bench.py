@@ -1,0 +1,164 @@
+"""specdec-bench: prompt sources, row arithmetic, and a CPU sweep through the real engine."""
+import json
+import sys
+
+import pytest
+from hydra import compose, initialize_config_module
+from transformers import AutoTokenizer
+
+from specdec.bench import builtin, humaneval, hydra_main, run_bench, select, specbench
+from specdec.bench.measure import first_divergence
+from specdec.bench.prompts import Prompt, read_jsonl, render
+from specdec.bench.report import aggregate, collect
+from specdec.loading import dense_zoo_dir
+from tiny import make_tiny
+
+CATEGORIES = {"coding", "editing", "summarization", "math", "qa", "chat"}
+ROW_KEYS = {"model", "dtype", "device", "drafter", "params", "batch_size", "max_new_tokens", "mode",
+            "temperature", "top_p", "top_k", "question_id", "category", "num_turns", "prompt_tokens",
+            "new_tokens", "steps", "tau", "draft_tokens", "acceptance_rate", "accept_hist", "wall_time",
+            "tokens_per_s", "times", "lossless", "baseline", "hf", "speedup", "speedup_hf",
+            "matches_baseline", "first_divergence"}
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    return AutoTokenizer.from_pretrained(dense_zoo_dir("zoo:smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, smollm2_tokenizer):
+    """A 2-layer random Llama with SmolLM2's vocabulary and tokenizer, saved as a model folder."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny("llama", vocab_size=49152).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return folder
+
+
+# ---------------------------------------------------------------- prompt sources
+
+def test_builtin_set_covers_every_category_in_specbench_format():
+    prompts = builtin()
+    assert len(prompts) >= 48
+    assert len({p.question_id for p in prompts}) == len(prompts)
+    assert {p.category for p in prompts} == CATEGORIES
+    for category in CATEGORIES:
+        assert sum(p.category == category for p in prompts) >= 8
+    for p in prompts:
+        if p.category == "editing":   # a later turn revises the earlier answer
+            assert len(p.turns) >= 2
+        if p.category == "summarization":
+            assert "Passage:\n" in p.turns[0] and len(p.turns[0]) > 600
+        if p.category == "qa":
+            assert "Context:\n" in p.turns[0] and "Question:" in p.turns[0]
+
+
+def test_select_is_round_robin_over_categories_and_names_unknown_ones():
+    prompts = builtin()
+    assert {p.category for p in select(prompts, num_prompts=6)} == CATEGORIES
+    picked = select(prompts, num_prompts=3, categories=["editing", "qa"])
+    assert [p.category for p in picked] == ["editing", "qa", "editing"]
+    with pytest.raises(ValueError, match="poetry"):
+        select(prompts, categories=["poetry"])
+
+
+def test_specbench_file_keeps_turns_and_rejects_missing_keys(tmp_path):
+    path = tmp_path / "question.jsonl"
+    path.write_text(json.dumps({"question_id": 81, "category": "writing", "turns": ["Write.", "Shorter."]})
+                    + "\n\n" + json.dumps({"question_id": 82, "category": "math", "turns": ["1+1?"]}) + "\n")
+    assert specbench(str(path)) == [Prompt(81, "writing", ("Write.", "Shorter.")), Prompt(82, "math", ("1+1?",))]
+    path.write_text(json.dumps({"question_id": 1, "turns": ["x"]}) + "\n")
+    with pytest.raises(ValueError, match="category"):
+        read_jsonl(path)
+
+
+def test_humaneval_has_all_164_problems():
+    prompts = humaneval()
+    assert len(prompts) == 164
+    assert prompts[0].question_id == "HumanEval/0" and "def has_close_elements" in prompts[0].turns[0]
+
+
+def test_later_turns_see_earlier_answers(smollm2_tokenizer):
+    text = render(smollm2_tokenizer, ["Write a haiku.", "Make it about rain."], ["Old pond, a frog jumps"])
+    assert text.index("Write a haiku.") < text.index("Old pond, a frog jumps") < text.index("Make it about rain.")
+    assert text.rstrip().endswith("assistant")   # ready for the model's next answer
+
+    class Plain:   # a tokenizer without a chat template
+        chat_template = None
+    assert render(Plain(), ["Hi", "Again"], ["Hello"]) == "User: Hi\nAssistant: Hello\nUser: Again\nAssistant:"
+
+
+# ---------------------------------------------------------------- row arithmetic
+
+def test_first_divergence():
+    assert first_divergence([[5, 6, 7]], [[5, 6, 7]]) is None
+    assert first_divergence([[5, 6, 7]], [[5, 6, 9]]) == {"turn": 0, "index": 2}     # mismatch at 2
+    assert first_divergence([[5, 6]], [[5, 6, 2]]) == {"turn": 0, "index": 2}        # one stopped early
+    assert first_divergence([[1], [4, 5]], [[1], [3, 5]]) == {"turn": 1, "index": 0}
+
+
+def test_aggregate_pools_tokens_and_time():
+    def row(new, wall, hist, drafts, base_wall):
+        return {"new_tokens": new, "wall_time": wall, "accept_hist": hist, "draft_tokens": drafts,
+                "steps": sum(hist), "times": {}, "matches_baseline": True,
+                "baseline": {"new_tokens": new, "wall_time": base_wall, "steps": new, "times": {}},
+                "hf": {"new_tokens": new, "wall_time": 2 * base_wall}}
+    # Row 1: 4 steps emitting 1,1,3,3 tokens; row 2: 2 steps emitting 2,2. 12 tokens in 6 steps.
+    agg = aggregate([row(8, 1.0, [0, 2, 0, 2], 12, 2.0), row(4, 1.0, [0, 0, 2], 6, 2.0)])
+    assert agg["tau"] == pytest.approx(12 / 6)
+    assert agg["alpha"] == pytest.approx((12 - 6) / 18)   # accepted drafts over offered drafts
+    assert agg["tokens_per_s"] == pytest.approx(6.0)
+    assert agg["speedup"] == pytest.approx(2.0) and agg["speedup_hf"] == pytest.approx(4.0)
+    assert agg["matches_baseline"] == "2/2"
+
+
+# ---------------------------------------------------------------- the CLI on CPU
+
+def test_sweep_on_tiny_model_writes_rows_tables_and_plots(tiny_folder, tmp_path, monkeypatch):
+    """The CI sweep: 2 lookup settings x 2 prompts, greedy and sampled, with baseline and HF."""
+    sweep = tmp_path / "multirun"
+    monkeypatch.setattr(sys, "argv", [
+        "specdec-bench", "-m", "drafter=lookup", "drafter.num_tokens=2,4", f"model.spec={tiny_folder}",
+        "num_prompts=2", "max_new_tokens=8", "warmup=0", "threads=1", "progress=false",
+        f"hydra.sweep.dir={sweep}"])
+    hydra_main()
+
+    for job in ("0", "1"):
+        rows = [json.loads(line) for line in (sweep / job / "rows.jsonl").read_text().splitlines()]
+        assert [(r["mode"], r["category"]) for r in rows] == [
+            ("greedy", "coding"), ("greedy", "editing"), ("sample", "coding"), ("sample", "editing")]
+        for r in rows:
+            assert set(r) == ROW_KEYS
+            assert r["baseline"]["new_tokens"] > 0 and r["baseline"]["tokens_per_s"] > 0   # the baseline ran
+            assert r["hf"]["new_tokens"] > 0 and r["speedup_hf"] > 0
+            assert r["new_tokens"] == sum(k * n for k, n in enumerate(r["accept_hist"]))
+            assert r["lossless"] is True
+        editing = rows[1]
+        assert editing["num_turns"] == 2 and len(editing["prompt_tokens"]) == 2
+        # fp32: speculative greedy output equals the same engine's no-drafter output, token for token.
+        assert all(r["matches_baseline"] and r["first_divergence"] is None for r in rows[:2])
+        assert all(r["matches_baseline"] is None for r in rows[2:])
+        assert "| **all** |" in (sweep / job / "summary.md").read_text()
+        assert (sweep / job / "accepted_lengths.png").stat().st_size > 0
+        assert list((sweep / job / "wandb").glob("offline-run-*"))
+
+    summary = (sweep / "summary.md").read_text()
+    assert "num_tokens=2" in summary and "num_tokens=4" in summary
+    assert (sweep / "sweep.png").stat().st_size > 0
+    runs = collect(sweep)   # re-collecting gives the same four runs: 2 settings x 2 modes
+    assert sorted((r["params"]["num_tokens"], r["mode"]) for r in runs) == [
+        (2, "greedy"), (2, "sample"), (4, "greedy"), (4, "sample")]
+
+
+@pytest.mark.slow
+@pytest.mark.zoo
+def test_smollm2_prompt_lookup_matches_its_baseline(tmp_path):
+    """The real SmolLM2 on one multi-turn editing prompt: lossless in fp32, and τ above 1."""
+    with initialize_config_module("specdec.conf", version_base=None):
+        cfg = compose("bench", overrides=["drafter=lookup", "categories=[editing]", "num_prompts=1",
+                                          "max_new_tokens=32", "modes=[greedy]", "logger=none",
+                                          "progress=false", "warmup=0", "threads=1"])
+    summary = run_bench(cfg, tmp_path)
+    assert summary["greedy"]["all"]["matches_baseline"] == "1/1"
+    assert summary["greedy"]["all"]["tau"] > 1.0
+    assert (tmp_path / "rows.jsonl").exists()
