@@ -36,8 +36,8 @@ def test_greedy_equals_hf(arch, lengths):
         assert all(sum(r) == 24 for r in stats.accepted_lengths)
         if name == "self_draft":
             assert stats.tau > 4.0 and stats.acceptance_rate > 0.9
-        if name == "self_draft_tree":  # 8 nodes of width 2 always hold the greedy path to depth 3
-            assert stats.tau > 3.5
+        if name == "self_draft_tree":  # the draft is the target: deep paths are accepted
+            assert stats.tau > 3.0
         if name == "none":
             assert stats.tau == 1.0 and stats.draft_forwards == 0
 

