@@ -1,0 +1,378 @@
+"""GPU check and benchmark of the Triton kernels (tree attention, KV commit) against torch.
+
+One command on a CUDA machine, a few minutes:
+
+    python scripts/gpu_kernels.py --out kernels.json > kernels.md
+
+Sections (each one's failure is recorded and the others still run):
+
+1. device: peak memory bandwidth measured by a large device copy, and an empty kernel's time;
+2. correctness: tree attention in bf16 against the fp32 reference, on a sampled grid of
+   prefix 128..32K, nodes 1..128, batch 1..8 and GQA ratios 1..8;
+3. benchmark: tree attention against torch SDPA given the dense mask, Qwen2.5-1.5B shapes
+   (Hq=12, Hkv=2, D=128, bf16), prefixes 1K..32K, 16..128 nodes, batch 1..8;
+4. sweep: a few launch configurations on the largest shapes, to tune ``plan_tree_attention``;
+5. kv_commit: all 56 K/V buffers of Qwen2.5-1.5B in one launch, against the per-buffer reference.
+
+Markdown goes to stdout, everything measured to the JSON file. ``--dry-run`` lists the shapes
+and exits, which works without a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import random
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+HQ, HKV, HEAD_DIM = 12, 2, 128  # Qwen2.5-1.5B attention
+QWEN_LAYERS = 28
+NOMINAL_PEAK_TBS = 3.35  # H100 SXM HBM3
+NOMINAL_BF16_TFLOPS = 989.0  # H100 SXM dense
+GOAL_BYTES = 64 * 2**20
+
+CORRECTNESS_AXES = {"prefix": [128, 1024, 4096, 32768], "nodes": [1, 16, 64, 128], "batch": [1, 4, 8],
+                    "gqa": [1, 2, 6, 8]}
+BENCH_AXES = {"prefix": [1024, 4096, 8192, 16384, 32768], "nodes": [16, 64, 128], "batch": [1, 4, 8]}
+SWEEP_SHAPES = [(8, 8192, 16), (8, 8192, 64), (8, 8192, 128), (1, 32768, 16)]  # (batch, prefix, nodes)
+COMMIT_SHAPES = [(1, 8), (8, 8), (8, 64)]  # (batch, accepted moves)
+COMMIT_SLOTS = 8192 + 256
+DEVICE = "cuda"
+
+
+def correctness_grid(samples: int, seed: int = 0) -> list[tuple[int, int, int, int]]:
+    """Corners of the grid plus a seeded sample of the rest: (prefix, nodes, batch, gqa)."""
+    axes = CORRECTNESS_AXES
+    full = list(itertools.product(axes["prefix"], axes["nodes"], axes["batch"], axes["gqa"]))
+    ends = {name: (min(values), max(values)) for name, values in axes.items()}
+    corners = [(p, n, b, g) for p, n, b, g in full
+               if p in ends["prefix"] and n in ends["nodes"] and b in ends["batch"] and g in ends["gqa"]]
+    rest = [c for c in full if c not in corners]
+    random.Random(seed).shuffle(rest)
+    return corners + rest[:max(0, samples - len(corners))]
+
+
+def bench_grid() -> list[tuple[int, int, int]]:
+    axes = BENCH_AXES
+    return [(b, p, n) for b in axes["batch"] for p in axes["prefix"] for n in axes["nodes"]]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+@triton.jit
+def _empty_kernel(x):
+    pass
+
+
+def random_tree(batch: int, n: int, device) -> torch.Tensor:
+    """``[B, n, n]`` ancestor-or-self masks of random trees (node i's parent drawn from 0..i-1)."""
+    mask = torch.eye(n, dtype=torch.bool).repeat(batch, 1, 1)
+    for i in range(1, n):
+        parent = torch.randint(0, i, (batch,))
+        mask[:, i] |= mask[torch.arange(batch), parent]
+    return mask.to(device)
+
+
+def make_inputs(batch, hq, hkv, prefix, nodes, dtype=torch.bfloat16, ragged=True):
+    """Cache buffers sized for ``prefix + nodes`` slots; row 0 uses all of them, others fewer."""
+    slots = prefix + nodes
+    q = torch.randn(batch, hq, nodes, HEAD_DIM, device=DEVICE, dtype=dtype)
+    k = torch.randn(batch, hkv, slots, HEAD_DIM, device=DEVICE, dtype=dtype)
+    v = torch.randn(batch, hkv, slots, HEAD_DIM, device=DEVICE, dtype=dtype)
+    lengths = torch.full((batch,), prefix, dtype=torch.long)
+    start = torch.zeros(batch, dtype=torch.long)
+    if ragged and batch > 1:
+        lengths[1:] = torch.randint(prefix // 2, prefix + 1, (batch - 1,))
+        start[1:] = (torch.rand(batch - 1) * 0.1 * lengths[1:]).long()
+    return q, k, v, start.to(DEVICE), lengths.to(DEVICE), random_tree(batch, nodes, DEVICE)
+
+
+def kv_bytes(k: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, nodes: int) -> int:
+    """K and V bytes one call must read: each row's committed prefix plus its new slots."""
+    per_slot = 2 * k.shape[1] * k.shape[3] * k.element_size()
+    return int(((lengths - start).sum().item() + nodes * k.shape[0]) * per_slot)
+
+
+def bench(fn) -> float:
+    """Median milliseconds over repeated calls, L2 flushed between calls."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def fmt(x, digits=3):
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
+    head = "| " + " | ".join(title for _, title in cols) + " |"
+    rule = "|" + "|".join("---" for _ in cols) + "|"
+    body = ["| " + " | ".join(fmt(r.get(key)) for key, _ in cols) + " |" for r in rows]
+    return "\n".join([head, rule, *body])
+
+
+# ---------------------------------------------------------------------------------------------- sections
+def section_device(report):
+    n = 512 * 2**20  # 1 GiB of bf16
+    src = torch.empty(n, dtype=torch.bfloat16, device=DEVICE).normal_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    peak = 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e12  # read + write
+    del src, dst
+    dummy = torch.empty(1, device=DEVICE)
+    launch_us = bench(lambda: _empty_kernel[(1,)](dummy)) * 1e3
+    report["device"] = {"name": torch.cuda.get_device_name(), "copy_tbs": peak, "nominal_tbs": NOMINAL_PEAK_TBS,
+                        "empty_kernel_us": launch_us, "torch": torch.__version__, "triton": triton.__version__,
+                        "python": platform.python_version(),
+                        "sms": torch.cuda.get_device_properties(0).multi_processor_count}
+    print("## Device\n")
+    print(table([report["device"]], [("name", "GPU"), ("copy_tbs", "copy TB/s (read+write)"),
+                                     ("nominal_tbs", "nominal TB/s"), ("empty_kernel_us", "empty kernel µs"),
+                                     ("torch", "torch"), ("triton", "triton")]))
+    print()
+
+
+def section_correctness(report, samples):
+    from specdec.kernels import tree_attention, tree_attention_reference
+
+    rows = []
+    for prefix, nodes, batch, gqa in correctness_grid(samples):
+        hq, hkv = HKV * gqa, HKV
+        torch.manual_seed(prefix + 7 * nodes + 31 * batch + gqa)
+        q, k, v, start, lengths, tree = make_inputs(batch, hq, hkv, prefix, nodes)
+        scale = HEAD_DIM ** -0.5
+        row = {"prefix": prefix, "nodes": nodes, "batch": batch, "gqa": gqa}
+        try:
+            out = tree_attention(q, k, v, start, lengths, tree, scale).float()
+            want = tree_attention_reference(q.float(), k.float(), v.float(), start, lengths, tree, scale)
+            sdpa_bf16 = tree_attention_reference(q, k, v, start, lengths, tree, scale).float()
+            row["max_abs_err"] = (out - want).abs().max().item()
+            row["sdpa_bf16_err"] = (sdpa_bf16 - want).abs().max().item()
+            row["finite"] = bool(torch.isfinite(out).all())
+            row["pass"] = row["finite"] and row["max_abs_err"] <= max(2e-2, 2 * row["sdpa_bf16_err"])
+        except Exception as exc:  # a failing shape is a result, not the end of the run
+            row["pass"], row["error"] = False, repr(exc)[:300]
+        rows.append(row)
+        del q, k, v
+    torch.cuda.empty_cache()
+    report["correctness"] = rows
+    passed = sum(r["pass"] for r in rows)
+    print(f"## Correctness: bf16 kernel vs fp32 reference ({passed}/{len(rows)} pass; "
+          "tolerance max(2e-2, 2 x SDPA-bf16 error))\n")
+    print(table(rows, [("prefix", "prefix"), ("nodes", "nodes"), ("batch", "batch"), ("gqa", "Hq/Hkv"),
+                       ("max_abs_err", "max abs err"), ("sdpa_bf16_err", "SDPA bf16 err"), ("pass", "pass"),
+                       ("error", "error")]))
+    print()
+
+
+def sdpa_with_mask(q, k, v, mask, scale, expand):
+    """The baseline: torch SDPA over the cache view with the dense boolean mask."""
+    if expand:  # K/V already repeated to Hq heads (not timed), so any SDPA backend may run
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def section_bench(report, budget_s, t0):
+    from specdec.kernels import plan_tree_attention, tree_attention, tree_visibility
+
+    peak = report.get("device", {}).get("copy_tbs")
+    launch_us = report.get("device", {}).get("empty_kernel_us")
+    rows = []
+    for batch, prefix, nodes in bench_grid():
+        row = {"batch": batch, "prefix": prefix, "nodes": nodes}
+        rows.append(row)
+        if time.perf_counter() - t0 > budget_s:
+            row["error"] = "skipped: time budget"
+            continue
+        try:
+            torch.manual_seed(batch + prefix + nodes)
+            q, k, v, start, lengths, tree = make_inputs(batch, HQ, HKV, prefix, nodes, ragged=False)
+            scale = HEAD_DIM ** -0.5
+            cfg = plan_tree_attention(batch, HKV, HQ // HKV, nodes, HEAD_DIM, k.shape[2], q.device)
+            row["config"] = f"m{cfg.block_m} n{cfg.block_n} s{cfg.splits} w{cfg.num_warps} st{cfg.num_stages}"
+            nbytes = kv_bytes(k, start, lengths, nodes)
+            flops = 4 * batch * HQ * nodes * (prefix + nodes) * HEAD_DIM
+            row["kv_mb"] = nbytes / 2**20
+            t = bench(lambda: tree_attention(q, k, v, start, lengths, tree, scale, config=cfg))
+            row["us"] = t * 1e3
+            row["tbs"] = nbytes / (t * 1e-3) / 1e12
+            row["frac_nominal"] = row["tbs"] / NOMINAL_PEAK_TBS
+            row["frac_copy"] = row["tbs"] / peak if peak else None
+            row["tflops"] = flops / (t * 1e-3) / 1e12
+            # Best possible time on this roofline: bytes at nominal bandwidth or flops at nominal peak.
+            row["roofline_frac"] = max(nbytes / (NOMINAL_PEAK_TBS * 1e12), flops / (NOMINAL_BF16_TFLOPS * 1e12)) \
+                / (t * 1e-3)
+            row["x_launch"] = row["us"] / launch_us if launch_us else None
+            row["goal_bw"] = None if nbytes < GOAL_BYTES else row["frac_nominal"] >= 0.5
+            mask = tree_visibility(start, lengths, tree, k.shape[2]).unsqueeze(1)  # [B, 1, Q, S]
+            for key, expand in (("sdpa_gqa_us", False), ("sdpa_rep_us", True)):
+                try:
+                    kk, vv = (k, v) if not expand else (k.repeat_interleave(HQ // HKV, dim=1),
+                                                        v.repeat_interleave(HQ // HKV, dim=1))
+                    row[key] = bench(lambda: sdpa_with_mask(q, kk, vv, mask, scale, expand)) * 1e3
+                    del kk, vv
+                except Exception as exc:
+                    row["error"] = f"{key}: {exc!r}"[:300]
+            sdpa = [row[key] for key in ("sdpa_gqa_us", "sdpa_rep_us") if key in row]
+            if sdpa:
+                row["sdpa_us"] = min(sdpa)
+                row["speedup"] = row["sdpa_us"] / row["us"]
+                row["goal_sdpa"] = row["speedup"] >= 1.0
+            del q, k, v, mask
+        except Exception as exc:
+            row["error"] = repr(exc)[:300]
+        torch.cuda.empty_cache()
+    report["bench"] = rows
+    done = [r for r in rows if "us" in r]
+    big = [r for r in done if r["goal_bw"] is not None]
+    print("## Benchmark: tree attention vs SDPA with a dense mask (Hq=12, Hkv=2, D=128, bf16)\n")
+    print(f"{len(done)}/{len(rows)} shapes ran. Never slower than SDPA: "
+          f"{sum(bool(r.get('goal_sdpa')) for r in done)}/{len(done)}. >=50% of {NOMINAL_PEAK_TBS} TB/s where KV >= 64 MiB: "
+          f"{sum(r['goal_bw'] for r in big)}/{len(big)}. `roofline` = the time the shape needs at "
+          f"{NOMINAL_PEAK_TBS} TB/s or {NOMINAL_BF16_TFLOPS:.0f} TFLOP/s, whichever binds, over the time taken; "
+          "`x launch` = time over an empty kernel's.\n")
+    print(table(rows, [("batch", "B"), ("prefix", "prefix"), ("nodes", "nodes"), ("kv_mb", "KV MiB"),
+                       ("us", "kernel µs"), ("tbs", "TB/s"), ("frac_nominal", "of 3.35"), ("frac_copy", "of copy"),
+                       ("tflops", "TFLOP/s"), ("roofline_frac", "roofline"), ("x_launch", "x launch"),
+                       ("sdpa_gqa_us", "SDPA gqa µs"), ("sdpa_rep_us", "SDPA rep µs"), ("speedup", "SDPA/kernel"),
+                       ("config", "config"), ("error", "error")]))
+    print()
+
+
+def section_sweep(report, budget_s, t0):
+    from specdec.kernels import TreeAttentionConfig, plan_tree_attention, tree_attention
+
+    rows = []
+    for batch, prefix, nodes in SWEEP_SHAPES:
+        if time.perf_counter() - t0 > budget_s:
+            rows.append({"batch": batch, "prefix": prefix, "nodes": nodes, "error": "skipped: time budget"})
+            continue
+        torch.manual_seed(0)
+        q, k, v, start, lengths, tree = make_inputs(batch, HQ, HKV, prefix, nodes, ragged=False)
+        scale = HEAD_DIM ** -0.5
+        nbytes = kv_bytes(k, start, lengths, nodes)
+        planned = plan_tree_attention(batch, HKV, HQ // HKV, nodes, HEAD_DIM, k.shape[2], q.device)
+        candidates = {planned}
+        for waves, min_chunk in [(1, 256), (4, 256), (8, 128), (2, 1024)]:
+            candidates.add(plan_tree_attention(batch, HKV, HQ // HKV, nodes, HEAD_DIM, k.shape[2], q.device,
+                                               waves=waves, min_chunk=min_chunk))
+        for bn, warps, stages in [(32, 4, 3), (64, 4, 2), (64, 8, 3), (128, 4, 2), (128, 8, 2)]:
+            candidates.add(TreeAttentionConfig(planned.block_m, bn, planned.splits, warps, stages))
+        for block_m in (32, 64):  # less padding of the G * Q rows, more reads of each K/V tile (L2)
+            if block_m < planned.block_m:
+                for splits in sorted({1, planned.splits, max(1, planned.splits * block_m // planned.block_m)}):
+                    candidates.add(TreeAttentionConfig(block_m, 64, splits, 4, 3))
+        want = tree_attention(q, k, v, start, lengths, tree, scale, config=planned).float()
+        for cfg in sorted(candidates, key=lambda c: (c.block_m, c.block_n, c.splits, c.num_warps, c.num_stages)):
+            row = {"batch": batch, "prefix": prefix, "nodes": nodes, "planned": cfg == planned,
+                   "config": f"m{cfg.block_m} n{cfg.block_n} s{cfg.splits} w{cfg.num_warps} st{cfg.num_stages}"}
+            try:
+                out = tree_attention(q, k, v, start, lengths, tree, scale, config=cfg).float()
+                row["agrees"] = (out - want).abs().max().item() < 2e-2
+                t = bench(lambda: tree_attention(q, k, v, start, lengths, tree, scale, config=cfg))
+                row["us"] = t * 1e3
+                row["frac_nominal"] = nbytes / (t * 1e-3) / 1e12 / NOMINAL_PEAK_TBS
+            except Exception as exc:
+                row["error"] = repr(exc)[:200]
+            rows.append(row)
+        del q, k, v
+        torch.cuda.empty_cache()
+    report["sweep"] = rows
+    print("## Sweep: launch configurations on large shapes (planned = the default choice)\n")
+    print(table(rows, [("batch", "B"), ("prefix", "prefix"), ("nodes", "nodes"), ("config", "config"),
+                       ("planned", "planned"), ("us", "µs"), ("frac_nominal", "of 3.35"), ("agrees", "agrees"),
+                       ("error", "error")]))
+    print()
+
+
+def section_commit(report):
+    from specdec.kernels import kv_commit, kv_commit_reference
+
+    rows = []
+    slots = COMMIT_SLOTS
+    for batch, moves in COMMIT_SHAPES:
+        row = {"batch": batch, "moves": moves, "buffers": 2 * QWEN_LAYERS}
+        try:
+            bufs = [torch.randn(batch, HKV, slots, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
+                    for _ in range(2 * QWEN_LAYERS)]
+            room = slots - 2 * moves - 32  # dst + path stays inside the buffer
+            dst = torch.randint(room // 2, room, (batch,), device=DEVICE)
+            path = torch.stack([torch.randperm(moves + 32)[:moves].sort().values for _ in range(batch)]).to(DEVICE)
+            src = dst[:, None] + path
+            count = torch.randint(1, moves + 1, (batch,), device=DEVICE)
+            count[0] = moves
+            ref = [t.clone() for t in bufs]
+            kv_commit(bufs, src, dst, count)
+            kv_commit_reference(ref, src, dst, count)
+            row["exact"] = all(torch.equal(a, b) for a, b in zip(bufs, ref))
+            del ref
+            row["kernel_us"] = bench(lambda: kv_commit(bufs, src, dst, count)) * 1e3
+            row["reference_us"] = bench(lambda: kv_commit_reference(bufs, src, dst, count)) * 1e3
+            row["speedup"] = row["reference_us"] / row["kernel_us"]
+            del bufs
+        except Exception as exc:
+            row["error"] = repr(exc)[:300]
+        torch.cuda.empty_cache()
+        rows.append(row)
+    report["kv_commit"] = rows
+    print(f"## kv_commit: Qwen2.5-1.5B, {2 * QWEN_LAYERS} buffers [B, 2, {slots}, 128] bf16, one launch\n")
+    print(table(rows, [("batch", "B"), ("moves", "accepted (A)"), ("exact", "exact"), ("kernel_us", "kernel µs"),
+                       ("reference_us", "reference µs"), ("speedup", "speedup"), ("error", "error")]))
+    print()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON file for every measurement")
+    parser.add_argument("--samples", type=int, default=40, help="correctness shapes (corners included)")
+    parser.add_argument("--budget", type=float, default=200.0,
+                        help="seconds after which benchmark and sweep rows are skipped")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["correctness", "bench", "sweep", "commit"])
+    parser.add_argument("--dry-run", action="store_true", help="list the shapes and exit (no GPU needed)")
+    args = parser.parse_args(argv)
+
+    if args.dry_run:
+        plan = {"correctness": correctness_grid(args.samples), "bench": bench_grid(), "sweep": SWEEP_SHAPES,
+                "kv_commit": COMMIT_SHAPES}
+        for name, shapes in plan.items():
+            print(f"{name}: {len(shapes)} shapes, e.g. {shapes[:3]}")
+        return 0
+    if not torch.cuda.is_available():
+        print("gpu_kernels.py needs a CUDA GPU (use --dry-run to list the shapes)", file=sys.stderr)
+        return 2
+
+    t0 = time.perf_counter()
+    report: dict = {"errors": {}}
+    sections = [("device", section_device, ()), ("correctness", section_correctness, (args.samples,)),
+                ("bench", section_bench, (args.budget, t0)), ("sweep", section_sweep, (args.budget, t0)),
+                ("commit", section_commit, ())]
+    print("# specdec kernels on GPU\n")
+    for name, fn, extra in sections:
+        if name in args.skip:
+            continue
+        try:
+            fn(report, *extra)
+        except Exception:
+            report["errors"][name] = traceback.format_exc()
+            print(f"## {name}: failed\n\n```\n{traceback.format_exc()[-2000:]}\n```\n")
+        args.out.write_text(json.dumps(report, indent=1, default=str))  # keep what finished so far
+    report["seconds"] = time.perf_counter() - t0
+    args.out.write_text(json.dumps(report, indent=1, default=str))
+    print(f"Total {report['seconds']:.0f} s. JSON: {args.out}")
+    failed = [r for r in report.get("correctness", []) if not r["pass"]]
+    return 1 if failed or report["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
