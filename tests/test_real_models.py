@@ -49,6 +49,8 @@ def test_smollm2_greedy_equality(smollm2, batch):
         "none": None,
         "lookup": PromptLookup(num_tokens=6, max_ngram=3),
         "draft_model": DraftModel(first_layers(model, 6), num_tokens=4),
+        "lookup_branches": PromptLookup(num_tokens=4, max_ngram=3, num_branches=3),
+        "draft_tree": DraftModel(first_layers(model, 6), num_tokens=3, tree_width=3, tree_nodes=12),
     }
     for name, drafter in drafters.items():
         out = specdec.wrap(model, drafter=drafter).generate(enc.input_ids, return_dict_in_generate=True, **kw)
