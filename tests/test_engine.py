@@ -117,3 +117,16 @@ def test_lookup_branches_raise_tau_and_stay_exact():
         assert torch.equal(out.sequences, ref)
         taus.append(out.spec_stats.tau)
     assert taus[1] > taus[0]
+
+
+def test_adaptive_gamma_grows_on_full_acceptance_and_shrinks_on_rejection():
+    model = make_tiny("llama")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    good = DraftModel(model, num_tokens=6, schedule="adaptive")  # the target itself: always accepted
+    assert good.gamma == 3
+    specdec.wrap(model, drafter=good).generate(ids, max_new_tokens=30, pad_token_id=0, eos_token_id=None)
+    assert good.gamma == 6
+    bad = DraftModel(make_tiny("llama", seed=5), num_tokens=6, schedule="adaptive")
+    out = specdec.wrap(model, drafter=bad).generate(ids, max_new_tokens=30, pad_token_id=0, eos_token_id=None,
+                                                     return_dict_in_generate=True)
+    assert bad.gamma == 1 and out.spec_stats.tau < 1.5
