@@ -1,8 +1,9 @@
 """Target step time against the number of verified tree nodes, on the GPU.
 
 Builds a random-init model with a real model's shapes (default: Qwen2.5-1.5B; timing depends
-on shapes, not weights), fills a 512-token prefix, then times one verification forward of
-1 + N nodes through specdec's runner, eager and captured as a CUDA graph.
+on shapes, not weights), fills a prefix, then times one verification forward of N query
+tokens (root + N - 1 nodes) through specdec's runner, eager and captured as a CUDA graph, with
+the Triton tree-attention kernel and with the torch reference (dense mask + SDPA).
 
     python scripts/gpu_verify_cost.py --nodes 1 4 8 16 32 64 --prefix 512
 """
@@ -74,27 +75,32 @@ def main() -> None:
         view = args.prefix + q
 
         def step():
-            return runner.forward(cache, tok, s, s, among, view_len=view).logits
+            return runner.forward(cache, tok, s, s, among, view_len=view, contiguous=True).logits
 
-        eager = time_ms(step)
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
+        row = dict(model=args.model, batch=b, prefix=args.prefix, query_tokens=q)
+        for backend in ("triton", "reference"):
+            runner.attention = backend
+            row[f"{backend}_eager_ms"] = time_ms(step)
+            graph = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream().wait_stream(stream)
+            with torch.cuda.graph(graph):
                 step()
-        torch.cuda.current_stream().wait_stream(stream)
-        with torch.cuda.graph(graph):
-            step()
-        graphed = time_ms(graph.replay)
-        rows.append(dict(model=args.model, batch=b, prefix=args.prefix, query_tokens=q, eager_ms=eager, graph_ms=graphed))
-        print(json.dumps(rows[-1]), flush=True)
+            row[f"{backend}_graph_ms"] = time_ms(graph.replay)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"\n{args.model}, batch {b}, prefix {args.prefix}, bf16; weight bytes {weights / 1e9:.2f} GB "
           f"(bandwidth floor at 3.35 TB/s: {weights / 3.35e12 * 1e3:.2f} ms)")
-    print("| query tokens | eager ms | CUDA graph ms |\n|---|---|---|")
+    print("| query tokens | triton eager ms | triton graph ms | reference eager ms | reference graph ms |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['query_tokens']} | {r['eager_ms']:.2f} | {r['graph_ms']:.2f} |")
+        print(f"| {r['query_tokens']} | {r['triton_eager_ms']:.2f} | {r['triton_graph_ms']:.2f} "
+              f"| {r['reference_eager_ms']:.2f} | {r['reference_graph_ms']:.2f} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

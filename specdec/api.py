@@ -59,12 +59,12 @@ class SpecGenerateOutput(GenerateDecoderOnlyOutput):
 class SpecDecoder:
     """A speculative-decoding view of an HF causal LM. Build it with ``specdec.wrap``."""
 
-    def __init__(self, model, drafter=None, acceptance: str | None = None):
+    def __init__(self, model, drafter=None, acceptance: str | None = None, attention: str = "auto"):
         if isinstance(drafter, str):
             drafter = make_drafter(drafter)
         self.__dict__["model"] = model
         self.__dict__["drafter"] = drafter
-        self.__dict__["engine"] = SpecEngine(model, drafter=drafter, acceptance=acceptance)
+        self.__dict__["engine"] = SpecEngine(model, drafter=drafter, acceptance=acceptance, attention=attention)
 
     def __getattr__(self, name):
         return getattr(self.__dict__["model"], name)
@@ -168,12 +168,14 @@ class SpecDecoder:
         return stop
 
 
-def wrap(model, drafter=None, acceptance: str | None = None) -> SpecDecoder:
+def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "auto") -> SpecDecoder:
     """Wrap an HF causal LM for speculative decoding.
 
     ``drafter`` is a Drafter instance, a registered name (``"lookup"``), or None for plain
     autoregressive decoding through the same engine. ``acceptance`` picks the rule (default:
-    ``greedy`` when ``do_sample=False``, ``speculative`` sampling otherwise).
+    ``greedy`` when ``do_sample=False``, ``speculative`` sampling otherwise). ``attention``
+    picks the verification attention: ``auto`` (Triton tree-attention kernel on CUDA, the torch
+    reference on CPU), ``reference`` or ``triton``.
 
     Example::
 
@@ -181,4 +183,4 @@ def wrap(model, drafter=None, acceptance: str | None = None) -> SpecDecoder:
         out = spec.generate(input_ids, max_new_tokens=64, return_dict_in_generate=True)
         print(out.spec_stats.tau)
     """
-    return SpecDecoder(model, drafter=drafter, acceptance=acceptance)
+    return SpecDecoder(model, drafter=drafter, acceptance=acceptance, attention=attention)

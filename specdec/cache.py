@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from specdec.kernels import kv_commit
+
 
 class KVCache:
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
@@ -83,6 +85,9 @@ class KVCache:
         dst = self.lengths[:, None] + torch.arange(a, device=src.device)
         keep = torch.arange(a, device=src.device)[None, :] < count[:, None]
         src = torch.where(keep, src, dst)  # skipped entries copy a slot onto itself
+        if src.is_cuda:
+            kv_commit(self.k + self.v, src, self.lengths, count.clamp(max=a))
+            return
         for buf in self.k + self.v:
             h, d = buf.shape[1], buf.shape[3]
             moved = buf.gather(2, src.view(b, 1, a, 1).expand(b, h, a, d))

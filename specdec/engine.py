@@ -64,8 +64,8 @@ class SpecEngine:
                               params=SamplingParams(), eos_ids={2}, pad_id=0)
     """
 
-    def __init__(self, model, drafter: Drafter | None = None, acceptance: str | None = None):
-        self.runner = ModelRunner(model)
+    def __init__(self, model, drafter: Drafter | None = None, acceptance: str | None = None, attention: str = "auto"):
+        self.runner = ModelRunner(model, attention=attention)
         self.drafter = drafter
         self.acceptance_name = acceptance
         if drafter is not None:
@@ -141,7 +141,8 @@ class SpecEngine:
             offsets = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), depth], dim=1)
             positions = (root_slot - start).unsqueeze(1) + offsets
             step_tokens = torch.cat([tokens.gather(1, root_slot.unsqueeze(1)), tree.tokens], dim=1)
-            logits = runner.forward(cache, step_tokens, positions, slots, among, view_len=ctx.max_seq_len + k).logits
+            logits = runner.forward(cache, step_tokens, positions, slots, among, view_len=ctx.max_seq_len + k,
+                                    contiguous=True).logits
             timer.lap("verify")
 
             outcome = rule.accept(logits, tree, params)

@@ -23,16 +23,28 @@ from torch import Tensor
 from transformers import AttentionInterface
 
 from specdec.cache import KVCache
-from specdec.kernels import masked_attention_reference
+from specdec.kernels import masked_attention_reference, tree_attention
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
+# "auto": the Triton tree-attention kernel for verification steps on CUDA, the torch reference
+# elsewhere; "reference" and "triton" force one (triton on CPU needs TRITON_INTERPRET=1).
+ATTENTION_BACKENDS = ("auto", "reference", "triton")
 ATTENTION_NAME = "specdec"
 
 
-def _specdec_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """HF attention-interface function: ``attention_mask`` is our ``[B, Q, S]`` boolean mask."""
+def _specdec_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, specdec_tree=None,
+                       **kwargs):
+    """HF attention-interface function.
+
+    ``attention_mask`` is our dense ``[B, Q, S]`` boolean mask (the reference path). When the
+    runner passes ``specdec_tree = (start, lengths, tree_mask)`` the Triton tree-attention kernel
+    reads the prefix range and the ``[B, Q, Q]`` mask among the new tokens instead.
+    """
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = masked_attention_reference(query, key, value, attention_mask, scale)
+    if specdec_tree is not None:
+        out = tree_attention(query, key, value, *specdec_tree, scale)
+    else:
+        out = masked_attention_reference(query, key, value, attention_mask, scale)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -59,7 +71,9 @@ class ModelRunner:
         out = runner.forward(cache, tokens, positions, slots, among, view_len=64)
     """
 
-    def __init__(self, model):
+    def __init__(self, model, attention: str = "auto"):
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
         config = getattr(model, "config", None)
         arch = getattr(config, "model_type", None)
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -82,6 +96,7 @@ class ModelRunner:
         self.lm_head = model.get_output_embeddings()
         self.num_layers = len(self.layers)
         self.windows = [self._window(layer) for layer in self.layers]
+        self.attention = attention
 
     def _window(self, layer) -> int | None:
         """Sliding-window size of one layer, or None for full attention."""
@@ -119,7 +134,8 @@ class ModelRunner:
     @torch.no_grad()
     def forward(self, cache: KVCache, tokens: Tensor, positions: Tensor, slots: Tensor, among: Tensor, *,
                 view_len: int, layers: Iterable[int] | None = None, logits_at: Tensor | None = None,
-                compute_logits: bool = True, return_hidden: bool = False, mask: Tensor | None = None) -> RunnerOutput:
+                compute_logits: bool = True, return_hidden: bool = False, mask: Tensor | None = None,
+                contiguous: bool = False) -> RunnerOutput:
         """One pass over Q new tokens per row.
 
         tokens, positions, slots: ``[B, Q]`` (slots are the cache slots the new K/V go to).
@@ -129,21 +145,32 @@ class ModelRunner:
         logits_at: ``[B, K]`` positions (into Q) whose logits are wanted; default all Q.
         mask: ``[B, Q, view_len]`` bool to use instead of the one built from the cache and ``among``
         (drafters exploring a tree in scratch slots need one).
+        contiguous: the caller promises ``slots == cache.lengths + arange(Q)`` (verification
+        steps), which lets full-attention layers use the tree-attention kernel.
         """
-        if mask is None:
-            mask = cache.visible(slots, among, view_len)  # [B, Q, S]
-        masks = {None: mask}
         layer_ids = range(self.num_layers) if layers is None else list(layers)
-        for window in {self.windows[i] for i in layer_ids} - {None}:
-            masks[window] = mask & self._within_window(cache, slots, positions, view_len, window)
+        kernel = None
+        if contiguous and mask is None and self._use_kernel(slots.device):
+            # What KVCache.visible adds among the new tokens: padding is never read, self always is.
+            real = slots >= cache.start.unsqueeze(1)
+            eye = torch.eye(slots.shape[1], dtype=torch.bool, device=slots.device)
+            kernel = (cache.start, cache.lengths, (among & real.unsqueeze(1)) | eye)
+        masks = {}
+        if kernel is None or any(self.windows[i] is not None for i in layer_ids):
+            if mask is None:
+                mask = cache.visible(slots, among, view_len)  # [B, Q, S]
+            masks[None] = mask
+            for window in {self.windows[i] for i in layer_ids} - {None}:
+                masks[window] = mask & self._within_window(cache, slots, positions, view_len, window)
         cache.write_slots = slots
         cache.view_len = view_len
         hidden = self.base.embed_tokens(tokens)
         rope = self.base.rotary_emb(hidden, position_ids=positions)
         with self._our_attention():
             for i in layer_ids:
-                hidden = self.layers[i](hidden, attention_mask=masks[self.windows[i]], position_ids=positions,
-                                        past_key_values=cache, use_cache=True, position_embeddings=rope)
+                extra = {"specdec_tree": kernel} if kernel is not None and self.windows[i] is None else {}
+                hidden = self.layers[i](hidden, attention_mask=masks.get(self.windows[i]), position_ids=positions,
+                                        past_key_values=cache, use_cache=True, position_embeddings=rope, **extra)
         logits = None
         if compute_logits:
             h = hidden
@@ -151,6 +178,11 @@ class ModelRunner:
                 h = h.gather(1, logits_at.unsqueeze(-1).expand(*logits_at.shape, h.shape[-1]))
             logits = self.lm_head(self.base.norm(h)).float()
         return RunnerOutput(logits=logits, hidden=hidden if return_hidden else None)
+
+    def _use_kernel(self, device: torch.device) -> bool:
+        if self.attention == "auto":
+            return device.type == "cuda"
+        return self.attention == "triton"
 
     @staticmethod
     def _within_window(cache: KVCache, slots: Tensor, positions: Tensor, view_len: int, window: int) -> Tensor:

@@ -1,0 +1,333 @@
+"""Tree attention: the Triton kernel for verification steps, and its pure-torch reference.
+
+Row b of the KV cache holds committed tokens at slots ``start[b] .. lengths[b] - 1``; a
+verification step has just written its Q new tokens (a draft tree's root and nodes) at slots
+``lengths[b] .. lengths[b] + Q - 1``. New token i reads every committed slot of its row, and new
+slot ``lengths[b] + j`` only where ``tree_mask[b, i, j]`` (ancestor-or-self).
+
+Work split (flash-decoding over the prefix, with grouped-query packing):
+
+- The G = Hq / Hkv query heads that share one KV head are packed with the Q queries into
+  ``G * Q`` rows, so a program reads each K/V tile once and uses it for every query head of the
+  group. A program owns ``BLOCK_M`` of those rows.
+- The committed prefix is cut into ``splits`` chunks of ``chunk`` slots, counted from the row's
+  own ``start``. Each split writes an unnormalised partial result (acc, running max, running
+  sum) in fp32, one more program per row group attends to the Q new slots under the tree mask,
+  and a second kernel merges the ``splits + 1`` partials. With one split there is no partial:
+  one program does prefix and tree and writes the output.
+- Grid ``(cdiv(G*Q, BLOCK_M), splits (+1), B * Hkv)``. The split count is chosen from static
+  shapes only (never from ``lengths``), so a step is CUDA-graph capturable.
+
+Softmax is computed online in base 2, with fp32 accumulators; probabilities are rounded to the
+input dtype for the P @ V product, as in FlashAttention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .attention import masked_attention_reference
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _softmax_update(acc, m_i, l_i, s, v, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold scores ``s`` [M, N] (log2 units, -inf where masked) and values ``v`` [N, D] into the
+    running (acc [M, D], max m_i [M], sum l_i [M])."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if UPCAST_DOT:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=DOT_PRECISION)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _scores(q, k, qk_scale, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``q`` [M, D] @ ``k`` [N, D]^T, scaled into log2 units, fp32 [M, N]."""
+    if UPCAST_DOT:
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION)
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    return s * qk_scale
+
+
+@triton.jit(do_not_specialize=["num_kv_heads", "group", "num_queries", "programs_per_row", "chunk"])
+def _tree_attention_fwd(
+    Q, K, V, Out, Start, Lengths, Mask, PartAcc, PartMax, PartSum,
+    stride_qb, stride_qh, stride_qq, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_oq, stride_od,
+    stride_mb, stride_mi, stride_mj,
+    num_kv_heads, group, num_queries, programs_per_row, chunk, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
+    tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256, "head_dim must lie in [16, 256]")
+    tl.static_assert((HEAD_DIM & (HEAD_DIM - 1)) == 0, "head_dim must be a power of two")
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    h = (pid_bh % num_kv_heads).to(tl.int64)
+
+    # Packed rows: row r is query r // group of query head h * group + r % group.
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_rows = num_queries * group
+    row_ok = rows < n_rows
+    qi = rows // group
+    head = h * group + rows % group
+    dims = tl.arange(0, HEAD_DIM)
+    q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qq + dims[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+
+    k_row = K + b * stride_kb + h * stride_kh
+    v_row = V + b * stride_vb + h * stride_vh
+    start = tl.load(Start + b).to(tl.int32)
+    length = tl.load(Lengths + b).to(tl.int32)
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    # 1. This split's chunk of the committed prefix: whole tiles unmasked, then a ragged tail.
+    lo = start + split * chunk
+    hi = tl.minimum(lo + chunk, length)
+    hi_full = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+    cols = tl.arange(0, BLOCK_N)
+    for n0 in range(lo, hi_full, BLOCK_N):
+        slots = n0 + cols
+        k = tl.load(k_row + slots[:, None] * stride_ks + dims[None, :] * stride_kd)
+        v = tl.load(v_row + slots[:, None] * stride_vs + dims[None, :] * stride_vd)
+        s = _scores(q, k, qk_scale, UPCAST_DOT, DOT_PRECISION)
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, UPCAST_DOT, DOT_PRECISION)
+    if hi_full < hi:
+        slots = hi_full + cols
+        ok = slots < hi
+        k = tl.load(k_row + slots[:, None] * stride_ks + dims[None, :] * stride_kd, mask=ok[:, None], other=0.0)
+        v = tl.load(v_row + slots[:, None] * stride_vs + dims[None, :] * stride_vd, mask=ok[:, None], other=0.0)
+        s = _scores(q, k, qk_scale, UPCAST_DOT, DOT_PRECISION)
+        s = tl.where(ok[None, :], s, float("-inf"))
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, UPCAST_DOT, DOT_PRECISION)
+
+    # 2. The new slots under the tree mask, done by the row group's last program.
+    if split == programs_per_row - 1:
+        mask_row = Mask + b * stride_mb + qi[:, None] * stride_mi
+        for j0 in range(0, num_queries, BLOCK_N):
+            j = j0 + cols
+            j_ok = j < num_queries
+            slots = length + j
+            k = tl.load(k_row + slots[:, None] * stride_ks + dims[None, :] * stride_kd, mask=j_ok[:, None], other=0.0)
+            v = tl.load(v_row + slots[:, None] * stride_vs + dims[None, :] * stride_vd, mask=j_ok[:, None], other=0.0)
+            seen = tl.load(mask_row + j[None, :] * stride_mj, mask=row_ok[:, None] & j_ok[None, :], other=0)
+            s = _scores(q, k, qk_scale, UPCAST_DOT, DOT_PRECISION)
+            s = tl.where(seen != 0, s, float("-inf"))
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, UPCAST_DOT, DOT_PRECISION)
+
+    if SINGLE_PASS:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        o_ptrs = Out + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_oq + dims[None, :] * stride_od
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        # Partials are contiguous [B * Hkv, programs_per_row, n_rows (, HEAD_DIM)].
+        part = (pid_bh.to(tl.int64) * programs_per_row + split) * n_rows + rows
+        tl.store(PartMax + part, m_i, mask=row_ok)
+        tl.store(PartSum + part, l_i, mask=row_ok)
+        tl.store(PartAcc + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["num_kv_heads", "group", "num_queries", "programs_per_row"])
+def _tree_attention_merge(
+    Out, PartAcc, PartMax, PartSum,
+    stride_ob, stride_oh, stride_oq, stride_od,
+    num_kv_heads, group, num_queries, programs_per_row,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Merge the per-split partials of ``BLOCK_R`` packed rows into normalised outputs."""
+    tl.static_assert((HEAD_DIM & (HEAD_DIM - 1)) == 0, "head_dim must be a power of two")
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    h = (pid_bh % num_kv_heads).to(tl.int64)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    n_rows = num_queries * group
+    row_ok = rows < n_rows
+    dims = tl.arange(0, HEAD_DIM)
+    first = pid_bh.to(tl.int64) * programs_per_row * n_rows + rows
+
+    m_all = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    for s in range(programs_per_row):
+        m_all = tl.maximum(m_all, tl.load(PartMax + first + s * n_rows, mask=row_ok, other=float("-inf")))
+    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
+    l_all = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for s in range(programs_per_row):
+        part = first + s * n_rows
+        w = tl.math.exp2(tl.load(PartMax + part, mask=row_ok, other=float("-inf")) - m_all)
+        l_all += w * tl.load(PartSum + part, mask=row_ok, other=0.0)
+        acc += w[:, None] * tl.load(PartAcc + part[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None], other=0.0)
+
+    out = acc / tl.where(l_all == 0.0, 1.0, l_all)[:, None]
+    qi = rows // group
+    head = h * group + rows % group
+    o_ptrs = Out + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_oq + dims[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+
+@dataclass(frozen=True)
+class TreeAttentionConfig:
+    """Launch parameters; ``plan_tree_attention`` picks them from static shapes."""
+
+    block_m: int  # packed (query head, query) rows per program
+    block_n: int  # key slots per tile
+    splits: int  # prefix chunks per row group; 1 = single pass, no merge kernel
+    num_warps: int
+    num_stages: int
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few programs, enough to exercise the split path
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def plan_tree_attention(batch: int, num_kv_heads: int, group: int, num_queries: int, head_dim: int,
+                        num_slots: int, device: torch.device, *, min_chunk: int = 256,
+                        waves: float = 2.0) -> TreeAttentionConfig:
+    """Pick tiles and a prefix split count from static shapes.
+
+    Rows per program grow with ``group * num_queries`` up to 128 (64 for head_dim 256). The prefix
+    (at most ``num_slots - num_queries`` slots) is split until the grid holds about ``waves``
+    programs per SM, with no chunk shorter than ``min_chunk`` slots, nor than 4 slots per packed
+    row: the fp32 partials then weigh at most half as much as the K/V they summarise.
+    """
+    n_rows = group * num_queries
+    block_m = min(max(16, triton.next_power_of_2(n_rows)), 128 if head_dim <= 128 else 64)
+    big = block_m * head_dim >= 128 * 128
+    prefix = max(num_slots - num_queries, 1)
+    base = triton.cdiv(n_rows, block_m) * batch * num_kv_heads
+    want = triton.cdiv(int(waves * _sm_count(device)), base)
+    splits = max(1, min(want, prefix // max(min_chunk, 4 * n_rows)))
+    return TreeAttentionConfig(block_m=block_m, block_n=64, splits=splits, num_warps=8 if big else 4,
+                               num_stages=2 if big or head_dim > 128 else 3)
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Every buffer the wrapper allocates (tests swap in a poisoned one)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _interpreted(fn) -> bool:
+    return not isinstance(fn, triton.runtime.JITFunction)
+
+
+def tree_attention(q: Tensor, k: Tensor, v: Tensor, start: Tensor, lengths: Tensor, tree_mask: Tensor,
+                   scale: float, *, config: TreeAttentionConfig | None = None) -> Tensor:
+    """Attention of Q new tokens per row over their row's committed prefix and tree ancestors.
+
+    q: ``[B, Hq, Q, D]``, the new tokens' queries.
+    k, v: ``[B, Hkv, S, D]``, whole cache buffers (the new tokens' K/V already written at slots
+        ``lengths .. lengths + Q - 1``, so ``lengths[b] + Q <= S``). Hq must be a multiple of Hkv.
+    start, lengths: ``[B]`` int, first committed slot and number of slots in use per row.
+    tree_mask: ``[B, Q, Q]`` bool, ``tree_mask[b, i, j]``: query i sees new token j. Every query
+        should see itself; a query that sees nothing gets zeros.
+    scale: softmax scale, usually ``D ** -0.5``.
+    Returns ``[B, Hq, Q, D]`` in q's dtype.
+
+    Example::
+
+        # one row, 3 committed tokens at slots 1..3, a root with two children at slots 4..6
+        tree = torch.tensor([[[1, 0, 0], [1, 1, 0], [1, 0, 1]]], dtype=torch.bool)
+        out = tree_attention(q, k, v, torch.tensor([1]), torch.tensor([4]), tree, 0.125)
+    """
+    bsz, hq, nq, d = q.shape
+    assert k.dim() == 4 and k.shape == v.shape, f"k {tuple(k.shape)} and v {tuple(v.shape)} must match"
+    assert k.shape[0] == bsz and k.shape[3] == d, f"q {tuple(q.shape)} does not fit k {tuple(k.shape)}"
+    hkv, num_slots = k.shape[1], k.shape[2]
+    assert hq % hkv == 0, f"query heads ({hq}) must be a multiple of key/value heads ({hkv})"
+    assert q.dtype == k.dtype == v.dtype, f"dtypes differ: q {q.dtype}, k {k.dtype}, v {v.dtype}"
+    assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {q.dtype}"
+    assert d in (16, 32, 64, 128, 256), f"head_dim {d} must be a power of two in [16, 256]"
+    assert 1 <= nq <= num_slots, f"{nq} queries do not fit in {num_slots} slots"
+    assert start.shape == (bsz,) and lengths.shape == (bsz,), "start and lengths must be [B]"
+    assert tree_mask.shape == (bsz, nq, nq) and tree_mask.dtype == torch.bool, \
+        f"tree_mask must be [B, Q, Q] bool, got {tuple(tree_mask.shape)} {tree_mask.dtype}"
+    assert q.device == k.device == v.device == start.device == lengths.device == tree_mask.device
+
+    group = hq // hkv
+    cfg = config or plan_tree_attention(bsz, hkv, group, nq, d, num_slots, q.device)
+    n_rows = group * nq
+    programs_per_row = 1 if cfg.splits == 1 else cfg.splits + 1
+    prefix = max(num_slots - nq, 1)
+    chunk = triton.cdiv(triton.cdiv(prefix, cfg.splits), cfg.block_n) * cfg.block_n
+    if cfg.splits == 1:
+        chunk = max(chunk, num_slots)
+
+    out = _empty((bsz, hq, nq, d), q.dtype, q.device)
+    if programs_per_row == 1:
+        part_acc = part_max = part_sum = out  # unused
+    else:
+        part_acc = _empty((bsz * hkv, programs_per_row, n_rows, d), torch.float32, q.device)
+        part_max = _empty((bsz * hkv, programs_per_row, n_rows), torch.float32, q.device)
+        part_sum = _empty((bsz * hkv, programs_per_row, n_rows), torch.float32, q.device)
+    # Triton's CPU interpreter (3.9) runs tl.dot on bf16 as raw 16-bit integers; give it fp32.
+    upcast = _interpreted(_tree_attention_fwd) and q.dtype == torch.bfloat16
+    mask = tree_mask.view(torch.uint8)
+    grid = (triton.cdiv(n_rows, cfg.block_m), programs_per_row, bsz * hkv)
+    _tree_attention_fwd[grid](
+        q, k, v, out, start, lengths, mask, part_acc, part_max, part_sum,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask.stride(),
+        hkv, group, nq, programs_per_row, chunk, scale * LOG2E,
+        HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_PASS=programs_per_row == 1, UPCAST_DOT=upcast,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if programs_per_row > 1:
+        block_r = min(64, max(16, triton.next_power_of_2(n_rows)))
+        _tree_attention_merge[(triton.cdiv(n_rows, block_r), bsz * hkv)](
+            out, part_acc, part_max, part_sum, *out.stride(), hkv, group, nq, programs_per_row,
+            HEAD_DIM=d, BLOCK_R=block_r, num_warps=4,
+        )
+    return out
+
+
+def tree_visibility(start: Tensor, lengths: Tensor, tree_mask: Tensor, num_slots: int) -> Tensor:
+    """The dense ``[B, Q, S]`` mask that ``tree_attention`` applies implicitly."""
+    bsz, nq, _ = tree_mask.shape
+    j = torch.arange(num_slots, device=tree_mask.device)
+    prefix = (j >= start[:, None]) & (j < lengths[:, None])  # [B, S]
+    rel = j[None, :] - lengths[:, None]  # [B, S]: index of the new token at each slot, if any
+    new = (rel >= 0) & (rel < nq)
+    among = tree_mask.gather(2, rel.clamp(0, nq - 1).unsqueeze(1).expand(bsz, nq, num_slots))
+    return prefix.unsqueeze(1) | (new.unsqueeze(1) & among)
+
+
+def tree_attention_reference(q: Tensor, k: Tensor, v: Tensor, start: Tensor, lengths: Tensor, tree_mask: Tensor,
+                             scale: float) -> Tensor:
+    """Pure-torch ``tree_attention``: a dense mask and ``masked_attention_reference``.
+
+    A query whose mask is empty (never made by the engine) gives NaN here and zeros in the kernel.
+    """
+    mask = tree_visibility(start, lengths, tree_mask, k.shape[2])
+    return masked_attention_reference(q, k, v, mask, scale)
+
+
+__all__ = ["TreeAttentionConfig", "plan_tree_attention", "tree_attention", "tree_attention_reference",
+           "tree_visibility"]
