@@ -11,18 +11,20 @@ Work split (flash-decoding over the prefix, with grouped-query packing):
   ``G * Q`` rows, so a program reads each K/V tile once and uses it for every query head of the
   group. A program owns ``BLOCK_M`` of those rows.
 - The committed prefix is cut into ``splits`` chunks of ``chunk`` slots, counted from the row's
-  own ``start``. Each split writes an unnormalised partial result (acc, running max, running
-  sum) in fp32, one more program per row group attends to the Q new slots under the tree mask,
-  and a second kernel merges the ``splits + 1`` partials. With one split there is no partial:
-  one program does prefix and tree and writes the output.
-- Grid ``(cdiv(G*Q, BLOCK_M), splits (+1), B * Hkv)``. The split count is chosen from static
-  shapes only (never from ``lengths``), so a step is CUDA-graph capturable.
+  own ``start``. The last split also attends to the Q new slots under the tree mask (at most a
+  tile or two, so no extra program). With several splits each writes an unnormalised partial
+  result (acc, running max, running sum) in fp32 and a second kernel merges them, loading all
+  of a row's partials at once; with one split there is no partial and no second launch.
+- Grid ``(cdiv(G*Q, BLOCK_M), splits, B * Hkv)``. The launch configuration is chosen from static
+  shapes only (never from ``lengths``), so a step is CUDA-graph capturable; see
+  ``plan_tree_attention`` for the cost model.
 
 Softmax is computed online in base 2, with fp32 accumulators; probabilities are rounded to the
 input dtype for the P @ V product, as in FlashAttention.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -61,7 +63,7 @@ def _scores(q, k, qk_scale, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexp
     return s * qk_scale
 
 
-@triton.jit(do_not_specialize=["num_kv_heads", "group", "num_queries", "programs_per_row", "chunk"])
+@triton.jit(do_not_specialize=["num_kv_heads", "group", "num_queries", "num_splits", "chunk"])
 def _tree_attention_fwd(
     Q, K, V, Out, Start, Lengths, Mask, PartAcc, PartMax, PartSum,
     stride_qb, stride_qh, stride_qq, stride_qd,
@@ -69,7 +71,7 @@ def _tree_attention_fwd(
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_oq, stride_od,
     stride_mb, stride_mi, stride_mj,
-    num_kv_heads, group, num_queries, programs_per_row, chunk, qk_scale,
+    num_kv_heads, group, num_queries, num_splits, chunk, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -121,8 +123,8 @@ def _tree_attention_fwd(
         s = tl.where(ok[None, :], s, float("-inf"))
         acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, UPCAST_DOT, DOT_PRECISION)
 
-    # 2. The new slots under the tree mask, done by the row group's last program.
-    if split == programs_per_row - 1:
+    # 2. The new slots under the tree mask, done by the row group's last split.
+    if split == num_splits - 1:
         mask_row = Mask + b * stride_mb + qi[:, None] * stride_mi
         for j0 in range(0, num_queries, BLOCK_N):
             j = j0 + cols
@@ -140,21 +142,26 @@ def _tree_attention_fwd(
         o_ptrs = Out + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_oq + dims[None, :] * stride_od
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     else:
-        # Partials are contiguous [B * Hkv, programs_per_row, n_rows (, HEAD_DIM)].
-        part = (pid_bh.to(tl.int64) * programs_per_row + split) * n_rows + rows
+        # Partials are contiguous [B * Hkv, num_splits, n_rows (, HEAD_DIM)].
+        part = (pid_bh.to(tl.int64) * num_splits + split) * n_rows + rows
         tl.store(PartMax + part, m_i, mask=row_ok)
         tl.store(PartSum + part, l_i, mask=row_ok)
         tl.store(PartAcc + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["num_kv_heads", "group", "num_queries", "programs_per_row"])
+@triton.jit(do_not_specialize=["num_kv_heads", "group", "num_queries", "splits"])
 def _tree_attention_merge(
     Out, PartAcc, PartMax, PartSum,
     stride_ob, stride_oh, stride_oq, stride_od,
-    num_kv_heads, group, num_queries, programs_per_row,
-    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+    num_kv_heads, group, num_queries, splits,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Merge the per-split partials of ``BLOCK_R`` packed rows into normalised outputs."""
+    """Merge the per-split partials of ``BLOCK_R`` packed rows into normalised outputs.
+
+    ``BLOCK_S`` splits are loaded at once as a ``[BLOCK_R, BLOCK_S, HEAD_DIM]`` tile (independent
+    loads, so the memory system sees them all), and folded in with an online rescaling; a loop
+    only runs when there are more than ``BLOCK_S`` splits.
+    """
     tl.static_assert((HEAD_DIM & (HEAD_DIM - 1)) == 0, "head_dim must be a power of two")
     pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -164,19 +171,26 @@ def _tree_attention_merge(
     n_rows = num_queries * group
     row_ok = rows < n_rows
     dims = tl.arange(0, HEAD_DIM)
-    first = pid_bh.to(tl.int64) * programs_per_row * n_rows + rows
+    sidx = tl.arange(0, BLOCK_S)
+    first = pid_bh.to(tl.int64) * splits * n_rows + rows  # [R]: split 0's partial of each row
 
     m_all = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    for s in range(programs_per_row):
-        m_all = tl.maximum(m_all, tl.load(PartMax + first + s * n_rows, mask=row_ok, other=float("-inf")))
-    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-    acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
     l_all = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for s in range(programs_per_row):
-        part = first + s * n_rows
-        w = tl.math.exp2(tl.load(PartMax + part, mask=row_ok, other=float("-inf")) - m_all)
-        l_all += w * tl.load(PartSum + part, mask=row_ok, other=0.0)
-        acc += w[:, None] * tl.load(PartAcc + part[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None], other=0.0)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
+    for s0 in range(0, splits, BLOCK_S):
+        sp = s0 + sidx
+        ok = row_ok[:, None] & (sp < splits)[None, :]  # [R, S]
+        part = first[:, None] + sp[None, :].to(tl.int64) * n_rows  # [R, S]
+        pm = tl.load(PartMax + part, mask=ok, other=float("-inf"))
+        ps = tl.load(PartSum + part, mask=ok, other=0.0)
+        pa = tl.load(PartAcc + part[:, :, None] * HEAD_DIM + dims[None, None, :], mask=ok[:, :, None], other=0.0)
+        m_new = tl.maximum(m_all, tl.max(pm, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_all - m_safe)
+        w = tl.math.exp2(pm - m_safe[:, None])  # [R, S]; 0 for empty or masked partials
+        l_all = l_all * alpha + tl.sum(w * ps, 1)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * pa, 1)
+        m_all = m_new
 
     out = acc / tl.where(l_all == 0.0, 1.0, l_all)[:, None]
     qi = rows // group
@@ -208,25 +222,120 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
-def plan_tree_attention(batch: int, num_kv_heads: int, group: int, num_queries: int, head_dim: int,
-                        num_slots: int, device: torch.device, *, min_chunk: int = 256,
-                        waves: float = 2.0) -> TreeAttentionConfig:
-    """Pick tiles and a prefix split count from static shapes.
+# Cost model of one call on an H100-class GPU (SXM: 132 SMs, 3.35 TB/s, 989 bf16 TFLOP/s), calibrated
+# on the first H100 run (docs/gpu/kernels_run1.md). The per-SM tensor-core rate a program reaches,
+# softmax included, depends on its tile: with m128 / 8 warps (wgmma, ~238 registers a thread, so one
+# program per SM) 0.33 of peak with 2 stages and 0.48 with 3; m32 / 4 warps (mma.sync, two programs
+# per SM) 0.17 for the SM. That makes 16-node trees (96 packed rows for GQA 6) compute- and
+# latency-bound at m128 with 2 stages, not bandwidth-bound, and puts a premium on filling every SM
+# with equal work: programs run in waves of SMs x occupancy, and a last partial wave costs a whole one.
+_PEAK_SM_FLOPS = 989e12 / 132
+_HBM_BPS = 2.8e12  # what a streaming read reaches (the run-1 copy test: 3.0 TB/s read + write)
+_L2_BPS = 6.0e12  # L2 -> SM, for K/V tiles read by several row blocks
+_LATENCY_S = 1.5e-6  # one tile's load under load; (stages - 1) tiles are in flight
+_LAUNCH_S = 3e-6  # a second (merge) launch
+_SMEM_BYTES = 227 * 1024
+_REGS_PER_SM = 65536
 
-    Rows per program grow with ``group * num_queries`` up to 128 (64 for head_dim 256). The prefix
-    (at most ``num_slots - num_queries`` slots) is split until the grid holds about ``waves``
-    programs per SM, with no chunk shorter than ``min_chunk`` slots, nor than 4 slots per packed
-    row: the fp32 partials then weigh at most half as much as the K/V they summarise.
-    """
+
+def _efficiency(block_m: int, num_stages: int) -> float:
+    """Fraction of an SM's peak tensor rate the resident programs reach together (run-1 fit)."""
+    if block_m >= 128:
+        return 0.48 if num_stages >= 3 else 0.33
+    if block_m >= 64:
+        return 0.33 if num_stages >= 3 else 0.3
+    return 0.17 if block_m >= 32 else 0.09
+
+
+def _occupancy(block_m: int, block_n: int, num_warps: int, num_stages: int, head_dim: int, elem: int) -> int:
+    """Programs per SM: ~240 registers a thread (ptxas, sm_90) and the shared memory of Q plus the
+    pipelined K/V tiles (wgmma tiles keep ``num_stages`` buffers, mma.sync ones one fewer)."""
+    by_regs = max(1, _REGS_PER_SM // (240 * 32 * num_warps))
+    buffers = num_stages if block_m >= 64 else max(num_stages - 1, 1)
+    smem = block_m * head_dim * elem + buffers * 2 * block_n * head_dim * elem + 8192
+    return max(1, min(by_regs, _SMEM_BYTES // smem))
+
+
+def estimate_tree_attention_us(cfg: TreeAttentionConfig, batch: int, num_kv_heads: int, group: int,
+                               num_queries: int, head_dim: int, num_slots: int, sms: int = 132,
+                               elem: int = 2) -> float:
+    """Modelled microseconds of one ``tree_attention`` call with ``cfg`` (see the constants above)."""
     n_rows = group * num_queries
-    block_m = min(max(16, triton.next_power_of_2(n_rows)), 128 if head_dim <= 128 else 64)
-    big = block_m * head_dim >= 128 * 128
     prefix = max(num_slots - num_queries, 1)
-    base = triton.cdiv(n_rows, block_m) * batch * num_kv_heads
-    want = triton.cdiv(int(waves * _sm_count(device)), base)
-    splits = max(1, min(want, prefix // max(min_chunk, 4 * n_rows)))
-    return TreeAttentionConfig(block_m=block_m, block_n=64, splits=splits, num_warps=8 if big else 4,
-                               num_stages=2 if big or head_dim > 128 else 3)
+    chunk = triton.cdiv(triton.cdiv(prefix, cfg.splits), cfg.block_n) * cfg.block_n
+    splits = triton.cdiv(prefix, chunk)
+    m_blocks = triton.cdiv(n_rows, cfg.block_m)
+    programs = m_blocks * batch * num_kv_heads * splits
+    occ = _occupancy(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, head_dim, elem)
+    slots = sms * occ
+    last = prefix - (splits - 1) * chunk
+    tiles = max(triton.cdiv(chunk, cfg.block_n), triton.cdiv(last, cfg.block_n) + triton.cdiv(num_queries, cfg.block_n))
+    tile_bytes = 2 * cfg.block_n * head_dim * elem
+    t_compute = occ * 4 * cfg.block_m * cfg.block_n * head_dim / (_PEAK_SM_FLOPS * _efficiency(cfg.block_m, cfg.num_stages))
+    t_latency = _LATENCY_S / max(cfg.num_stages - 1, 1)
+    t_program = (tiles + 2) * max(t_compute, t_latency)  # + Q load, pipeline fill, epilogue
+    part_bytes = 0 if splits == 1 else min(cfg.block_m, n_rows) * (head_dim + 2) * 4
+    hbm = tiles * tile_bytes / m_blocks + part_bytes
+    l2 = tiles * tile_bytes
+
+    def wave(n: int) -> float:
+        return max(t_program, n * hbm / _HBM_BPS, n * l2 / _L2_BPS)
+
+    full, rest = divmod(programs, slots)
+    t = full * wave(slots) + (wave(rest) if rest else 0.0)
+    if splits > 1:  # the merge reads every partial once, with one program per (row, few splits)
+        t += _LAUNCH_S + batch * num_kv_heads * splits * n_rows * (head_dim + 2) * 4 / _HBM_BPS
+    return t * 1e6
+
+
+def _candidate_tiles(n_rows: int, head_dim: int) -> list[tuple[int, int, int, int]]:
+    """(block_m, block_n, num_warps, num_stages) the planner chooses among."""
+    top = min(max(16, triton.next_power_of_2(n_rows)), 128 if head_dim <= 128 else 64)
+    out = []
+    for block_m, warps in ((128, 8), (64, 4), (32, 4), (16, 4)):
+        if block_m > top:
+            continue
+        for stages in (2, 3):
+            out.append((block_m, 64, warps, stages))
+    return out
+
+
+def plan_tree_attention(batch: int, num_kv_heads: int, group: int, num_queries: int, head_dim: int,
+                        num_slots: int, device: torch.device, *, min_chunk: int = 128,
+                        waves: float = 8.0, elem: int = 2) -> TreeAttentionConfig:
+    """Pick tiles and a prefix split count from static shapes, by the cost model
+    ``estimate_tree_attention_us``: every candidate tile shape (``_candidate_tiles``) with every
+    split count that leaves chunks of at least ``min_chunk`` slots and at most ``waves`` programs
+    per SM slot; the cheapest wins, ties going to fewer splits.
+    """
+    return _plan(batch, num_kv_heads, group, num_queries, head_dim, num_slots, _sm_count(device), device.type == "cuda",
+                 min_chunk, waves, elem)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(batch, num_kv_heads, group, num_queries, head_dim, num_slots, sms, on_gpu, min_chunk, waves, elem):
+    n_rows = group * num_queries
+    prefix = max(num_slots - num_queries, 1)
+    best, best_t = None, float("inf")
+    tiles = _candidate_tiles(n_rows, head_dim)
+    for block_m, block_n, warps, stages in tiles:
+        if not on_gpu and (block_m, stages) != (tiles[0][0], 2):
+            continue  # the interpreter: one tile shape, so the split path is what varies
+        base = triton.cdiv(n_rows, block_m) * batch * num_kv_heads
+        occ = _occupancy(block_m, block_n, warps, stages, head_dim, elem)
+        most = max(1, min(prefix // max(min_chunk, block_n), int(waves * sms * occ) // base))
+        seen = set()
+        for splits in range(1, most + 1):
+            chunk = triton.cdiv(triton.cdiv(prefix, splits), block_n) * block_n
+            real = triton.cdiv(prefix, chunk)
+            if real in seen:
+                continue
+            seen.add(real)
+            cfg = TreeAttentionConfig(block_m, block_n, real, warps, stages)
+            t = estimate_tree_attention_us(cfg, batch, num_kv_heads, group, num_queries, head_dim, num_slots, sms, elem)
+            if t < best_t * 0.995:  # clear wins only: fewer splits and simpler tiles on near-ties
+                best, best_t = cfg, t
+    return best
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -272,38 +381,39 @@ def tree_attention(q: Tensor, k: Tensor, v: Tensor, start: Tensor, lengths: Tens
     assert q.device == k.device == v.device == start.device == lengths.device == tree_mask.device
 
     group = hq // hkv
-    cfg = config or plan_tree_attention(bsz, hkv, group, nq, d, num_slots, q.device)
+    cfg = config or plan_tree_attention(bsz, hkv, group, nq, d, num_slots, q.device, elem=q.element_size())
     n_rows = group * nq
-    programs_per_row = 1 if cfg.splits == 1 else cfg.splits + 1
     prefix = max(num_slots - nq, 1)
-    chunk = triton.cdiv(triton.cdiv(prefix, cfg.splits), cfg.block_n) * cfg.block_n
-    if cfg.splits == 1:
+    chunk = triton.cdiv(triton.cdiv(prefix, max(cfg.splits, 1)), cfg.block_n) * cfg.block_n
+    splits = triton.cdiv(prefix, chunk)  # rounding the chunk up may leave fewer non-empty splits
+    if splits == 1:
         chunk = max(chunk, num_slots)
 
     out = _empty((bsz, hq, nq, d), q.dtype, q.device)
-    if programs_per_row == 1:
+    if splits == 1:
         part_acc = part_max = part_sum = out  # unused
     else:
-        part_acc = _empty((bsz * hkv, programs_per_row, n_rows, d), torch.float32, q.device)
-        part_max = _empty((bsz * hkv, programs_per_row, n_rows), torch.float32, q.device)
-        part_sum = _empty((bsz * hkv, programs_per_row, n_rows), torch.float32, q.device)
+        part_acc = _empty((bsz * hkv, splits, n_rows, d), torch.float32, q.device)
+        part_max = _empty((bsz * hkv, splits, n_rows), torch.float32, q.device)
+        part_sum = _empty((bsz * hkv, splits, n_rows), torch.float32, q.device)
     # Triton's CPU interpreter (3.9) runs tl.dot on bf16 as raw 16-bit integers; give it fp32.
     upcast = _interpreted(_tree_attention_fwd) and q.dtype == torch.bfloat16
     mask = tree_mask.view(torch.uint8)
-    grid = (triton.cdiv(n_rows, cfg.block_m), programs_per_row, bsz * hkv)
+    grid = (triton.cdiv(n_rows, cfg.block_m), splits, bsz * hkv)
     _tree_attention_fwd[grid](
         q, k, v, out, start, lengths, mask, part_acc, part_max, part_sum,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask.stride(),
-        hkv, group, nq, programs_per_row, chunk, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_PASS=programs_per_row == 1, UPCAST_DOT=upcast,
+        hkv, group, nq, splits, chunk, scale * LOG2E,
+        HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_PASS=splits == 1, UPCAST_DOT=upcast,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if programs_per_row > 1:
-        block_r = min(64, max(16, triton.next_power_of_2(n_rows)))
+    if splits > 1:
+        block_s = min(triton.next_power_of_2(splits), 32)
+        block_r = max(1, min(32 // block_s, triton.next_power_of_2(n_rows)))  # <= 32 x D fp32 per load
         _tree_attention_merge[(triton.cdiv(n_rows, block_r), bsz * hkv)](
-            out, part_acc, part_max, part_sum, *out.stride(), hkv, group, nq, programs_per_row,
-            HEAD_DIM=d, BLOCK_R=block_r, num_warps=4,
+            out, part_acc, part_max, part_sum, *out.stride(), hkv, group, nq, splits,
+            HEAD_DIM=d, BLOCK_R=block_r, BLOCK_S=block_s, num_warps=4 if block_r * block_s * d >= 2048 else 2,
         )
     return out
 
@@ -329,5 +439,5 @@ def tree_attention_reference(q: Tensor, k: Tensor, v: Tensor, start: Tensor, len
     return masked_attention_reference(q, k, v, mask, scale)
 
 
-__all__ = ["TreeAttentionConfig", "plan_tree_attention", "tree_attention", "tree_attention_reference",
+__all__ = ["TreeAttentionConfig", "estimate_tree_attention_us", "plan_tree_attention", "tree_attention", "tree_attention_reference",
            "tree_visibility"]

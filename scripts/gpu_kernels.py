@@ -11,8 +11,11 @@ Sections (each one's failure is recorded and the others still run):
    prefix 128..32K, nodes 1..128, batch 1..8 and GQA ratios 1..8; then both kernels replayed
    from a CUDA graph after their inputs change in place;
 3. benchmark: tree attention against torch SDPA given the dense mask, Qwen2.5-1.5B shapes
-   (Hq=12, Hkv=2, D=128, bf16), prefixes 1K..32K, 16..128 nodes, batch 1..8;
-4. sweep: a few launch configurations on the largest shapes, to tune ``plan_tree_attention``;
+   (Hq=12, Hkv=2, D=128, bf16), prefixes 1K..32K, 16..128 nodes, batch 1..8; each shape runs
+   with the current planner's configuration and with the run-1 planner's (``old_plan``), next to
+   the cost model's prediction and the run-1 time (docs/gpu/kernels_run1.json, when present);
+4. sweep: launch configurations around the planned one on memory- and compute-bound shapes, to
+   tune ``plan_tree_attention`` and its cost model;
 5. kv_commit: all 56 K/V buffers of Qwen2.5-1.5B in one launch, against the per-buffer reference.
 
 Markdown goes to stdout, everything measured to the JSON file. ``--dry-run`` lists the shapes
@@ -43,7 +46,9 @@ GOAL_BYTES = 64 * 2**20
 CORRECTNESS_AXES = {"prefix": [128, 1024, 4096, 32768], "nodes": [1, 16, 64, 128], "batch": [1, 4, 8],
                     "gqa": [1, 2, 6, 8]}
 BENCH_AXES = {"prefix": [1024, 4096, 8192, 16384, 32768], "nodes": [16, 64, 128], "batch": [1, 4, 8]}
-SWEEP_SHAPES = [(8, 8192, 16), (8, 8192, 64), (8, 8192, 128), (1, 32768, 16)]  # (batch, prefix, nodes)
+SWEEP_SHAPES = [(8, 8192, 16), (8, 32768, 16), (1, 32768, 16), (1, 1024, 16), (4, 1024, 16), (8, 8192, 64),
+                (8, 8192, 128)]  # (batch, prefix, nodes)
+RUN1_JSON = Path(__file__).resolve().parent.parent / "docs" / "gpu" / "kernels_run1.json"
 COMMIT_SHAPES = [(1, 8), (8, 8), (8, 64)]  # (batch, accepted moves)
 COMMIT_SLOTS = 8192 + 256
 DEVICE = "cuda"
@@ -99,6 +104,34 @@ def kv_bytes(k: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, nodes:
     """K and V bytes one call must read: each row's committed prefix plus its new slots."""
     per_slot = 2 * k.shape[1] * k.shape[3] * k.element_size()
     return int(((lengths - start).sum().item() + nodes * k.shape[0]) * per_slot)
+
+
+def old_plan(batch, num_kv_heads, group, num_queries, head_dim, num_slots, sms=132):
+    """The run-1 planner (about 2 waves of programs, chunks >= 256 slots, m128 w8 st2), for comparison.
+    Its ``splits`` meant prefix programs plus one tree program; the kernel now puts the tree in the
+    last split, so this asks for one split more to keep the same program count."""
+    from specdec.kernels import TreeAttentionConfig
+
+    n_rows = group * num_queries
+    block_m = min(max(16, triton.next_power_of_2(n_rows)), 128 if head_dim <= 128 else 64)
+    big = block_m * head_dim >= 128 * 128
+    prefix = max(num_slots - num_queries, 1)
+    base = triton.cdiv(n_rows, block_m) * batch * num_kv_heads
+    want = triton.cdiv(int(2.0 * sms), base)
+    splits = max(1, min(want, prefix // max(256, 4 * n_rows)))
+    return TreeAttentionConfig(block_m=block_m, block_n=64, splits=splits if splits == 1 else splits + 1,
+                               num_warps=8 if big else 4, num_stages=2 if big or head_dim > 128 else 3)
+
+
+def cfg_name(cfg) -> str:
+    return f"m{cfg.block_m} n{cfg.block_n} s{cfg.splits} w{cfg.num_warps} st{cfg.num_stages}"
+
+
+def real_splits(cfg, nodes, num_slots):
+    """The split count the wrapper launches (a rounded-up chunk may leave fewer non-empty splits)."""
+    prefix = max(num_slots - nodes, 1)
+    chunk = triton.cdiv(triton.cdiv(prefix, cfg.splits), cfg.block_n) * cfg.block_n
+    return triton.cdiv(prefix, chunk)
 
 
 def bench(fn) -> float:
@@ -220,9 +253,21 @@ def sdpa_with_mask(q, k, v, mask, scale, expand):
 
 def section_bench(report, budget_s, t0):
     from specdec.kernels import plan_tree_attention, tree_attention, tree_visibility
+    from specdec.kernels.tree_attention import estimate_tree_attention_us
 
     peak = report.get("device", {}).get("copy_tbs")
     launch_us = report.get("device", {}).get("empty_kernel_us")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    run1 = {}
+    if RUN1_JSON.exists():
+        for r in json.loads(RUN1_JSON.read_text()).get("bench", []):
+            if "us" in r:
+                run1[(r["batch"], r["prefix"], r["nodes"])] = r["us"]
+    # Warm up clocks and the compiler outside the timed rows (run 1's first row looked inflated).
+    q, k, v, start, lengths, tree = make_inputs(4, HQ, HKV, 4096, 16, ragged=False)
+    for _ in range(3):
+        bench(lambda: tree_attention(q, k, v, start, lengths, tree, HEAD_DIM ** -0.5))
+    del q, k, v
     rows = []
     for batch, prefix, nodes in bench_grid():
         row = {"batch": batch, "prefix": prefix, "nodes": nodes}
@@ -235,7 +280,9 @@ def section_bench(report, budget_s, t0):
             q, k, v, start, lengths, tree = make_inputs(batch, HQ, HKV, prefix, nodes, ragged=False)
             scale = HEAD_DIM ** -0.5
             cfg = plan_tree_attention(batch, HKV, HQ // HKV, nodes, HEAD_DIM, k.shape[2], q.device)
-            row["config"] = f"m{cfg.block_m} n{cfg.block_n} s{cfg.splits} w{cfg.num_warps} st{cfg.num_stages}"
+            row["config"] = cfg_name(cfg)
+            row["model_us"] = estimate_tree_attention_us(cfg, batch, HKV, HQ // HKV, nodes, HEAD_DIM, k.shape[2], sms)
+            row["run1_us"] = run1.get((batch, prefix, nodes))
             nbytes = kv_bytes(k, start, lengths, nodes)
             flops = 4 * batch * HQ * nodes * (prefix + nodes) * HEAD_DIM
             row["kv_mb"] = nbytes / 2**20
@@ -250,6 +297,13 @@ def section_bench(report, budget_s, t0):
                 / (t * 1e-3)
             row["x_launch"] = row["us"] / launch_us if launch_us else None
             row["goal_bw"] = None if nbytes < GOAL_BYTES else row["frac_nominal"] >= 0.5
+            old = old_plan(batch, HKV, HQ // HKV, nodes, HEAD_DIM, k.shape[2], sms)
+            row["old_config"] = cfg_name(old)
+            try:
+                row["old_us"] = bench(lambda: tree_attention(q, k, v, start, lengths, tree, scale, config=old)) * 1e3
+                row["old_over_new"] = row["old_us"] / row["us"]
+            except Exception as exc:
+                row["error"] = f"old plan: {exc!r}"[:300]
             mask = tree_visibility(start, lengths, tree, k.shape[2]).unsqueeze(1)  # [B, 1, Q, S]
             for key, expand in (("sdpa_gqa_us", False), ("sdpa_rep_us", True)):
                 try:
@@ -272,22 +326,61 @@ def section_bench(report, budget_s, t0):
     done = [r for r in rows if "us" in r]
     big = [r for r in done if r["goal_bw"] is not None]
     print("## Benchmark: tree attention vs SDPA with a dense mask (Hq=12, Hkv=2, D=128, bf16)\n")
+    compared = [r for r in done if "old_us" in r]
+    geo = (torch.tensor([r["old_over_new"] for r in compared]).log().mean().exp().item() if compared else None)
+    bw_bound = [r for r in big if r["nodes"] == 16]
     print(f"{len(done)}/{len(rows)} shapes ran. Never slower than SDPA: "
           f"{sum(bool(r.get('goal_sdpa')) for r in done)}/{len(done)}. >=50% of {NOMINAL_PEAK_TBS} TB/s where KV >= 64 MiB: "
-          f"{sum(r['goal_bw'] for r in big)}/{len(big)}. `roofline` = the time the shape needs at "
+          f"{sum(r['goal_bw'] for r in big)}/{len(big)} (16-node, bandwidth-bound ones: "
+          f"{sum(r['goal_bw'] for r in bw_bound)}/{len(bw_bound)}; 64/128-node ones are compute-bound, see `roofline`). "
+          f"Current plan vs run-1 plan on this kernel: geometric-mean speedup {fmt(geo)}, slower on "
+          f"{sum(r['old_over_new'] < 1 for r in compared)}/{len(compared)} shapes. `roofline` = the time the shape needs at "
           f"{NOMINAL_PEAK_TBS} TB/s or {NOMINAL_BF16_TFLOPS:.0f} TFLOP/s, whichever binds, over the time taken; "
           "`x launch` = time over an empty kernel's.\n")
     print(table(rows, [("batch", "B"), ("prefix", "prefix"), ("nodes", "nodes"), ("kv_mb", "KV MiB"),
                        ("us", "kernel µs"), ("tbs", "TB/s"), ("frac_nominal", "of 3.35"), ("frac_copy", "of copy"),
                        ("tflops", "TFLOP/s"), ("roofline_frac", "roofline"), ("x_launch", "x launch"),
                        ("sdpa_gqa_us", "SDPA gqa µs"), ("sdpa_rep_us", "SDPA rep µs"), ("speedup", "SDPA/kernel"),
-                       ("config", "config"), ("error", "error")]))
+                       ("config", "config"), ("model_us", "model µs"), ("old_us", "old plan µs"),
+                       ("old_over_new", "old/new"), ("old_config", "old config"), ("run1_us", "run-1 µs"),
+                       ("error", "error")]))
     print()
 
 
-def section_sweep(report, budget_s, t0):
-    from specdec.kernels import TreeAttentionConfig, plan_tree_attention, tree_attention
+def sweep_candidates(batch, prefix, nodes, num_slots, sms):
+    """Tile shapes x stages x split counts around the cost model's best for each tile shape."""
+    from specdec.kernels import TreeAttentionConfig, plan_tree_attention
+    from specdec.kernels.tree_attention import estimate_tree_attention_us
 
+    group = HQ // HKV
+    dev = torch.device(DEVICE)
+    planned = plan_tree_attention(batch, HKV, group, nodes, HEAD_DIM, num_slots, dev)
+    out = {planned, old_plan(batch, HKV, group, nodes, HEAD_DIM, num_slots, sms)}
+    tiles = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3)]
+    n_rows = group * nodes
+    for bm, bn, warps, stages in tiles:
+        if bm > max(16, triton.next_power_of_2(n_rows)):
+            continue
+        est = {}
+        for splits in range(1, min(256, max(1, prefix // bn)) + 1):
+            cfg = TreeAttentionConfig(bm, bn, splits, warps, stages)
+            real = real_splits(cfg, nodes, num_slots)
+            est.setdefault(real, estimate_tree_attention_us(TreeAttentionConfig(bm, bn, real, warps, stages), batch,
+                                                            HKV, group, nodes, HEAD_DIM, num_slots, sms))
+        best = min(est, key=est.get)
+        for splits in {best, max(1, best // 2), best * 2}:
+            out.add(TreeAttentionConfig(bm, bn, splits, warps, stages))
+    # keep the split counts the wrapper really launches, so duplicates collapse
+    real = {TreeAttentionConfig(c.block_m, c.block_n, real_splits(c, nodes, num_slots), c.num_warps, c.num_stages)
+            for c in out}
+    return planned, sorted(real, key=lambda c: (c.block_m, c.block_n, c.num_stages, c.splits, c.num_warps))
+
+
+def section_sweep(report, budget_s, t0):
+    from specdec.kernels import tree_attention
+    from specdec.kernels.tree_attention import estimate_tree_attention_us
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for batch, prefix, nodes in SWEEP_SHAPES:
         if time.perf_counter() - t0 > budget_s:
@@ -297,21 +390,18 @@ def section_sweep(report, budget_s, t0):
         q, k, v, start, lengths, tree = make_inputs(batch, HQ, HKV, prefix, nodes, ragged=False)
         scale = HEAD_DIM ** -0.5
         nbytes = kv_bytes(k, start, lengths, nodes)
-        planned = plan_tree_attention(batch, HKV, HQ // HKV, nodes, HEAD_DIM, k.shape[2], q.device)
-        candidates = {planned}
-        for waves, min_chunk in [(1, 256), (4, 256), (8, 128), (2, 1024)]:
-            candidates.add(plan_tree_attention(batch, HKV, HQ // HKV, nodes, HEAD_DIM, k.shape[2], q.device,
-                                               waves=waves, min_chunk=min_chunk))
-        for bn, warps, stages in [(32, 4, 3), (64, 4, 2), (64, 8, 3), (128, 4, 2), (128, 8, 2)]:
-            candidates.add(TreeAttentionConfig(planned.block_m, bn, planned.splits, warps, stages))
-        for block_m in (32, 64):  # less padding of the G * Q rows, more reads of each K/V tile (L2)
-            if block_m < planned.block_m:
-                for splits in sorted({1, planned.splits, max(1, planned.splits * block_m // planned.block_m)}):
-                    candidates.add(TreeAttentionConfig(block_m, 64, splits, 4, 3))
+        planned, candidates = sweep_candidates(batch, prefix, nodes, k.shape[2], sms)
+        old = old_plan(batch, HKV, HQ // HKV, nodes, HEAD_DIM, k.shape[2], sms)
         want = tree_attention(q, k, v, start, lengths, tree, scale, config=planned).float()
-        for cfg in sorted(candidates, key=lambda c: (c.block_m, c.block_n, c.splits, c.num_warps, c.num_stages)):
-            row = {"batch": batch, "prefix": prefix, "nodes": nodes, "planned": cfg == planned,
-                   "config": f"m{cfg.block_m} n{cfg.block_n} s{cfg.splits} w{cfg.num_warps} st{cfg.num_stages}"}
+        shape_rows = []
+        for cfg in candidates:
+            row = {"batch": batch, "prefix": prefix, "nodes": nodes, "planned": cfg == planned, "old": cfg == old,
+                   "config": cfg_name(cfg),
+                   "model_us": estimate_tree_attention_us(cfg, batch, HKV, HQ // HKV, nodes, HEAD_DIM, k.shape[2], sms)}
+            if time.perf_counter() - t0 > budget_s:
+                row["error"] = "skipped: time budget"
+                shape_rows.append(row)
+                continue
             try:
                 out = tree_attention(q, k, v, start, lengths, tree, scale, config=cfg).float()
                 row["agrees"] = (out - want).abs().max().item() < 2e-2
@@ -320,14 +410,21 @@ def section_sweep(report, budget_s, t0):
                 row["frac_nominal"] = nbytes / (t * 1e-3) / 1e12 / NOMINAL_PEAK_TBS
             except Exception as exc:
                 row["error"] = repr(exc)[:200]
-            rows.append(row)
+            shape_rows.append(row)
+        timed = [r for r in shape_rows if "us" in r]
+        if timed:
+            fastest = min(r["us"] for r in timed)
+            for r in timed:
+                r["over_best"] = r["us"] / fastest
+        rows += shape_rows
         del q, k, v
         torch.cuda.empty_cache()
     report["sweep"] = rows
-    print("## Sweep: launch configurations on large shapes (planned = the default choice)\n")
+    print("## Sweep: launch configurations (planned = the current planner's choice, old = run 1's planner; "
+          "`/best` = time over the shape's fastest)\n")
     print(table(rows, [("batch", "B"), ("prefix", "prefix"), ("nodes", "nodes"), ("config", "config"),
-                       ("planned", "planned"), ("us", "µs"), ("frac_nominal", "of 3.35"), ("agrees", "agrees"),
-                       ("error", "error")]))
+                       ("planned", "planned"), ("old", "old"), ("us", "µs"), ("model_us", "model µs"),
+                       ("over_best", "/best"), ("frac_nominal", "of 3.35"), ("agrees", "agrees"), ("error", "error")]))
     print()
 
 
@@ -371,7 +468,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file for every measurement")
     parser.add_argument("--samples", type=int, default=40, help="correctness shapes (corners included)")
-    parser.add_argument("--budget", type=float, default=170.0,
+    parser.add_argument("--budget", type=float, default=200.0,
                         help="seconds after which benchmark and sweep rows are skipped")
     parser.add_argument("--skip", nargs="*", default=[], choices=["correctness", "graph", "bench", "sweep", "commit"])
     parser.add_argument("--dry-run", action="store_true", help="list the shapes and exit (no GPU needed)")
