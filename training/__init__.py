@@ -1,0 +1,23 @@
+"""Training for drafters: DistillSpec distillation of draft models (`method=distill`).
+
+`train(cfg)` runs the method that ``cfg.method.name`` names on a composed config; the
+`specdec-train` command composes that config with Hydra (see `specdec.training.entry`).
+`load_draft(path)` loads a trained draft, merging a LoRA adapter into its base.
+"""
+from .distill import DistillTrainer, TrainResult, train_distill
+from .losses import DIVERGENCES, acceptance, divergence
+from .models import draft_from_layers, load_draft
+
+METHODS = {"distill": train_distill}
+
+
+def train(cfg) -> TrainResult:
+    """Train as ``cfg`` says; ``cfg`` is the composed ``train.yaml`` (a DictConfig or alike)."""
+    name = cfg.method.name
+    if name not in METHODS:
+        raise ValueError(f"unknown training method {name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[name](cfg)
+
+
+__all__ = ["DIVERGENCES", "DistillTrainer", "METHODS", "TrainResult", "acceptance", "divergence",
+           "draft_from_layers", "load_draft", "train", "train_distill"]

@@ -1,0 +1,42 @@
+"""Where training metrics go: ``metrics.jsonl`` in the output folder always, and wandb if asked.
+
+wandb runs offline by default and keeps its run files under ``<output_dir>/wandb``; a resumed
+training run continues the same wandb run. ``logger.name: none`` turns wandb off.
+"""
+import json
+import uuid
+from pathlib import Path
+
+
+class Tracker:
+    """Append-only metrics sink for the main process."""
+
+    def __init__(self, logger_cfg, config: dict, output_dir: Path):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.run = None
+        if logger_cfg.name == "wandb":
+            self.run = _start_wandb(logger_cfg, config, Path(output_dir))
+        elif logger_cfg.name != "none":
+            raise ValueError(f"unknown logger {logger_cfg.name!r}; use wandb or none")
+
+    def log(self, metrics: dict, step: int) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.run is not None:
+            self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def _start_wandb(logger_cfg, config: dict, output_dir: Path):
+    import wandb
+
+    id_file = output_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    return wandb.init(project=logger_cfg.project, entity=logger_cfg.get("entity"), name=logger_cfg.get("run_name"),
+                      tags=list(logger_cfg.get("tags") or []), mode=logger_cfg.mode, dir=str(output_dir),
+                      id=run_id, resume="allow", config=config)
