@@ -62,10 +62,19 @@ class DraftModel:
     @classmethod
     def from_pretrained(cls, spec: str, num_tokens: int = 4, schedule: str = "constant", dtype=None, device=None,
                         **tree):
-        """Load the draft with ``specdec.load_model`` (hub id, folder, .gguf or ``zoo:NAME``)."""
-        from specdec.loading import load_model
+        """Load the draft with ``specdec.load_model`` (hub id, folder, .gguf or ``zoo:NAME``); a
+        folder holding a PEFT adapter (e.g. from ``specdec-train method=distill_lora``) is merged
+        into its base first."""
+        from pathlib import Path
 
-        model, _ = load_model(spec, dtype=dtype, device=device)
+        if (Path(str(spec)) / "adapter_config.json").is_file():
+            from specdec.training import load_draft
+
+            model, _ = load_draft(spec, dtype=dtype, device=device)
+        else:
+            from specdec.loading import load_model
+
+            model, _ = load_model(spec, dtype=dtype, device=device)
         return cls(model, num_tokens=num_tokens, schedule=schedule, **tree)
 
     @property
