@@ -1,0 +1,38 @@
+"""Every option of every config group in conf/ composes with the config that uses it."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+import specdec.conf
+
+CONF = Path(specdec.conf.__file__).parent
+PRIMARY = {"model": "generate", "drafter": "generate", "prompts": "bench", "method": "train", "data": "train",
+           "optim": "train", "logger": "train"}
+
+
+def options():
+    for group in sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_")):
+        for yaml in sorted((CONF / group).glob("*.yaml")):
+            yield group, yaml.stem
+
+
+def test_every_group_is_known():
+    assert {g for g, _ in options()} == set(PRIMARY) | {"experiment"}
+
+
+@pytest.mark.parametrize("group, option", list(options()))
+def test_option_composes(group, option):
+    with initialize_config_module("specdec.conf", version_base=None):
+        if group == "experiment":
+            cfg = compose("train", overrides=[f"+experiment={option}"])
+            assert cfg.steps > 0
+        else:
+            cfg = compose(PRIMARY[group], overrides=[f"{group}={option}"])
+            assert group in cfg
+
+
+def test_experiment_sets_the_real_run():
+    with initialize_config_module("specdec.conf", version_base=None):
+        cfg = compose("train", overrides=["+experiment=distill_smollm2_cpu"])
+    assert cfg.method.draft.layers == 4 and cfg.steps == 60 and cfg.model.spec == "zoo:smollm2-135m-instruct"
