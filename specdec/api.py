@@ -59,12 +59,14 @@ class SpecGenerateOutput(GenerateDecoderOnlyOutput):
 class SpecDecoder:
     """A speculative-decoding view of an HF causal LM. Build it with ``specdec.wrap``."""
 
-    def __init__(self, model, drafter=None, acceptance: str | None = None, attention: str = "auto"):
+    def __init__(self, model, drafter=None, acceptance: str | None = None, attention: str = "auto",
+                 max_draft_batch: int | None = None):
         if isinstance(drafter, str):
             drafter = make_drafter(drafter)
         self.__dict__["model"] = model
         self.__dict__["drafter"] = drafter
-        self.__dict__["engine"] = SpecEngine(model, drafter=drafter, acceptance=acceptance, attention=attention)
+        self.__dict__["engine"] = SpecEngine(model, drafter=drafter, acceptance=acceptance, attention=attention,
+                                             max_draft_batch=max_draft_batch)
 
     def __getattr__(self, name):
         return getattr(self.__dict__["model"], name)
@@ -168,14 +170,16 @@ class SpecDecoder:
         return stop
 
 
-def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "auto") -> SpecDecoder:
+def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "auto",
+         max_draft_batch: int | None = None) -> SpecDecoder:
     """Wrap an HF causal LM for speculative decoding.
 
     ``drafter`` is a Drafter instance, a registered name (``"lookup"``), or None for plain
     autoregressive decoding through the same engine. ``acceptance`` picks the rule (default:
     ``greedy`` when ``do_sample=False``, ``speculative`` sampling otherwise). ``attention``
     picks the verification attention: ``auto`` (Triton tree-attention kernel on CUDA, the torch
-    reference on CPU), ``reference`` or ``triton``.
+    reference on CPU), ``reference`` or ``triton``. ``max_draft_batch``: steps with more active
+    rows than this verify without a draft (a batch-size policy; None: always draft).
 
     Example::
 
@@ -183,4 +187,5 @@ def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "a
         out = spec.generate(input_ids, max_new_tokens=64, return_dict_in_generate=True)
         print(out.spec_stats.tau)
     """
-    return SpecDecoder(model, drafter=drafter, acceptance=acceptance, attention=attention)
+    return SpecDecoder(model, drafter=drafter, acceptance=acceptance, attention=attention,
+                       max_draft_batch=max_draft_batch)

@@ -64,9 +64,13 @@ class SpecEngine:
                               params=SamplingParams(), eos_ids={2}, pad_id=0)
     """
 
-    def __init__(self, model, drafter: Drafter | None = None, acceptance: str | None = None, attention: str = "auto"):
+    def __init__(self, model, drafter: Drafter | None = None, acceptance: str | None = None, attention: str = "auto",
+                 max_draft_batch: int | None = None):
         self.runner = ModelRunner(model, attention=attention)
         self.drafter = drafter
+        # Like vLLM's disable_by_batch_size: with more active rows than this, a step verifies the
+        # root only (drafting rarely pays once the target's step is no longer launch-bound).
+        self.max_draft_batch = max_draft_batch
         self.acceptance_name = acceptance
         if drafter is not None:
             for member in ("num_nodes", "begin", "propose", "observe"):
@@ -123,11 +127,13 @@ class SpecEngine:
         active = [True] * b
         seq_host = [width] * b
         timer = PhaseTimer(dev)
-        steps = drafts = 0
+        steps = drafts = undrafted = 0
         while any(active):
             timer.start()
-            tree = drafter.propose(ctx) if drafter is not None else DraftTree.empty(b, dev)
-            drafts += int(drafter is not None)
+            draft_now = drafter is not None and (self.max_draft_batch is None or sum(active) <= self.max_draft_batch)
+            tree = drafter.propose(ctx) if draft_now else DraftTree.empty(b, dev)
+            drafts += int(draft_now)
+            undrafted += int(drafter is not None and not draft_now)
             timer.lap("draft")
 
             # Verify: one target forward over [root, nodes]; nodes see the root and their ancestors.
@@ -184,7 +190,7 @@ class SpecEngine:
             ctx.max_seq_len = max(seq_host)
             steps += 1
             ctx.step = steps
-            if drafter is not None:
+            if draft_now:
                 drafter.observe(outcome)
             timer.lap("commit")
 
@@ -194,5 +200,5 @@ class SpecEngine:
                           verify_forwards=steps, times=timer.result(wall - prefill_time), wall_time=wall,
                           lossless=rule.lossless, acceptance=rule.name,
                           drafter=type(drafter).__name__ if drafter is not None else "none",
-                          prefill_time=prefill_time)
+                          prefill_time=prefill_time, undrafted_steps=undrafted)
         return EngineOutput(generated=generated, stats=stats)

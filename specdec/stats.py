@@ -29,6 +29,7 @@ class SpecStats:
     acceptance: str = "greedy"
     drafter: str = "none"
     prefill_time: float = 0.0
+    undrafted_steps: int = 0  # steps the batch-size policy ran without a draft
 
     @property
     def tau(self) -> float:

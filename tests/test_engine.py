@@ -130,3 +130,21 @@ def test_adaptive_gamma_grows_on_full_acceptance_and_shrinks_on_rejection():
     out = specdec.wrap(model, drafter=bad).generate(ids, max_new_tokens=30, pad_token_id=0, eos_token_id=None,
                                                      return_dict_in_generate=True)
     assert bad.gamma == 1 and out.spec_stats.tau < 1.5
+
+
+def test_batch_size_policy_switches_drafting_off_and_stays_exact():
+    model = make_tiny("llama")
+    ids, mask = ragged_batch([3, 9, 1, 6], model.config.vocab_size, seed=4)
+    eos = int(hf_greedy(model, ids, mask, max_new_tokens=4, eos_token_id=None)[1, -1])  # row 1 stops early
+    ref = hf_greedy(model, ids, mask, max_new_tokens=20, eos_token_id=eos)
+    spec = specdec.wrap(model, drafter=DraftModel(model, num_tokens=3), max_draft_batch=3)
+    out = spec.generate(ids, attention_mask=mask, max_new_tokens=20, pad_token_id=0, eos_token_id=eos,
+                        return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    stats = out.spec_stats
+    # Steps with four active rows run without a draft; once the first row is done, three remain
+    # and drafting resumes.
+    first_done = min(len(r) for r in stats.accepted_lengths)
+    assert stats.undrafted_steps == first_done and stats.draft_forwards > 0
+    assert all(n == 1 for r in stats.accepted_lengths for n in r[:first_done])
+    assert stats.num_steps < 20
