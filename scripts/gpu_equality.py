@@ -49,10 +49,11 @@ for dtype in (torch.float32, torch.bfloat16):
         ref = hf_greedy(model, ids, mask, max_new_tokens=24, eos_token_id=None)
         drafters = {"none": None, "lookup": PromptLookup(4),
                     "draft": DraftModel(make_tiny(arch, seed=1).to("cuda", dtype), 3),
-                    "tree": DraftModel(model, 4, tree_width=2, tree_nodes=8), "branches": PromptLookup(3, num_branches=3)}
+                    "tree": DraftModel(model, 4, tree_width=2, tree_nodes=8), "branches": PromptLookup(3, num_branches=3),
+                    "graphed": None, "graphed_lookup": PromptLookup(4)}
         res = []
         for name, d in drafters.items():
-            out = specdec.wrap(model, drafter=d).generate(ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0,
+            out = specdec.wrap(model, drafter=d, cuda_graphs=name.startswith("graphed")).generate(ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0,
                                                          eos_token_id=None, return_dict_in_generate=True)
             same = torch.equal(out.sequences, ref)
             res.append(f"{name}={'==' if same else '!='} tau={out.spec_stats.tau:.2f}")

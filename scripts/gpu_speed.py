@@ -41,7 +41,9 @@ def main() -> None:
     prompts = []
     for cat in args.categories:
         prompts += [p for p in items if p["category"] == cat][: args.per_category]
-    runs = {"engine, no drafter": specdec.wrap(model), "engine, lookup k=8": specdec.wrap(model, drafter=PromptLookup(8))}
+    runs = {"engine, no drafter": specdec.wrap(model), "engine, lookup k=8": specdec.wrap(model, drafter=PromptLookup(8)),
+            "graphed, no drafter": specdec.wrap(model, cuda_graphs=True),
+            "graphed, lookup k=8": specdec.wrap(model, drafter=PromptLookup(8), cuda_graphs=True)}
     rows = []
     for p in prompts:
         text = tok.apply_chat_template([{"role": "user", "content": p["turns"][0]}], add_generation_prompt=True,
@@ -84,12 +86,16 @@ def main() -> None:
                 print(f"  {r['category']} / {name}: token {d['first_divergence']}, margin "
                       f"{d['gap_bf16_ulps']} ulp, took the runner-up: {d['took_runner_up']}")
     print(f"\n{args.model}, bf16, batch 1, {args.max_new_tokens} new tokens, {len(rows)} prompts")
-    print("| category | HF greedy tok/s | engine tok/s | lookup tok/s | lookup τ | lookup × engine | lookup × HF |")
-    print("|---|---|---|---|---|---|---|")
+    print("| category | HF greedy tok/s | engine tok/s | lookup tok/s | lookup τ | lookup × engine | lookup × HF "
+          "| graphed tok/s | graphed lookup tok/s | graphed × HF | graphed lookup × graphed | graphed lookup × HF |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         e, lk = r["engine, no drafter"], r["engine, lookup k=8"]
-        print(f"| {r['category']} | {r['hf_tok_s']:.1f} | {e['tok_s']:.1f} | {lk['tok_s']:.1f} | {lk['tau']:.2f} "
-              f"| {lk['tok_s'] / e['tok_s']:.2f} | {lk['tok_s'] / r['hf_tok_s']:.2f} |")
+        g, gl = r["graphed, no drafter"], r["graphed, lookup k=8"]
+        hf = r["hf_tok_s"]
+        print(f"| {r['category']} | {hf:.1f} | {e['tok_s']:.1f} | {lk['tok_s']:.1f} | {lk['tau']:.2f} "
+              f"| {lk['tok_s'] / e['tok_s']:.2f} | {lk['tok_s'] / hf:.2f} | {g['tok_s']:.1f} | {gl['tok_s']:.1f} "
+              f"| {g['tok_s'] / hf:.2f} | {gl['tok_s'] / g['tok_s']:.2f} | {gl['tok_s'] / hf:.2f} |")
 
 
 if __name__ == "__main__":

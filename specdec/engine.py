@@ -54,6 +54,49 @@ def left_pack(input_ids: Tensor, attention_mask: Tensor, width: int, pad: int) -
     return buf, start
 
 
+class GraphedVerifier:
+    """The verification forward captured as CUDA graphs, one per cache-view bucket.
+
+    Inputs are copied into static buffers and the graph for ``roundup(view_len, bucket)`` is
+    replayed; the first use of a bucket captures it. Graphs belong to one KVCache, which the
+    engine keeps across ``generate`` calls of the same batch size and capacity.
+    """
+
+    def __init__(self, runner: ModelRunner, cache, batch: int, queries: int, bucket: int = 256):
+        dev = runner.device
+        self.runner, self.cache, self.bucket = runner, cache, bucket
+        self.tokens = torch.zeros(batch, queries, dtype=torch.long, device=dev)
+        self.positions = torch.zeros_like(self.tokens)
+        self.slots = torch.zeros_like(self.tokens)
+        self.among = torch.zeros(batch, queries, queries, dtype=torch.bool, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+
+    def __call__(self, tokens: Tensor, positions: Tensor, slots: Tensor, among: Tensor, view_len: int) -> Tensor:
+        view = min(-(-view_len // self.bucket) * self.bucket, self.cache.max_len)
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.slots.copy_(slots)
+        self.among.copy_(among)
+        if view not in self.graphs:
+            def step():
+                return self.runner.forward(self.cache, self.tokens, self.positions, self.slots, self.among,
+                                           view_len=view, contiguous=True).logits
+
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up: same inputs, so the K/V it writes are the real ones
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = step()
+            self.graphs[view] = (graph, out)
+        graph, out = self.graphs[view]
+        graph.replay()
+        return out
+
+
 class SpecEngine:
     """Speculative decoding over one target model.
 
@@ -65,8 +108,14 @@ class SpecEngine:
     """
 
     def __init__(self, model, drafter: Drafter | None = None, acceptance: str | None = None, attention: str = "auto",
-                 max_draft_batch: int | None = None):
+                 max_draft_batch: int | None = None, cuda_graphs: bool = False):
         self.runner = ModelRunner(model, attention=attention)
+        if cuda_graphs and self.runner.device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+        # Capture the verification step as CUDA graphs (one per 256-slot view bucket).
+        self.cuda_graphs = cuda_graphs
+        self._cache = None
+        self._verifier = None
         self.drafter = drafter
         # Like vLLM's disable_by_batch_size: with more active rows than this, a step verifies the
         # root only (drafting rarely pays once the target's step is no longer launch-bound).
@@ -100,12 +149,22 @@ class SpecEngine:
         # Extra left padding so every row has `lookback` committed slots (drafters re-read them).
         width = int(attention_mask.sum(dim=1).max()) + max(1, getattr(drafter, "lookback", 2) - 1)
         capacity = width + max_new_tokens + n_nodes + 1
+        if self.cuda_graphs:  # round up so that later calls can reuse the cache and its graphs
+            capacity = -(-capacity // 512) * 512
         wall0 = time.perf_counter()
 
         tokens = torch.full((b, capacity), pad_id, dtype=torch.long, device=dev)
         tokens[:, :width], start = left_pack(input_ids.long(), attention_mask, width, pad_id)
         seq_len = torch.full((b,), width, dtype=torch.long, device=dev)
-        cache = runner.new_cache(b, capacity)
+        if self.cuda_graphs and self._cache is not None and self._cache.batch == b and self._cache.max_len >= capacity:
+            cache = self._cache
+            cache.lengths.zero_()
+            capacity = cache.max_len
+        else:
+            cache = runner.new_cache(b, capacity)
+            if self.cuda_graphs:
+                self._cache = cache
+                self._verifier = GraphedVerifier(runner, cache, b, n_nodes + 1)
         cache.start.copy_(start)
         # Prefill: every committed token but the root.
         n = width - 1
@@ -147,8 +206,11 @@ class SpecEngine:
             offsets = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), depth], dim=1)
             positions = (root_slot - start).unsqueeze(1) + offsets
             step_tokens = torch.cat([tokens.gather(1, root_slot.unsqueeze(1)), tree.tokens], dim=1)
-            logits = runner.forward(cache, step_tokens, positions, slots, among, view_len=ctx.max_seq_len + k,
-                                    contiguous=True).logits
+            if self._verifier is not None and k + 1 == self._verifier.tokens.shape[1]:
+                logits = self._verifier(step_tokens, positions, slots, among, ctx.max_seq_len + k)
+            else:
+                logits = runner.forward(cache, step_tokens, positions, slots, among, view_len=ctx.max_seq_len + k,
+                                        contiguous=True).logits
             timer.lap("verify")
 
             outcome = rule.accept(logits, tree, params)
