@@ -135,3 +135,8 @@ def test_bad_input_loses_nothing(model):
     ids = torch.tensor([[5, 6, 7]])
     good = spec.generate(ids, max_new_tokens=6, pad_token_id=0, eos_token_id=None)
     assert torch.equal(good, hf_greedy(model, ids, max_new_tokens=6, eos_token_id=None))
+
+
+def test_cuda_graphs_need_a_cuda_model(model):
+    with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device"):
+        specdec.wrap(model, cuda_graphs=True)
