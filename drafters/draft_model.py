@@ -2,9 +2,9 @@
 
 The draft runs through its own ModelRunner and KVCache, laid out slot for slot like the
 target's (same left padding). Rollback is free: at each step the draft's cache length is set
-back to the committed length, and it re-reads the last two committed tokens, which covers both
-"the bonus token is new" and "the last draft token was never fed". That keeps the block shape
-static ([B, 2], then [B, 1] per drafted token).
+back to the committed length, and it re-reads the last ``lookback`` committed tokens (two for a
+chain: "the bonus token is new" and "the last draft token was never fed"; depth + 1 for a tree,
+whose nodes were fed in scratch slots). That keeps the block shapes static.
 
 Schedules: ``constant`` drafts ``num_tokens`` every step; ``adaptive`` starts at half of that,
 grows by one after a step in which every row accepted everything, and shrinks by one after a

@@ -6,7 +6,6 @@ prefix plus its own ancestors). The Triton tree-attention kernel must match this
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
