@@ -11,12 +11,20 @@ from collections.abc import Mapping
 
 from .base import DecodeContext, Drafter, VocabularyMismatchError
 from .draft_model import DraftModel
+from .dynamic_exit import DynamicExit
+from .layerskip import LayerSkip
 from .lookup import PromptLookup
+from .swift import Swift
 
 DRAFTERS = {
     "lookup": PromptLookup,
     "prompt_lookup": PromptLookup,
     "draft_model": DraftModel.from_pretrained,
+    "layerskip": LayerSkip,
+    "kangaroo": LayerSkip.kangaroo,
+    "swift": Swift,
+    "del": DynamicExit,
+    "dynamic_exit": DynamicExit,
 }
 
 
@@ -56,5 +64,6 @@ def build_drafter(cfg: Mapping | None, target=None):
     return fn(**cfg)
 
 
-__all__ = ["DecodeContext", "Drafter", "DraftModel", "PromptLookup", "VocabularyMismatchError",
+__all__ = ["DecodeContext", "Drafter", "DraftModel", "DynamicExit", "LayerSkip", "PromptLookup", "Swift",
+           "VocabularyMismatchError",
            "build_drafter", "make_drafter", "DRAFTERS"]

@@ -28,6 +28,10 @@ class DecodeContext:
     max_seq_len: int  # host copy of seq_len.max()
     capacity: int  # L, the token buffer's length
     step: int = 0
+    # The target's KVCache. Self-drafters (LayerSkip and kin) read the committed K/V from it and
+    # write their draft tokens' K/V into its scratch slots (>= seq_len - 1), which the verification
+    # step overwrites; they must leave ``cache.lengths`` at ``seq_len - 1`` when they return.
+    cache: "object" = None
 
 
 @runtime_checkable

@@ -148,7 +148,8 @@ class SpecEngine:
         n_nodes = drafter.num_nodes if drafter is not None else 0
         # Extra left padding so every row has `lookback` committed slots (drafters re-read them).
         width = int(attention_mask.sum(dim=1).max()) + max(1, getattr(drafter, "lookback", 2) - 1)
-        capacity = width + max_new_tokens + n_nodes + 1
+        scratch = max(n_nodes, getattr(drafter, "scratch_slots", 0))
+        capacity = width + max_new_tokens + scratch + 1
         if self.cuda_graphs:  # round up so that later calls can reuse the cache and its graphs
             capacity = -(-capacity // 512) * 512
         wall0 = time.perf_counter()
@@ -176,7 +177,7 @@ class SpecEngine:
         prefill_time = time.perf_counter() - wall0
 
         ctx = DecodeContext(target=runner, tokens=tokens, seq_len=seq_len, start=start, params=params,
-                            max_seq_len=width, capacity=capacity)
+                            max_seq_len=width, capacity=capacity, cache=cache)
         if drafter is not None:
             drafter.begin(ctx)
         prompts = [row[s:] for row, s in zip(tokens[:, :width].tolist(), start.tolist())]
@@ -206,14 +207,19 @@ class SpecEngine:
             offsets = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), depth], dim=1)
             positions = (root_slot - start).unsqueeze(1) + offsets
             step_tokens = torch.cat([tokens.gather(1, root_slot.unsqueeze(1)), tree.tokens], dim=1)
-            if self._verifier is not None and k + 1 == self._verifier.tokens.shape[1]:
+            # Drafters may ask for the target's hidden states after some layer counts (DEL's shadows).
+            exits = getattr(drafter, "collect_hidden", None) if draft_now else None
+            layer_hidden = None
+            if self._verifier is not None and k + 1 == self._verifier.tokens.shape[1] and not exits:
                 logits = self._verifier(step_tokens, positions, slots, among, ctx.max_seq_len + k)
             else:
-                logits = runner.forward(cache, step_tokens, positions, slots, among, view_len=ctx.max_seq_len + k,
-                                        contiguous=True).logits
+                out = runner.forward(cache, step_tokens, positions, slots, among, view_len=ctx.max_seq_len + k,
+                                     contiguous=True, collect=exits)
+                logits, layer_hidden = out.logits, out.layer_hidden
             timer.lap("verify")
 
             outcome = rule.accept(logits, tree, params)
+            outcome.layer_hidden = layer_hidden
             emitted, count = outcome.emitted()  # [B, k + 1], [B]
             proposed = (depth * tree.valid).max(dim=1).values if k else torch.zeros_like(count)
             timer.lap("accept")

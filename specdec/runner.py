@@ -59,6 +59,7 @@ class UnsupportedModelError(ValueError):
 class RunnerOutput:
     logits: Tensor | None  # [B, Q', V] (Q' = Q, or the number of positions asked for)
     hidden: Tensor | None  # [B, Q, H] output of the last layer run, before the final norm
+    layer_hidden: Tensor | None = None  # [E, B, Q, H] after each of ``collect``'s layer counts
 
 
 class ModelRunner:
@@ -135,7 +136,7 @@ class ModelRunner:
     def forward(self, cache: KVCache, tokens: Tensor, positions: Tensor, slots: Tensor, among: Tensor, *,
                 view_len: int, layers: Iterable[int] | None = None, logits_at: Tensor | None = None,
                 compute_logits: bool = True, return_hidden: bool = False, mask: Tensor | None = None,
-                contiguous: bool = False) -> RunnerOutput:
+                contiguous: bool = False, collect: Iterable[int] | None = None) -> RunnerOutput:
         """One pass over Q new tokens per row.
 
         tokens, positions, slots: ``[B, Q]`` (slots are the cache slots the new K/V go to).
@@ -147,6 +148,8 @@ class ModelRunner:
         (drafters exploring a tree in scratch slots need one).
         contiguous: the caller promises ``slots == cache.lengths + arange(Q)`` (verification
         steps), which lets full-attention layers use the tree-attention kernel.
+        collect: layer counts E whose hidden states to return (the output of the E-th layer run,
+        i.e. what an early exit after E layers would normalise), in ``layer_hidden``.
         """
         layer_ids = range(self.num_layers) if layers is None else list(layers)
         kernel = None
@@ -166,18 +169,29 @@ class ModelRunner:
         cache.view_len = view_len
         hidden = self.base.embed_tokens(tokens)
         rope = self.base.rotary_emb(hidden, position_ids=positions)
+        wanted = {e: n for n, e in enumerate(collect or ())}
+        kept: list[Tensor | None] = [None] * len(wanted)
         with self._our_attention():
-            for i in layer_ids:
+            for run, i in enumerate(layer_ids, start=1):
                 extra = {"specdec_tree": kernel} if kernel is not None and self.windows[i] is None else {}
                 hidden = self.layers[i](hidden, attention_mask=masks.get(self.windows[i]), position_ids=positions,
                                         past_key_values=cache, use_cache=True, position_embeddings=rope, **extra)
+                if run in wanted:
+                    kept[wanted[run]] = hidden
+        if any(h is None for h in kept):
+            raise ValueError(f"collect={list(collect)} asks for layer counts outside 1..{len(layer_ids)}")
         logits = None
         if compute_logits:
             h = hidden
             if logits_at is not None:
                 h = h.gather(1, logits_at.unsqueeze(-1).expand(*logits_at.shape, h.shape[-1]))
             logits = self.lm_head(self.base.norm(h)).float()
-        return RunnerOutput(logits=logits, hidden=hidden if return_hidden else None)
+        return RunnerOutput(logits=logits, hidden=hidden if return_hidden else None,
+                            layer_hidden=torch.stack(kept) if kept else None)
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """Logits (fp32) from a hidden state: the final norm, then the LM head (early exit)."""
+        return self.lm_head(self.base.norm(hidden)).float()
 
     def _use_kernel(self, device: torch.device) -> bool:
         if self.attention == "auto":

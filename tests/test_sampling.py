@@ -11,7 +11,7 @@ from scipy.stats import chisquare
 from tiny import make_tiny
 
 import specdec
-from specdec.drafters import DraftModel, PromptLookup
+from specdec.drafters import DraftModel, LayerSkip, PromptLookup
 from specdec.verifiers import DraftTree
 from specdec.verifiers.acceptance import SamplingParams, SpeculativeSampling, warp_probs
 
@@ -88,11 +88,15 @@ def drafter_for(kind):
         "draft_tree": lambda: DraftModel(draft, num_tokens=2, tree_width=3, tree_nodes=7),
         "lookup_branches": lambda: PromptLookup(num_tokens=2, max_ngram=2, num_branches=3),
         "fixed_tree_duplicates": FixedTree,
+        # Self-drafts from the 2-layer target's own first layer; halting ends drafts early.
+        "layerskip": lambda: LayerSkip(exit_layer=1, num_tokens=3),
+        "layerskip_halting": lambda: LayerSkip(skip_layers=[0], num_tokens=3, stop_threshold=0.4),
     }[kind]()
 
 
 @pytest.mark.parametrize("params", PARAMS, ids=["t1", "t0.7_k5_p0.9"])
-@pytest.mark.parametrize("kind", ["draft_model", "lookup", "draft_tree", "lookup_branches", "fixed_tree_duplicates"])
+@pytest.mark.parametrize("kind", ["draft_model", "lookup", "draft_tree", "lookup_branches", "fixed_tree_duplicates",
+                                  "layerskip", "layerskip_halting"])
 def test_speculative_sampling_preserves_target(target, params, kind):
     torch.manual_seed(1234)
     drafter = drafter_for(kind)

@@ -85,6 +85,9 @@ class StepOutcome:
     path: Tensor  # [B, N] accepted node indices ordered by depth, -1 padded
     next_token: Tensor  # [B] bonus or recovered token: the next root
     accepted_host: list[int] | None = None  # accept_len of the rows still generating, filled in by the engine
+    # [E, B, N + 1, H]: the target's hidden state after each of the drafter's ``collect_hidden`` layer counts at
+    # the root and every node (filled in by the engine for drafters that ask for it).
+    layer_hidden: Tensor | None = None
 
     def emitted(self) -> tuple[Tensor, Tensor]:
         """``(tokens [B, N + 1], count [B])``: accepted tokens, then the next root token."""

@@ -1,0 +1,158 @@
+"""Self-drafting from the target's own layers: no extra weights, no second cache.
+
+A *layer-skip draft* is the target model run over a subset of its decoder layers, then through
+its own final norm and LM head. Two shapes of subset:
+
+- **early exit** after the first E layers (LayerSkip, Elhoushi et al. 2024; Kangaroo);
+- **a skip set**: every layer except the skipped ones (Draft & Verify, SWIFT).
+
+KV sharing. The draft reads the committed prefix's K/V straight from the target's cache and
+writes its draft tokens' K/V into the cache's scratch slots (from the root's slot on), which
+the verification step overwrites. For an early exit this is exact: the first E layers' K/V of
+the prefix *are* the draft's own. For a skip set, layers after the first skipped one see K/V
+that the full model computed; SWIFT drafts the same way. The draft is only a proposal, so this
+never changes what is emitted, and it saves a second cache and a draft prefill.
+
+Variants built on the same drafting loop:
+
+- ``LayerSkip``: a fixed exit layer or skip set, with Kangaroo-style halting
+  (``stop_threshold``: stop a row's draft once the draft's top probability drops below it).
+- ``Swift``: searches the skip set on the fly (Xia et al., "SWIFT: On-the-Fly Self-Speculative
+  Decoding for LLM Inference Acceleration", ICLR 2025), see ``specdec.drafters.swift``.
+- ``DynamicExit``: DEL (Zarch et al. 2025), chooses the exit layer and draft length every step
+  from per-layer acceptance of shadow tokens, see ``specdec.drafters.dynamic_exit``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from specdec.verifiers.acceptance import StepOutcome, sample, warp_probs
+from specdec.verifiers.tree import DraftTree
+
+from .base import DecodeContext
+
+
+class LayerSkip:
+    """Draft with a subset of the target's layers.
+
+    Example::
+
+        spec = specdec.wrap(model, drafter=LayerSkip(exit_layer=8, num_tokens=4))   # early exit
+        spec = specdec.wrap(model, drafter=LayerSkip(skip_layers=[3, 5, 7, 9]))      # skip set
+        LayerSkip(exit_layer=8, stop_threshold=0.6)                                  # Kangaroo halting
+
+    ``num_tokens`` is the longest draft per step (the static node budget). With
+    ``stop_threshold`` set, a row's draft ends at the first token whose draft probability is
+    below it, and drafting stops once every row has ended (one host check per draft token).
+    """
+
+    def __init__(self, exit_layer: int | None = None, skip_layers: Sequence[int] | None = None, num_tokens: int = 4,
+                 stop_threshold: float | None = None):
+        if (exit_layer is None) == (skip_layers is None):
+            raise ValueError("give exactly one of exit_layer (early exit) or skip_layers (skip set)")
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        if stop_threshold is not None and not 0.0 <= stop_threshold < 1.0:
+            raise ValueError(f"stop_threshold must be in [0, 1), got {stop_threshold}")
+        self.exit_layer = exit_layer
+        self.skip_layers = sorted(set(skip_layers)) if skip_layers is not None else None
+        self.num_tokens = num_tokens
+        self.stop_threshold = stop_threshold
+        self.runner = None
+        self.forwards = 0
+        self.drafted = 0  # draft tokens fed through the draft layers (cost accounting)
+
+    @classmethod
+    def kangaroo(cls, exit_layer: int, num_tokens: int = 6, stop_threshold: float = 0.6) -> "LayerSkip":
+        """Kangaroo-style drafting: a shallow early exit that drafts long chains and halts when unsure.
+
+        (Kangaroo, Liu et al. 2024, also trains a small adapter after the exit; this uses the
+        target's own norm and head.)"""
+        return cls(exit_layer=exit_layer, num_tokens=num_tokens, stop_threshold=stop_threshold)
+
+    # ------------------------------------------------------------------ protocol
+    @property
+    def num_nodes(self) -> int:
+        return self.num_tokens
+
+    def check_target(self, target) -> None:
+        """Bind to the target's runner and check the layer choice fits it."""
+        n = target.num_layers
+        if self.exit_layer is not None and not 1 <= self.exit_layer < n:
+            raise ValueError(f"exit_layer must be in 1..{n - 1} for this {n}-layer target, got {self.exit_layer}")
+        if self.skip_layers is not None:
+            bad = [i for i in self.skip_layers if not 0 <= i < n]
+            if bad or len(self.skip_layers) >= n:
+                raise ValueError(f"skip_layers must name some (not all) of the target's layers 0..{n - 1}; "
+                                 f"got {self.skip_layers}")
+        self.runner = target
+
+    def layers(self) -> list[int]:
+        """The target layers the draft runs, in order."""
+        n = self.runner.num_layers
+        if self.exit_layer is not None:
+            return list(range(self.exit_layer))
+        skip = set(self.skip_layers)
+        return [i for i in range(n) if i not in skip]
+
+    def begin(self, ctx: DecodeContext) -> None:
+        if self.runner is None or self.runner is not ctx.target:
+            self.check_target(ctx.target)
+        self.forwards = 0
+        self.drafted = 0
+
+    def observe(self, outcome: StepOutcome) -> None:
+        pass
+
+    def propose(self, ctx: DecodeContext) -> DraftTree:
+        return self.draft_chain(ctx, self.layers(), self.num_tokens)
+
+    # ------------------------------------------------------------------ drafting
+    def draft_forward(self, ctx: DecodeContext, tokens: Tensor, offset: int, layers: list[int]) -> Tensor:
+        """Feed ``tokens`` ``[B]`` at slot ``seq_len - 1 + offset`` through ``layers``; next-token logits ``[B, V]``.
+
+        The cache is told that every slot before that one is readable: the committed prefix and
+        the draft tokens fed so far in this step.
+        """
+        cache, b = ctx.cache, tokens.shape[0]
+        slot = (ctx.seq_len - 1 + offset).unsqueeze(1)
+        cache.lengths.copy_(slot.squeeze(1))
+        one = torch.ones(b, 1, 1, dtype=torch.bool, device=tokens.device)
+        out = self.runner.forward(cache, tokens.unsqueeze(1), slot - ctx.start.unsqueeze(1), slot, one,
+                                  view_len=ctx.max_seq_len + offset, layers=layers, contiguous=True)
+        self.forwards += 1
+        self.drafted += b
+        return out.logits[:, -1]
+
+    def draft_chain(self, ctx: DecodeContext, layers: list[int], length: int) -> DraftTree:
+        """Draft up to ``length`` tokens per row through ``layers`` (padded to ``num_nodes``)."""
+        b, dev, k = ctx.tokens.shape[0], ctx.tokens.device, self.num_nodes
+        tokens = torch.zeros(b, k, dtype=torch.long, device=dev)
+        valid = torch.zeros(b, k, dtype=torch.bool, device=dev)
+        q = torch.zeros(b, k, self.runner.vocab_size, device=dev) if ctx.params.do_sample else None
+        if length == 0:
+            return DraftTree.chain(tokens, valid, q=q)
+        alive = torch.ones(b, dtype=torch.bool, device=dev)
+        current = ctx.tokens.gather(1, (ctx.seq_len - 1).unsqueeze(1)).squeeze(1)  # the root
+        try:
+            for i in range(length):
+                logits = self.draft_forward(ctx, current, i, layers)
+                if q is not None:
+                    probs = warp_probs(logits, ctx.params)
+                    current = sample(probs)
+                    q[:, i] = probs
+                else:
+                    probs = logits.softmax(dim=-1)
+                    current = logits.argmax(dim=-1)
+                if self.stop_threshold is not None:
+                    alive &= probs.max(dim=-1).values >= self.stop_threshold
+                tokens[:, i] = current
+                valid[:, i] = alive
+                if self.stop_threshold is not None and i + 1 < length and not bool(alive.any()):
+                    break  # Kangaroo halting: every row's draft has ended
+        finally:
+            ctx.cache.lengths.copy_(ctx.seq_len - 1)
+        return DraftTree.chain(tokens, valid, q=q)
