@@ -10,10 +10,12 @@ import importlib
 from collections.abc import Mapping
 
 from .base import DecodeContext, Drafter, VocabularyMismatchError
+from .copyspec import CopySpec
 from .draft_model import DraftModel
 from .dynamic_exit import DynamicExit
 from .layerskip import LayerSkip
 from .lookup import PromptLookup
+from .rest import RestDrafter
 from .swift import Swift
 
 DRAFTERS = {
@@ -25,6 +27,8 @@ DRAFTERS = {
     "swift": Swift,
     "del": DynamicExit,
     "dynamic_exit": DynamicExit,
+    "copyspec": CopySpec,
+    "rest": RestDrafter.from_index,
 }
 
 
@@ -64,6 +68,6 @@ def build_drafter(cfg: Mapping | None, target=None):
     return fn(**cfg)
 
 
-__all__ = ["DecodeContext", "Drafter", "DraftModel", "DynamicExit", "LayerSkip", "PromptLookup", "Swift",
+__all__ = ["CopySpec", "DecodeContext", "Drafter", "DraftModel", "RestDrafter", "DynamicExit", "LayerSkip", "PromptLookup", "Swift",
            "VocabularyMismatchError",
            "build_drafter", "make_drafter", "DRAFTERS"]

@@ -22,6 +22,9 @@ class PromptLookup:
     (``num_tokens`` each), so the target can take whichever continuation is right.
     """
 
+    graph_safe = True  # propose() is static-shape device work: it can run inside a captured chunk
+    stateless = True  # keeps nothing between steps: a combining drafter may skip calling it
+
     def __init__(self, num_tokens: int = 8, max_ngram: int = 3, min_ngram: int = 1, num_branches: int = 1):
         if num_tokens < 1:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")

@@ -60,13 +60,15 @@ class SpecDecoder:
     """A speculative-decoding view of an HF causal LM. Build it with ``specdec.wrap``."""
 
     def __init__(self, model, drafter=None, acceptance: str | None = None, attention: str = "auto",
-                 max_draft_batch: int | None = None, cuda_graphs: bool = False):
+                 max_draft_batch: int | None = None, cuda_graphs: bool = False, chunk_steps: int | None = None,
+                 compile: bool = False):
         if isinstance(drafter, str):
             drafter = make_drafter(drafter)
         self.__dict__["model"] = model
         self.__dict__["drafter"] = drafter
         self.__dict__["engine"] = SpecEngine(model, drafter=drafter, acceptance=acceptance, attention=attention,
-                                             max_draft_batch=max_draft_batch, cuda_graphs=cuda_graphs)
+                                             max_draft_batch=max_draft_batch, cuda_graphs=cuda_graphs,
+                                             chunk_steps=chunk_steps, compile=compile)
 
     def __getattr__(self, name):
         return getattr(self.__dict__["model"], name)
@@ -171,7 +173,8 @@ class SpecDecoder:
 
 
 def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "auto",
-         max_draft_batch: int | None = None, cuda_graphs: bool = False) -> SpecDecoder:
+         max_draft_batch: int | None = None, cuda_graphs: bool = False, chunk_steps: int | None = None,
+         compile: bool = False) -> SpecDecoder:
     """Wrap an HF causal LM for speculative decoding.
 
     ``drafter`` is a Drafter instance, a registered name (``"lookup"``), or None for plain
@@ -180,7 +183,11 @@ def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "a
     picks the verification attention: ``auto`` (Triton tree-attention kernel on CUDA, the torch
     reference on CPU), ``reference`` or ``triton``. ``max_draft_batch``: steps with more active
     rows than this verify without a draft (a batch-size policy; None: always draft).
-    ``cuda_graphs``: replay the verification step as captured CUDA graphs (CUDA only).
+    ``cuda_graphs``: replay the verification step as captured CUDA graphs (CUDA only); greedy
+    decoding with no drafter or a graph-safe one (prompt lookup) then captures whole chunks of
+    steps. ``chunk_steps``: steps decoded per host sync in that mode (default 8 with
+    cuda_graphs, else 1); the host applies stopping rules after each chunk and cuts the rest.
+    ``compile``: also ``torch.compile`` the target's forward inside those chunks.
 
     Example::
 
@@ -189,4 +196,5 @@ def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "a
         print(out.spec_stats.tau)
     """
     return SpecDecoder(model, drafter=drafter, acceptance=acceptance, attention=attention,
-                       max_draft_batch=max_draft_batch, cuda_graphs=cuda_graphs)
+                       max_draft_batch=max_draft_batch, cuda_graphs=cuda_graphs, chunk_steps=chunk_steps,
+                       compile=compile)

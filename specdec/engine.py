@@ -24,6 +24,7 @@ from torch import Tensor
 
 from specdec.drafters.base import DecodeContext, Drafter
 from specdec.runner import ModelRunner
+from specdec.static import ChunkedLoop
 from specdec.stats import PhaseTimer, SpecStats
 from specdec.verifiers.acceptance import SamplingParams, make_acceptance
 from specdec.verifiers.tree import DraftTree
@@ -108,14 +109,23 @@ class SpecEngine:
     """
 
     def __init__(self, model, drafter: Drafter | None = None, acceptance: str | None = None, attention: str = "auto",
-                 max_draft_batch: int | None = None, cuda_graphs: bool = False):
+                 max_draft_batch: int | None = None, cuda_graphs: bool = False, chunk_steps: int | None = None,
+                 compile: bool = False):
         self.runner = ModelRunner(model, attention=attention)
         if cuda_graphs and self.runner.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
-        # Capture the verification step as CUDA graphs (one per 256-slot view bucket).
+        if chunk_steps is not None and chunk_steps < 1:
+            raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
+        # Capture the verification step as CUDA graphs (one per 256-slot view bucket); greedy
+        # decoding with no drafter or a graph-safe one captures whole chunks of steps instead.
         self.cuda_graphs = cuda_graphs
+        # Steps per host sync for greedy decoding with no drafter or a graph-safe one
+        # (``specdec.static``); default 8 with cuda_graphs, else 1 (the per-step loop).
+        self.chunk_steps = chunk_steps if chunk_steps is not None else (8 if cuda_graphs else 1)
+        self.compile = compile  # torch.compile the target forward inside captured chunks
         self._cache = None
         self._verifier = None
+        self._loop: ChunkedLoop | None = None
         self.drafter = drafter
         # Like vLLM's disable_by_batch_size: with more active rows than this, a step verifies the
         # root only (drafting rarely pays once the target's step is no longer launch-bound).
@@ -143,6 +153,8 @@ class SpecEngine:
         sees each step's kept tokens (streaming)."""
         runner, drafter, rule = self.runner, self.drafter, self._rule(params)
         dev = runner.device
+        chunked = (self.chunk_steps > 1 and not params.do_sample and self.max_draft_batch is None
+                   and (drafter is None or getattr(drafter, "graph_safe", False)))
         input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
         b = input_ids.shape[0]
         n_nodes = drafter.num_nodes if drafter is not None else 0
@@ -150,6 +162,8 @@ class SpecEngine:
         width = int(attention_mask.sum(dim=1).max()) + max(1, getattr(drafter, "lookback", 2) - 1)
         scratch = max(n_nodes, getattr(drafter, "scratch_slots", 0))
         capacity = width + max_new_tokens + scratch + 1
+        if chunked:  # a finished row may run on to the end of its chunk
+            capacity += self.chunk_steps * (n_nodes + 1)
         if self.cuda_graphs:  # round up so that later calls can reuse the cache and its graphs
             capacity = -(-capacity // 512) * 512
         wall0 = time.perf_counter()
@@ -163,6 +177,7 @@ class SpecEngine:
             capacity = cache.max_len
         else:
             cache = runner.new_cache(b, capacity)
+            self._loop = None
             if self.cuda_graphs:
                 self._cache = cache
                 self._verifier = GraphedVerifier(runner, cache, b, n_nodes + 1)
@@ -176,10 +191,6 @@ class SpecEngine:
         cache.lengths.copy_(seq_len - 1)
         prefill_time = time.perf_counter() - wall0
 
-        ctx = DecodeContext(target=runner, tokens=tokens, seq_len=seq_len, start=start, params=params,
-                            max_seq_len=width, capacity=capacity, cache=cache)
-        if drafter is not None:
-            drafter.begin(ctx)
         prompts = [row[s:] for row, s in zip(tokens[:, :width].tolist(), start.tolist())]
         generated: list[list[int]] = [[] for _ in range(b)]
         gained: list[list[int]] = [[] for _ in range(b)]
@@ -188,6 +199,21 @@ class SpecEngine:
         seq_host = [width] * b
         timer = PhaseTimer(dev)
         steps = drafts = undrafted = 0
+        if chunked:
+            if self._loop is None or self._loop.cache is not cache or self._loop.drafter is not drafter:
+                self._loop = ChunkedLoop(runner, cache, drafter, rule, steps=self.chunk_steps,
+                                         graphs=self.cuda_graphs, compile=self.compile)
+            ctx = self._loop.load(tokens, seq_len, start, params)
+            ctx.max_seq_len = width
+            if drafter is not None:
+                drafter.begin(ctx)
+            steps = self._run_chunks(self._loop, width, max_new_tokens, eos_ids, stop_fn, on_tokens, prompts,
+                                     generated, gained, offered, active, timer)
+            drafts = steps if drafter is not None else 0
+        ctx = DecodeContext(target=runner, tokens=tokens, seq_len=seq_len, start=start, params=params,
+                            max_seq_len=width, capacity=capacity, cache=cache)
+        if drafter is not None and not chunked:
+            drafter.begin(ctx)
         while any(active):
             timer.start()
             draft_now = drafter is not None and (self.max_draft_batch is None or sum(active) <= self.max_draft_batch)
@@ -270,3 +296,47 @@ class SpecEngine:
                           drafter=type(drafter).__name__ if drafter is not None else "none",
                           prefill_time=prefill_time, undrafted_steps=undrafted)
         return EngineOutput(generated=generated, stats=stats)
+
+    @staticmethod
+    def _run_chunks(loop: ChunkedLoop, width, max_new_tokens, eos_ids, stop_fn, on_tokens, prompts, generated,
+                    gained, offered, active, timer) -> int:
+        """Decode with ``loop`` until every row stops; the host reads once per chunk. Returns steps run."""
+        b, dev = len(active), loop.tokens.device
+        grow = torch.arange(loop.growth, device=dev)
+        seq_host, steps = [width] * b, 0
+        while any(active):
+            timer.start()
+            before = loop.seq_len.clone()
+            result = loop.run_chunk(max(seq_host))
+            timer.lap("verify")  # propose, verify, accept and commit all run inside the chunk
+            new = loop.tokens.gather(1, (before.unsqueeze(1) + grow).clamp(max=loop.tokens.shape[1] - 1))
+            host = torch.cat([result.gained.T, result.proposed.T, new], dim=1).tolist()
+            s = loop.steps
+            steps += s
+            stopped = False
+            for r in range(b):
+                if not active[r]:
+                    continue
+                row_gain, row_prop, row_new = host[r][:s], host[r][s: 2 * s], host[r][2 * s:]
+                seq_host[r] += sum(row_gain)
+                pos = 0
+                for cnt, prop in zip(row_gain, row_prop):
+                    keep = 0
+                    for tok in row_new[pos: pos + cnt]:
+                        generated[r].append(tok)
+                        keep += 1
+                        if (tok in eos_ids or len(generated[r]) >= max_new_tokens
+                                or (stop_fn is not None and stop_fn(r, prompts[r] + generated[r]))):
+                            active[r] = False
+                            break
+                    pos += cnt
+                    gained[r].append(keep)
+                    offered[r].append(prop)
+                    if on_tokens is not None and keep:
+                        on_tokens(r, generated[r][-keep:])
+                    if not active[r]:
+                        stopped = True
+                        break
+            if stopped:
+                loop.active.copy_(torch.tensor(active, dtype=torch.long))
+        return steps

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 from specdec.bench import builtin, humaneval, hydra_main, run_bench, select, specbench
 from specdec.bench.measure import first_divergence
 from specdec.bench.prompts import Prompt, read_jsonl, render
-from specdec.bench.report import aggregate, collect
+from specdec.bench.report import aggregate, by_turn, collect
 from specdec.loading import dense_zoo_dir
 from tiny import make_tiny
 
@@ -18,7 +18,9 @@ ROW_KEYS = {"model", "dtype", "device", "drafter", "params", "batch_size", "max_
             "temperature", "top_p", "top_k", "question_id", "category", "num_turns", "prompt_tokens",
             "new_tokens", "steps", "tau", "draft_tokens", "acceptance_rate", "accept_hist", "wall_time",
             "tokens_per_s", "times", "lossless", "baseline", "hf", "speedup", "speedup_hf",
-            "matches_baseline", "first_divergence"}
+            "matches_baseline", "first_divergence", "turn_new_tokens", "turn_steps", "turn_tau", "turn_wall_time",
+            "turn_tokens_per_s", "turn_speedup"}
+TURN_KEYS = {"turn_new_tokens", "turn_steps", "turn_tau", "turn_wall_time", "turn_tokens_per_s", "turn_speedup"}
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +114,17 @@ def test_aggregate_pools_tokens_and_time():
     assert agg["matches_baseline"] == "2/2"
 
 
+def test_by_turn_pools_each_turn_over_the_prompts_that_have_it():
+    def row(new, steps, wall, base_wall):
+        return {"turn_new_tokens": new, "turn_steps": steps, "turn_wall_time": wall,
+                "baseline": {"turn_new_tokens": new, "turn_wall_time": base_wall}}
+    # Two prompts answer turn 1 in 12 tokens / 12 steps; only the first has a turn 2: 8 tokens in 2 steps.
+    turns = by_turn([row([8, 8], [8, 2], [1.0, 0.5], [1.0, 2.0]), row([4], [4], [1.0], [1.0])])
+    assert [(t["turn"], t["prompts"]) for t in turns] == [(1, 2), (2, 1)]
+    assert turns[0]["tau"] == pytest.approx(1.0) and turns[1]["tau"] == pytest.approx(4.0)
+    assert turns[0]["speedup"] == pytest.approx(1.0) and turns[1]["speedup"] == pytest.approx(4.0)   # 16 vs 4 tok/s
+
+
 # ---------------------------------------------------------------- the CLI on CPU
 
 def test_sweep_on_tiny_model_writes_rows_tables_and_plots(tiny_folder, tmp_path, monkeypatch):
@@ -133,12 +146,17 @@ def test_sweep_on_tiny_model_writes_rows_tables_and_plots(tiny_folder, tmp_path,
             assert r["hf"]["new_tokens"] > 0 and r["speedup_hf"] > 0
             assert r["new_tokens"] == sum(k * n for k, n in enumerate(r["accept_hist"]))
             assert r["lossless"] is True
+            assert all(len(r[k]) == r["num_turns"] for k in TURN_KEYS)   # one entry per turn
+            assert sum(r["turn_new_tokens"]) == r["new_tokens"] and sum(r["turn_steps"]) == r["steps"]
+            assert r["baseline"]["turn_new_tokens"] and len(r["baseline"]["turn_tokens_per_s"]) == r["num_turns"]
         editing = rows[1]
         assert editing["num_turns"] == 2 and len(editing["prompt_tokens"]) == 2
         # fp32: speculative greedy output equals the same engine's no-drafter output, token for token.
         assert all(r["matches_baseline"] and r["first_divergence"] is None for r in rows[:2])
         assert all(r["matches_baseline"] is None for r in rows[2:])
-        assert "| **all** |" in (sweep / job / "summary.md").read_text()
+        summary_md = (sweep / job / "summary.md").read_text()
+        assert "| **all** |" in summary_md
+        assert "By turn" in summary_md and "| 2 | 1 |" in summary_md   # turn 2 of the editing prompt
         assert (sweep / job / "accepted_lengths.png").stat().st_size > 0
         assert list((sweep / job / "wandb").glob("offline-run-*"))
 

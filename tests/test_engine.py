@@ -148,3 +148,34 @@ def test_batch_size_policy_switches_drafting_off_and_stays_exact():
     assert stats.undrafted_steps == first_done and stats.draft_forwards > 0
     assert all(n == 1 for r in stats.accepted_lengths for n in r[:first_done])
     assert stats.num_steps < 20
+
+
+@pytest.mark.parametrize("chunk_steps", [3, 8])
+@pytest.mark.parametrize("drafter", ["none", "lookup", "lookup_branches"])
+def test_chunked_loop_equals_hf(chunk_steps, drafter):
+    # Several steps per host sync: rows that finish mid-chunk run on and are cut on the host.
+    model = make_tiny("llama", vocab_size=16, init_range=1.0, num_layers=1)
+    ids, mask = ragged_batch([6, 2, 11, 4], 16, seed=3)
+    d = {"none": None, "lookup": PromptLookup(num_tokens=6, max_ngram=2),
+         "lookup_branches": PromptLookup(num_tokens=3, max_ngram=2, num_branches=2)}[drafter]
+    ref = hf_greedy(model, ids, mask, max_new_tokens=45, eos_token_id=None)
+    out = specdec.wrap(model, drafter=d, chunk_steps=chunk_steps).generate(
+        ids, attention_mask=mask, max_new_tokens=45, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    stats = out.spec_stats
+    assert stats.num_steps % chunk_steps == 0  # whole chunks
+    assert all(sum(g) == 45 for g in stats.accepted_lengths)  # per-row counts are cut exactly
+    if d is not None:
+        assert stats.tau > 1.3
+
+
+def test_chunked_loop_stops_at_eos_mid_chunk():
+    model = make_tiny("qwen3")
+    ids, mask = ragged_batch([5, 8], model.config.vocab_size, seed=7)
+    free = hf_greedy(model, ids, mask, max_new_tokens=20, eos_token_id=None)[:, ids.shape[1]:]
+    eos = next(int(free[0, p]) for p in range(5, 12) if int(free[0, p]) not in free[0, :p].tolist())
+    ref = hf_greedy(model, ids, mask, max_new_tokens=20, eos_token_id=eos)
+    out = specdec.wrap(model, chunk_steps=8).generate(ids, attention_mask=mask, max_new_tokens=20, pad_token_id=0,
+                                                     eos_token_id=eos, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    assert out.spec_stats.new_tokens[0] < 12  # row 0 stopped inside a chunk

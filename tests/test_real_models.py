@@ -6,7 +6,7 @@ import torch
 
 import specdec
 from specdec import zoo
-from specdec.drafters import DraftModel, PromptLookup
+from specdec.drafters import DraftModel, DynamicExit, LayerSkip, PromptLookup, Swift
 
 PROMPTS = [
     "Fix the bug:\n\ndef mean(xs):\n    return sum(xs) / len(x)\n",
@@ -57,6 +57,26 @@ def test_smollm2_greedy_equality(smollm2, batch):
         assert torch.equal(out.sequences, ref), f"{name} differs from HF greedy at batch {batch}"
         if name == "lookup" and batch == 4:
             assert out.spec_stats.tau > 1.0  # the editing prompts give lookup real matches
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_smollm2_self_drafts_greedy_equality(smollm2, batch):
+    model, tok = smollm2
+    enc = chat_batch(tok, PROMPTS[:batch])
+    kw = dict(attention_mask=enc.attention_mask, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
+    ref = model.generate(enc.input_ids, **kw)
+    drafters = {
+        "early_exit": LayerSkip(exit_layer=24, num_tokens=3),
+        "kangaroo": LayerSkip.kangaroo(exit_layer=20, num_tokens=4, stop_threshold=0.5),
+        "skip_set": LayerSkip(skip_layers=list(range(10, 20)), num_tokens=4),
+        "swift": Swift(skip_ratio=0.3, window=16, max_evals=8),
+        "del": DynamicExit(num_tokens=4, exit_layers=[18, 24, 27]),
+    }
+    for name, drafter in drafters.items():
+        out = specdec.wrap(model, drafter=drafter).generate(enc.input_ids, return_dict_in_generate=True, **kw)
+        assert torch.equal(out.sequences, ref), f"{name} differs from HF greedy at batch {batch}"
+        if name == "skip_set":
+            assert out.spec_stats.tau > 1.2  # the kept 20 layers agree with the target often
 
 
 @pytest.mark.slow

@@ -42,7 +42,9 @@ class Decoded:
     answers: list[str] = field(default_factory=list)            # [turns] decoded text
     prompt_tokens: list[int] = field(default_factory=list)      # [turns] input length
     wall_time: float = 0.0           # seconds; at batch > 1, this row's equal share of each call
+    turn_wall_time: list[float] = field(default_factory=list)   # [turns] the same, per turn
     accepted_lengths: list[int] | None = None   # [steps] tokens emitted per step; None for HF
+    turn_steps: list[int] | None = None         # [turns] engine steps per turn; None for HF
     draft_tokens: int = 0            # draft tokens offered to the target, over all steps
     times: dict[str, float] = field(default_factory=dict)       # phase -> seconds (row share)
     lossless: bool | None = None
@@ -60,6 +62,26 @@ class Decoded:
         if not self.accepted_lengths:
             return None
         return sum(self.accepted_lengths) / len(self.accepted_lengths)
+
+    @property
+    def turn_new_tokens(self) -> list[int]:
+        return [len(ids) for ids in self.output_ids]
+
+    @property
+    def turn_tau(self) -> list[float | None] | None:
+        """τ of each turn: the mean accepted length over that turn's steps."""
+        if self.turn_steps is None:
+            return None
+        out, first = [], 0
+        for steps in self.turn_steps:
+            lengths = self.accepted_lengths[first: first + steps]
+            out.append(sum(lengths) / steps if steps else None)
+            first += steps
+        return out
+
+    @property
+    def turn_tokens_per_s(self) -> list[float]:
+        return [n / t if t > 0 else 0.0 for n, t in zip(self.turn_new_tokens, self.turn_wall_time)]
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -131,6 +153,7 @@ def decode(method: Method, prompts: Sequence[Prompt], tokenizer, device: torch.d
             res.answers.append(tokenizer.decode(ids, skip_special_tokens=True))
             res.prompt_tokens.append(int(attention_mask[row].sum()))
             res.wall_time += share
+            res.turn_wall_time.append(share)
             if out.stats is not None:
                 _add_engine_stats(res, out.stats, row, len(active))
     return results
@@ -158,6 +181,7 @@ def _add_engine_stats(res: Decoded, stats, row: int, rows: int) -> None:
     """Fold one call's spec_stats for batch row ``row`` (of ``rows`` active) into ``res``."""
     lengths = [int(n) for n in stats.accepted_lengths[row]]
     res.accepted_lengths = (res.accepted_lengths or []) + lengths
+    res.turn_steps = (res.turn_steps or []) + [len(lengths)]
     res.draft_tokens += sum(int(n) for n in stats.proposed[row])
     for phase, seconds in stats.times.items():
         res.times[phase] = res.times.get(phase, 0.0) + float(seconds) / rows

@@ -79,6 +79,25 @@ def by_category(rows: Sequence[dict]) -> dict[str, dict]:
     return out
 
 
+def by_turn(rows: Sequence[dict]) -> list[dict]:
+    """Pooled metrics per turn (turn 1, 2, ...) over the rows that have that turn.
+
+    Example: two rows with ``turn_new_tokens`` [8, 8] and [4], ``turn_steps`` [8, 2] and [4]
+    give turn 1: τ = 12 / 12 = 1.0 over 2 prompts, and turn 2: τ = 8 / 2 = 4.0 over 1 prompt.
+    """
+    out = []
+    for t in range(max((len(r["turn_new_tokens"]) for r in rows), default=0)):
+        have = [r for r in rows if t < len(r["turn_new_tokens"])]
+        new = sum(r["turn_new_tokens"][t] for r in have)
+        steps = sum(r["turn_steps"][t] for r in have if r.get("turn_steps"))
+        tps = _turn_rate(have, t)
+        base_tps = _turn_rate([r["baseline"] for r in have], t)
+        out.append({"turn": t + 1, "prompts": len(have), "new_tokens": new, "steps": steps,
+                    "tau": new / steps if steps else None, "tokens_per_s": tps, "baseline_tokens_per_s": base_tps,
+                    "speedup": tps / base_tps if tps and base_tps else None})
+    return out
+
+
 def merge_histograms(hists: Iterable[Sequence[int]]) -> list[int]:
     merged: list[int] = []
     for h in hists:
@@ -116,6 +135,11 @@ def run_markdown(rows: Sequence[dict], title: str, header: Sequence[str] = ()) -
                          f"| {fmt(agg['tokens_per_s'], 1)} | {fmt(agg['baseline_tokens_per_s'], 1)} "
                          f"| {fmt(agg['hf_tokens_per_s'], 1)} | {fmt(agg['speedup'])} "
                          f"| {fmt(agg['speedup_hf'])} | {agg['matches_baseline'] or '—'} |")
+        if any(r["num_turns"] > 1 for r in mode_rows):
+            lines += ["", "By turn (later turns see the earlier answers):", "",
+                      "| turn | prompts | τ | tok/s | baseline tok/s | × baseline |", "|---|---|---|---|---|---|"]
+            lines += [f"| {t['turn']} | {t['prompts']} | {fmt(t['tau'])} | {fmt(t['tokens_per_s'], 1)} "
+                      f"| {fmt(t['baseline_tokens_per_s'], 1)} | {fmt(t['speedup'])} |" for t in by_turn(mode_rows)]
         overall = aggregate(mode_rows)
         lines += ["", "Step time, ms per step: " + _phases(overall["step_ms"]) + "; baseline: "
                   + _phases(overall["baseline_step_ms"]), ""]
@@ -258,6 +282,11 @@ def _numbers(run: dict) -> tuple:
 def _rate(rows: Sequence[dict]) -> float | None:
     seconds = sum(r["wall_time"] for r in rows)
     return sum(r["new_tokens"] for r in rows) / seconds if seconds > 0 else None
+
+
+def _turn_rate(rows: Sequence[dict], turn: int) -> float | None:
+    seconds = sum(r["turn_wall_time"][turn] for r in rows)
+    return sum(r["turn_new_tokens"][turn] for r in rows) / seconds if seconds > 0 else None
 
 
 def format_params(params: dict) -> str:

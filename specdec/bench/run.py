@@ -55,8 +55,9 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, dict[str, dict]]:
     model, tok = load_cached(cfg.model.spec, cfg.model.dtype, cfg.model.device)
     device = next(model.parameters()).device
     drafter = build_drafter(OmegaConf.to_container(cfg.drafter, resolve=True), target=model)
-    baseline = specdec.wrap(model, drafter=None)
-    spec = specdec.wrap(model, drafter=drafter) if drafter is not None else None
+    fast = {"cuda_graphs": bool(cfg.get("cuda_graphs", False)), "compile": bool(cfg.get("compile", False))}
+    baseline = specdec.wrap(model, drafter=None, **fast)
+    spec = specdec.wrap(model, drafter=drafter, **fast) if drafter is not None else None
 
     identity = {"model": cfg.model.spec, "dtype": str(model.dtype).removeprefix("torch."), "device": str(device),
                 "drafter": drafter_name(cfg.drafter), "params": drafter_params(cfg.drafter),
@@ -85,6 +86,8 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, dict[str, dict]]:
         for b, batch in enumerate(batches):
             seed = cfg.seed + 1000 * b
             base = decode(base_method, batch, tok, device, seed)
+            if hasattr(drafter, "task"):  # drafters that keep per-task state (Swift's skip sets)
+                drafter.task = batch[0].category
             drafted = decode(spec_method, batch, tok, device, seed) if spec_method else base
             if hf_greedy:
                 hf[b] = decode(hf_greedy, batch, tok, device, seed)
@@ -119,10 +122,12 @@ def make_row(identity: dict, prompt: Prompt, drafted: Decoded, base: Decoded, hf
     Keys: the run identity (``model dtype device drafter params batch_size max_new_tokens mode
     temperature top_p top_k``); ``question_id category num_turns prompt_tokens``; the drafter's
     ``new_tokens steps tau draft_tokens acceptance_rate accept_hist wall_time tokens_per_s times
-    lossless``, where ``accept_hist[k]`` counts steps that emitted k tokens; ``baseline`` and
-    ``hf`` (or null) with ``new_tokens steps wall_time tokens_per_s times``; ``speedup`` and ``speedup_hf``
-    (tokens/s ratios); and, for greedy rows, ``matches_baseline`` and ``first_divergence``
-    (``{"turn", "index"}`` or null). Times are in seconds.
+    lossless``, where ``accept_hist[k]`` counts steps that emitted k tokens; per turn (lists, one
+    entry a turn) ``turn_new_tokens turn_steps turn_tau turn_wall_time turn_tokens_per_s
+    turn_speedup``; ``baseline`` and ``hf`` (or null) with ``new_tokens steps wall_time tokens_per_s
+    times turn_new_tokens turn_wall_time turn_tokens_per_s``; ``speedup`` and ``speedup_hf`` (tokens/s
+    ratios); and, for greedy rows, ``matches_baseline`` and ``first_divergence`` (``{"turn",
+    "index"}`` or null). Times are in seconds.
     """
     greedy = identity["mode"] == "greedy"
     divergence = first_divergence(drafted.output_ids, base.output_ids) if greedy else None
@@ -134,6 +139,9 @@ def make_row(identity: dict, prompt: Prompt, drafted: Decoded, base: Decoded, hf
         "accept_hist": drafted.histogram(),
         "wall_time": drafted.wall_time, "tokens_per_s": drafted.tokens_per_s,
         "times": drafted.times, "lossless": drafted.lossless,
+        "turn_new_tokens": drafted.turn_new_tokens, "turn_steps": drafted.turn_steps, "turn_tau": drafted.turn_tau,
+        "turn_wall_time": drafted.turn_wall_time, "turn_tokens_per_s": drafted.turn_tokens_per_s,
+        "turn_speedup": [_ratio(a, b) for a, b in zip(drafted.turn_tokens_per_s, base.turn_tokens_per_s)],
         "baseline": _timing(base), "hf": _timing(hf) if hf else None,
         "speedup": _ratio(drafted.tokens_per_s, base.tokens_per_s),
         "speedup_hf": _ratio(drafted.tokens_per_s, hf.tokens_per_s) if hf else None,
@@ -213,7 +221,8 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def _timing(d: Decoded) -> dict:
     return {"new_tokens": d.new_tokens, "steps": d.steps, "wall_time": d.wall_time,
-            "tokens_per_s": d.tokens_per_s, "times": d.times}
+            "tokens_per_s": d.tokens_per_s, "times": d.times, "turn_new_tokens": d.turn_new_tokens,
+            "turn_wall_time": d.turn_wall_time, "turn_tokens_per_s": d.turn_tokens_per_s}
 
 
 def _ratio(a: float, b: float) -> float | None:
