@@ -63,10 +63,10 @@ def test_smollm2_greedy_equality(smollm2, batch):
 def test_smollm2_self_drafts_greedy_equality(smollm2, batch):
     model, tok = smollm2
     enc = chat_batch(tok, PROMPTS[:batch])
-    kw = dict(attention_mask=enc.attention_mask, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
+    kw = dict(attention_mask=enc.attention_mask, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
     ref = model.generate(enc.input_ids, **kw)
     drafters = {
-        "early_exit": LayerSkip(exit_layer=24, num_tokens=3),
+        "early_exit": LayerSkip(exit_layer=24, num_tokens=2),
         "kangaroo": LayerSkip.kangaroo(exit_layer=20, num_tokens=4, stop_threshold=0.5),
         "skip_set": LayerSkip(skip_layers=list(range(10, 20)), num_tokens=4),
         "swift": Swift(skip_ratio=0.3, window=16, max_evals=8),
