@@ -16,3 +16,11 @@ torch.set_num_threads(1)  # tiny models: threads only add contention
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real zoo SmolLM2-135M in fp32 on CPU, as ``(model, tokenizer)``; loaded once per session."""
+    import specdec
+
+    return specdec.load_model("zoo:smollm2-135m-instruct", dtype=torch.float32)

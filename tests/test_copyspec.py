@@ -250,11 +250,6 @@ def test_fallback_vocabulary_is_checked_at_wrap():
 
 # ---------------------------------------------------------------- the real SmolLM2
 
-@pytest.fixture(scope="module")
-def smollm2():
-    return specdec.load_model("zoo:smollm2-135m-instruct", dtype=torch.float32)
-
-
 @pytest.mark.parametrize("batch", [1, 4])
 def test_smollm2_greedy_equality(smollm2, batch):
     from test_real_models import PROMPTS, chat_batch, first_layers

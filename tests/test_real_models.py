@@ -33,12 +33,6 @@ def first_layers(model, n):
     return draft.eval()
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    # One thread: on a busy 2-core machine, two threads make every multi-row matmul stall.
-    return specdec.load_model("zoo:smollm2-135m-instruct", dtype=torch.float32)
-
-
 @pytest.mark.parametrize("batch", [1, 4])
 def test_smollm2_greedy_equality(smollm2, batch):
     model, tok = smollm2

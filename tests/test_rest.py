@@ -226,11 +226,6 @@ def test_budget_and_padding_in_propose():
 
 # ---------------------------------------------------------------------- greedy equality, SmolLM2
 @pytest.fixture(scope="module")
-def smollm2():
-    return specdec.load_model(SMOL, dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
 def humaneval_index(tmp_path_factory):
     path = tmp_path_factory.mktemp("rest") / "humaneval.npz"
     assert datastore_main(["build", "--tokenizer", SMOL, "--source", "humaneval", "--out", str(path)]) == 0
