@@ -15,21 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
 
 import specdec
+from gpu_speed import timed  # scripts/ is on sys.path when a script runs
 from specdec.drafters import PromptLookup
-
-
-def timed(fn):
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return out, time.perf_counter() - t
 
 
 def builtin(categories, per_category):

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from specdec.drafters.base import DecodeContext, Drafter
 from specdec.runner import ModelRunner
-from specdec.static import ChunkedLoop
+from specdec.static import ChunkedLoop, commit_step, verify_inputs
 from specdec.stats import PhaseTimer, SpecStats
 from specdec.verifiers.acceptance import SamplingParams, make_acceptance
 from specdec.verifiers.tree import DraftTree
@@ -224,22 +224,14 @@ class SpecEngine:
 
             # Verify: one target forward over [root, nodes]; nodes see the root and their ancestors.
             k = tree.num_nodes
-            anc, depth = tree.compile()
-            among = torch.ones(b, k + 1, k + 1, dtype=torch.bool, device=dev)
-            among[:, 0, 1:] = False
-            among[:, 1:, 1:] = anc
-            root_slot = seq_len - 1
-            slots = root_slot.unsqueeze(1) + torch.arange(k + 1, device=dev)
-            offsets = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), depth], dim=1)
-            positions = (root_slot - start).unsqueeze(1) + offsets
-            step_tokens = torch.cat([tokens.gather(1, root_slot.unsqueeze(1)), tree.tokens], dim=1)
+            v = verify_inputs(tree, tokens, seq_len, start)
             # Drafters may ask for the target's hidden states after some layer counts (DEL's shadows).
             exits = getattr(drafter, "collect_hidden", None) if draft_now else None
             layer_hidden = None
             if self._verifier is not None and k + 1 == self._verifier.tokens.shape[1] and not exits:
-                logits = self._verifier(step_tokens, positions, slots, among, ctx.max_seq_len + k)
+                logits = self._verifier(v.tokens, v.positions, v.slots, v.among, ctx.max_seq_len + k)
             else:
-                out = runner.forward(cache, step_tokens, positions, slots, among, view_len=ctx.max_seq_len + k,
+                out = runner.forward(cache, v.tokens, v.positions, v.slots, v.among, view_len=ctx.max_seq_len + k,
                                      contiguous=True, collect=exits)
                 logits, layer_hidden = out.logits, out.layer_hidden
             timer.lap("verify")
@@ -247,7 +239,7 @@ class SpecEngine:
             outcome = rule.accept(logits, tree, params)
             outcome.layer_hidden = layer_hidden
             emitted, count = outcome.emitted()  # [B, k + 1], [B]
-            proposed = (depth * tree.valid).max(dim=1).values if k else torch.zeros_like(count)
+            proposed = (v.depth * tree.valid).max(dim=1).values if k else torch.zeros_like(count)
             timer.lap("accept")
 
             # Host bookkeeping: the step's single sync.
@@ -272,14 +264,8 @@ class SpecEngine:
             timer.start()
 
             # Commit: kept tokens into the buffer, accepted nodes' K/V next to the prefix.
-            keep_t = torch.tensor(keep, device=dev)
-            write = seq_len.unsqueeze(1) + torch.arange(k + 1, device=dev)
-            old = tokens.gather(1, write)
-            tokens.scatter_(1, write, torch.where(torch.arange(k + 1, device=dev) < keep_t[:, None], emitted, old))
-            cache.lengths.copy_(seq_len)  # the root is now committed in the cache
-            cache.commit(root_slot.unsqueeze(1) + 1 + outcome.path.clamp(min=0), outcome.accept_len)
-            seq_len += keep_t
-            cache.lengths.copy_(seq_len - 1)
+            commit_step(tokens, cache, seq_len, v.root_slot, emitted, torch.tensor(keep, device=dev), outcome.path,
+                        outcome.accept_len)
             seq_host = [s + kk for s, kk in zip(seq_host, keep)]
             ctx.max_seq_len = max(seq_host)
             steps += 1

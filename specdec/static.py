@@ -23,6 +23,46 @@ from specdec.verifiers.tree import DraftTree
 
 
 @dataclass
+class VerifyInputs:
+    """What one verification forward reads: the root plus the tree's nodes, per row."""
+    tokens: Tensor  # [B, N + 1] root token, then node tokens
+    positions: Tensor  # [B, N + 1] root position, then root position + node depth
+    slots: Tensor  # [B, N + 1] cache slots from the root's slot on
+    among: Tensor  # [B, N + 1, N + 1] the root sees itself; nodes see the root and their ancestors
+    depth: Tensor  # [B, N] node depth (1 = child of the root)
+    root_slot: Tensor  # [B]
+
+
+def verify_inputs(tree: DraftTree, tokens: Tensor, seq_len: Tensor, start: Tensor) -> VerifyInputs:
+    """Lay out one step's verification: the root (last committed token) and the tree's nodes."""
+    b, k, dev = tokens.shape[0], tree.num_nodes, tokens.device
+    anc, depth = tree.compile()
+    among = torch.ones(b, k + 1, k + 1, dtype=torch.bool, device=dev)
+    among[:, 0, 1:] = False
+    among[:, 1:, 1:] = anc
+    root_slot = seq_len - 1
+    slots = root_slot.unsqueeze(1) + torch.arange(k + 1, device=dev)
+    offsets = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), depth], dim=1)
+    positions = (root_slot - start).unsqueeze(1) + offsets
+    step_tokens = torch.cat([tokens.gather(1, root_slot.unsqueeze(1)), tree.tokens], dim=1)
+    return VerifyInputs(step_tokens, positions, slots, among, depth, root_slot)
+
+
+def commit_step(tokens: Tensor, cache, seq_len: Tensor, root_slot: Tensor, emitted: Tensor, keep: Tensor,
+                path: Tensor, accept_len: Tensor) -> None:
+    """Write each row's first ``keep`` emitted tokens after its committed ones, move the accepted
+    nodes' K/V next to the prefix, and advance ``seq_len`` (in place) by ``keep``."""
+    ar = torch.arange(emitted.shape[1], device=tokens.device)
+    write = seq_len.unsqueeze(1) + ar
+    old = tokens.gather(1, write)
+    tokens.scatter_(1, write, torch.where(ar < keep.unsqueeze(1), emitted, old))
+    cache.lengths.copy_(seq_len)  # the root is now committed in the cache
+    cache.commit(root_slot.unsqueeze(1) + 1 + path.clamp(min=0), accept_len)
+    seq_len += keep
+    cache.lengths.copy_(seq_len - 1)
+
+
+@dataclass
 class ChunkResult:
     gained: Tensor  # [S, B] tokens each row gained per step of the chunk
     proposed: Tensor  # [S, B] draft tokens each row was offered per step
@@ -117,30 +157,16 @@ class ChunkedLoop:
 
     def _step(self, view: int, i: int) -> None:
         """One propose -> verify -> accept -> commit over static shapes; no host sync."""
-        ctx, cache, dev, k = self.ctx, self.cache, self.tokens.device, self.k
+        ctx, dev, k = self.ctx, self.tokens.device, self.k
         b = self.tokens.shape[0]
         ctx.max_seq_len = view - k  # static: drafters slice the token buffer to this
         tree = self.drafter.propose(ctx) if self.drafter is not None else DraftTree.empty(b, dev)
-        anc, depth = tree.compile()
-        among = torch.ones(b, k + 1, k + 1, dtype=torch.bool, device=dev)
-        among[:, 0, 1:] = False
-        among[:, 1:, 1:] = anc
-        root_slot = self.seq_len - 1
-        slots = root_slot.unsqueeze(1) + torch.arange(k + 1, device=dev)
-        offsets = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), depth], dim=1)
-        positions = (root_slot - self.start).unsqueeze(1) + offsets
-        step_tokens = torch.cat([self.tokens.gather(1, root_slot.unsqueeze(1)), tree.tokens], dim=1)
-        logits = self.forward(step_tokens, positions, slots, among, view)
+        v = verify_inputs(tree, self.tokens, self.seq_len, self.start)
+        logits = self.forward(v.tokens, v.positions, v.slots, v.among, view)
         outcome = self.rule.accept(logits, tree, self.params)
         emitted, count = outcome.emitted()
         count = count * self.active  # frozen rows gain nothing
-        ar = torch.arange(k + 1, device=dev)
-        write = self.seq_len.unsqueeze(1) + ar
-        old = self.tokens.gather(1, write)
-        self.tokens.scatter_(1, write, torch.where(ar < count.unsqueeze(1), emitted, old))
-        cache.lengths.copy_(self.seq_len)  # the root is committed
-        cache.commit(root_slot.unsqueeze(1) + 1 + outcome.path.clamp(min=0), outcome.accept_len * self.active)
-        self.seq_len += count
-        cache.lengths.copy_(self.seq_len - 1)
+        commit_step(self.tokens, self.cache, self.seq_len, v.root_slot, emitted, count, outcome.path,
+                    outcome.accept_len * self.active)
         self.gained[i].copy_(count)
-        self.proposed[i].copy_((depth * tree.valid).max(dim=1).values * self.active if k else count * 0)
+        self.proposed[i].copy_((v.depth * tree.valid).max(dim=1).values * self.active if k else count * 0)
