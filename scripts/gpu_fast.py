@@ -1,14 +1,17 @@
-"""GPU decode speed of the chunked, graph-captured path against HF, side by side in one process.
+"""GPU decode speed of specdec's fast path against HF, side by side in one process (issue 6).
 
-Methods, each on the same prompts (batch 1, greedy, bf16):
-  HF greedy `generate`, HF prompt lookup (`prompt_lookup_num_tokens`), the engine's eager loop,
-  the chunked loop captured as CUDA graphs (no drafter; prompt lookup), and the same with
-  `torch.compile` of the target's forward.
-Also: fp32 exactness of the chunked paths against HF, each bf16 output's first divergence from
-the same-engine no-drafter output with the top-2 logit gap there (in bf16 ulps), and the step
-time beside the bandwidth floor.
+Per prompt (batch 1, greedy, bf16, the same prompts for every method):
+  HF greedy ``generate``; HF prompt lookup (``prompt_lookup_num_tokens``); with ``--assistant``,
+  HF assisted generation; the engine's chunked loop as CUDA graphs ("graphed") and with
+  ``torch.compile`` ("compiled"), without a drafter and with prompt lookup; with ``--assistant``,
+  the engine with that model as a DraftModel drafter.
+Then: the compiled step's device time by phase beside the bandwidth floor; each bf16 output's
+first divergence from the same-engine no-drafter output with the top-2 logit gap there (in bf16
+ulps); fp32 exactness of the graphed paths against HF; and, with ``--batches``, a batch sweep.
 
     SPECDEC_GGUF_DIR=/tmp/stage python scripts/gpu_fast.py --out $OUT/fast.json
+    SPECDEC_GGUF_DIR=/tmp/stage python scripts/gpu_fast.py --model zoo:qwen2.5-coder-1.5b-instruct \
+        --assistant zoo:qwen2.5-coder-0.5b-instruct --out $OUT/qwen.json
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ import torch
 
 import specdec
 from gpu_speed import timed  # scripts/ is on sys.path when a script runs
-from specdec.drafters import PromptLookup
+from specdec.drafters import DraftModel, PromptLookup
+from specdec.perf import step_floor
 
 
 def builtin(categories, per_category):
@@ -30,115 +34,190 @@ def builtin(categories, per_category):
     return [p for c in categories for p in [q for q in items if q["category"] == c][:per_category]]
 
 
-def encode(tok, prompt):
-    text = tok.apply_chat_template([{"role": "user", "content": prompt["turns"][0]}], add_generation_prompt=True,
-                                   tokenize=False)
-    return tok(text, return_tensors="pt", add_special_tokens=False).to("cuda")
+def encode(tok, prompts):
+    texts = [tok.apply_chat_template([{"role": "user", "content": p["turns"][0]}], add_generation_prompt=True,
+                                     tokenize=False) for p in prompts]
+    return tok(texts, return_tensors="pt", add_special_tokens=False, padding=True).to("cuda")
 
 
-def gap_ulps(model, prefix, a, b):
-    """The model's own logit gap between tokens a and b after ``prefix``, in bf16 ulps of the top logit."""
+def top2(model, prefix):
+    """The model's top-2 logit gap after ``prefix``, in bf16 ulps of the top logit, and the top-2 ids."""
     with torch.no_grad():
         logits = model(prefix).logits[0, -1].float()
-    top = float(logits.max())
-    ulp = 2.0 ** (math.floor(math.log2(abs(top))) - 7)
-    return abs(float(logits[a] - logits[b])) / ulp
+    vals, ids = logits.topk(2)
+    ulp = 2.0 ** (math.floor(math.log2(abs(float(vals[0])))) - 7)
+    return float(vals[0] - vals[1]) / ulp, ids.tolist()
+
+
+def fp32_check(name, assistant, n_tokens=96):
+    """Graphed paths in fp32 against HF greedy: must be token-identical."""
+    model, tok = specdec.load_model(name, dtype="float32", device="cuda")
+    methods = {"graphed": lambda: specdec.wrap(model, cuda_graphs=True),
+               "graphed lookup": lambda: specdec.wrap(model, drafter=PromptLookup(8), cuda_graphs=True)}
+    if assistant is not None:
+        draft, _ = specdec.load_model(assistant, dtype="float32", device="cuda")
+        methods["draft model"] = lambda: specdec.wrap(model, drafter=DraftModel(draft, num_tokens=4), cuda_graphs=True)
+    out = []
+    for p in builtin(["editing", "coding"], 1):
+        enc = encode(tok, [p])
+        kw = dict(attention_mask=enc.attention_mask, max_new_tokens=n_tokens, do_sample=False)
+        ref = model.generate(enc.input_ids, **kw)
+        for method, make in methods.items():
+            got = make().generate(enc.input_ids, **kw)
+            out.append({"category": p["category"], "method": method, "equal": torch.equal(got, ref)})
+    print("fp32 exact:", out, flush=True)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def per_prompt(args, model, tok, assistant):
+    steps, compile_ = args.chunk_steps, not args.no_compile
+    methods = {"graphed": specdec.wrap(model, cuda_graphs=True, chunk_steps=steps),
+               "graphed lookup": specdec.wrap(model, drafter=PromptLookup(8), cuda_graphs=True, chunk_steps=steps)}
+    if compile_:
+        methods["compiled"] = specdec.wrap(model, cuda_graphs=True, chunk_steps=steps, compile=True)
+        methods["compiled lookup"] = specdec.wrap(model, drafter=PromptLookup(8), cuda_graphs=True,
+                                                  chunk_steps=steps, compile=True)
+    if assistant is not None:
+        methods["draft model"] = specdec.wrap(model, drafter=DraftModel(assistant, num_tokens=4), cuda_graphs=True)
+    base_name = "compiled" if compile_ else "graphed"
+    hf = {"hf": {}, "hf lookup": {"prompt_lookup_num_tokens": 8}}
+    if assistant is not None:
+        hf["hf assisted"] = {"assistant_model": assistant}
+    rows, warm = [], False
+    for p in builtin(args.categories, args.per_category):
+        enc = encode(tok, [p])
+        t0 = enc.input_ids.shape[1]
+        kw = dict(attention_mask=enc.attention_mask, max_new_tokens=args.max_new_tokens, do_sample=False)
+        row = {"category": p["category"], "question_id": p["question_id"], "prompt_tokens": t0}
+        for name, extra in hf.items():
+            if not warm:
+                model.generate(enc.input_ids, **kw, **extra)
+            out, s = timed(lambda: model.generate(enc.input_ids, **kw, **extra))
+            row[name] = {"tok_s": (out.shape[1] - t0) / s, "new": out.shape[1] - t0}
+        warm = True
+        outputs = {}
+        for name, spec in methods.items():
+            spec.generate(enc.input_ids, **kw)  # untimed: captures (and compiles) this prompt's view buckets
+            out, s = timed(lambda: spec.generate(enc.input_ids, return_dict_in_generate=True, **kw))
+            st = out.spec_stats
+            outputs[name] = out.sequences[0, t0:]
+            row[name] = {"tok_s": len(outputs[name]) / s, "tau": st.tau, "steps": st.num_steps,
+                         "ms_per_step": 1e3 * s / st.num_steps, "new": len(outputs[name])}
+        for name, new in outputs.items():  # first divergence from the same-engine no-drafter output
+            if name == "graphed":
+                continue
+            base = outputs["compiled" if name == "compiled lookup" else "graphed"]
+            m = min(len(new), len(base))
+            diff = (new[:m] != base[:m]).nonzero()
+            if len(diff):
+                i = int(diff[0])
+                prefix = torch.cat([enc.input_ids[0], base[:i]]).unsqueeze(0)
+                gap, ids = top2(model, prefix)
+                row[name]["divergence"] = {"index": i, "gap_ulps": gap,
+                                           "top2": sorted(ids) == sorted([int(new[i]), int(base[i])])}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    profile = {}
+    for name in (base_name, base_name + " lookup"):
+        profile[name] = methods[name].engine.step_profile()
+    ctx = max(r["prompt_tokens"] for r in rows) + args.max_new_tokens // 2
+    floor = step_floor(model, batch=1, context=ctx)
+    return rows, profile, floor, list(methods), list(hf), base_name
+
+
+def batch_sweep(args, model, tok):
+    """Throughput and τ at several batch sizes: graphed baseline, graphed lookup, and lookup with
+    the batch-size policy (``max_draft_batch``) switching drafting off above it."""
+    prompts = builtin(args.categories, 8)
+    out = []
+    for b in args.batches:
+        batch = (prompts * (b // len(prompts) + 1))[:b]
+        enc = encode(tok, batch)
+        kw = dict(attention_mask=enc.attention_mask, max_new_tokens=args.batch_tokens, do_sample=False)
+        methods = {"baseline": specdec.wrap(model, cuda_graphs=True, chunk_steps=args.chunk_steps),
+                   "lookup": specdec.wrap(model, drafter=PromptLookup(8), cuda_graphs=True, chunk_steps=args.chunk_steps),
+                   f"lookup max_draft_batch={args.policy}": specdec.wrap(
+                       model, drafter=PromptLookup(8), cuda_graphs=True, chunk_steps=args.chunk_steps,
+                       max_draft_batch=args.policy)}
+        row = {"batch": b}
+        model.generate(enc.input_ids, **kw)
+        ref, s = timed(lambda: model.generate(enc.input_ids, **kw))
+        row["hf"] = {"tok_s": b * args.batch_tokens / s}
+        for name, spec in methods.items():
+            spec.generate(enc.input_ids, **kw)
+            res, s = timed(lambda: spec.generate(enc.input_ids, return_dict_in_generate=True, **kw))
+            st = res.spec_stats
+            row[name] = {"tok_s": sum(st.new_tokens) / s, "tau": st.tau, "undrafted": st.undrafted_steps,
+                         "steps": st.num_steps}
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="zoo:smollm2-135m-instruct")
+    ap.add_argument("--assistant", default=None, help="draft model: HF assisted generation and specdec DraftModel")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--categories", nargs="+", default=["editing", "summarization", "coding", "qa"])
-    ap.add_argument("--per-category", type=int, default=2)
+    ap.add_argument("--per-category", type=int, default=1)
     ap.add_argument("--chunk-steps", type=int, default=8)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-fp32", action="store_true")
+    ap.add_argument("--batches", type=int, nargs="*", default=[])
+    ap.add_argument("--batch-tokens", type=int, default=128)
+    ap.add_argument("--policy", type=int, default=4, help="max_draft_batch for the batch sweep's policy run")
     ap.add_argument("--out", default="fast.json")
     args = ap.parse_args()
-    report = {"model": args.model, "max_new_tokens": args.max_new_tokens, "device": torch.cuda.get_device_name(),
-              "torch": torch.__version__}
-
-    # fp32 exactness of the chunked paths (CUDA graphs), against HF greedy.
-    model32, tok = specdec.load_model(args.model, dtype="float32", device="cuda")
-    exact = []
-    for p in builtin(["editing", "coding"], 1):
-        enc = encode(tok, p)
-        kw = dict(attention_mask=enc.attention_mask, max_new_tokens=96, do_sample=False)
-        ref = model32.generate(enc.input_ids, **kw)
-        for name, spec in {"graphed": specdec.wrap(model32, cuda_graphs=True),
-                           "graphed lookup": specdec.wrap(model32, drafter=PromptLookup(8), cuda_graphs=True)}.items():
-            out = spec.generate(enc.input_ids, **kw)
-            exact.append({"category": p["category"], "method": name, "equal": torch.equal(out, ref)})
-    report["fp32_exact"] = exact
-    print("fp32 exact:", exact, flush=True)
-    del model32
-    torch.cuda.empty_cache()
+    report = {"model": args.model, "assistant": args.assistant, "max_new_tokens": args.max_new_tokens,
+              "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if not args.no_fp32:
+        report["fp32_exact"] = fp32_check(args.model, args.assistant)
 
     model, tok = specdec.load_model(args.model, dtype="bfloat16", device="cuda")
-    steps = args.chunk_steps
-    methods = {
-        "engine eager": specdec.wrap(model),
-        "graphed": specdec.wrap(model, cuda_graphs=True, chunk_steps=steps),
-        "graphed lookup": specdec.wrap(model, drafter=PromptLookup(8), cuda_graphs=True, chunk_steps=steps),
-    }
-    if not args.no_compile:
-        methods["compiled"] = specdec.wrap(model, cuda_graphs=True, chunk_steps=steps, compile=True)
-        methods["compiled lookup"] = specdec.wrap(model, drafter=PromptLookup(8), cuda_graphs=True,
-                                                  chunk_steps=steps, compile=True)
-    rows = []
-    for p in builtin(args.categories, args.per_category):
-        enc = encode(tok, p)
-        t0 = enc.input_ids.shape[1]
-        kw = dict(attention_mask=enc.attention_mask, max_new_tokens=args.max_new_tokens, do_sample=False)
-        model.generate(enc.input_ids, **kw)
-        ref, hf_s = timed(lambda: model.generate(enc.input_ids, **kw))
-        row = {"category": p["category"], "question_id": p["question_id"], "hf": (ref.shape[1] - t0) / hf_s}
-        model.generate(enc.input_ids, prompt_lookup_num_tokens=8, **kw)
-        hfl, hfl_s = timed(lambda: model.generate(enc.input_ids, prompt_lookup_num_tokens=8, **kw))
-        row["hf lookup"] = (hfl.shape[1] - t0) / hfl_s
-        base = None
-        for name, spec in methods.items():
-            spec.generate(enc.input_ids, **kw)  # warm-up: captures (and compiles) this prompt's buckets
-            out, s = timed(lambda: spec.generate(enc.input_ids, return_dict_in_generate=True, **kw))
-            new = out.sequences[0, t0:]
-            st = out.spec_stats
-            entry = {"tok_s": len(new) / s, "tau": st.tau, "steps": st.num_steps, "ms_per_step": 1e3 * s / st.num_steps}
-            if name in ("graphed", "compiled"):
-                base = new if name == "graphed" else base
-            if base is not None and name != "graphed":
-                m = min(len(new), len(base))
-                diff = (new[:m] != base[:m]).nonzero()
-                if len(diff):
-                    i = int(diff[0])
-                    entry["first_divergence"] = i
-                    entry["gap_ulps"] = gap_ulps(model, out.sequences[:, : t0 + i], int(new[i]), int(base[i]))
-            row[name] = entry
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    report["rows"] = rows
+    tok.padding_side = "left"
+    assistant = specdec.load_model(args.assistant, dtype="bfloat16", device="cuda")[0] if args.assistant else None
+    rows, profile, floor, names, hf_names, base_name = per_prompt(args, model, tok, assistant)
+    report.update(rows=rows, step_profile=profile, floor_ms=floor.ms, floor_bytes=floor.bytes)
+    if args.batches:
+        report["batch_sweep"] = batch_sweep(args, model, tok)
     Path(args.out).write_text(json.dumps(report, indent=1))
 
-    names = list(methods)
-    print(f"\n{args.model}, bf16, batch 1, {args.max_new_tokens} new tokens, chunk {steps} steps")
-    print("| category | HF tok/s | HF lookup tok/s | " + " | ".join(f"{n} tok/s" for n in names)
-          + " | graphed × HF | best × HF | lookup × same-engine baseline | lookup × HF lookup |")
-    print("|---" * (len(names) + 7) + "|")
+    lk = base_name + " lookup"
+    print(f"\n{args.model}, bf16, batch 1, {args.max_new_tokens} new tokens, chunk {args.chunk_steps} steps")
+    cols = hf_names + names
+    print("| prompt | " + " | ".join(f"{n} tok/s" for n in cols)
+          + f" | {base_name} × HF | lookup × {base_name} (τ) | lookup × HF lookup |"
+          + (" draft model × HF assisted |" if "hf assisted" in hf_names else ""))
+    print("|---" * (len(cols) + 4 + ("hf assisted" in hf_names)) + "|")
     for r in rows:
-        best_base = max(r[n]["tok_s"] for n in names if "lookup" not in n and n != "engine eager")
-        lk = "compiled lookup" if "compiled lookup" in r else "graphed lookup"
-        bs = "compiled" if "compiled" in r else "graphed"
-        print(f"| {r['category']} | {r['hf']:.1f} | {r['hf lookup']:.1f} | "
-              + " | ".join(f"{r[n]['tok_s']:.0f}" for n in names)
-              + f" | {r['graphed']['tok_s'] / r['hf']:.1f} | {best_base / r['hf']:.1f} "
-              f"| {r[lk]['tok_s'] / r[bs]['tok_s']:.2f} (τ {r[lk]['tau']:.2f}) | {r[lk]['tok_s'] / r['hf lookup']:.1f} |")
+        line = (f"| {r['category']} {r['question_id']} | " + " | ".join(f"{r[n]['tok_s']:.1f}" for n in cols)
+                + f" | {r[base_name]['tok_s'] / r['hf']['tok_s']:.1f} | {r[lk]['tok_s'] / r[base_name]['tok_s']:.2f} "
+                f"(τ {r[lk]['tau']:.2f}) | {r[lk]['tok_s'] / r['hf lookup']['tok_s']:.1f} |")
+        if "hf assisted" in hf_names:
+            line += f" {r['draft model']['tok_s'] / r['hf assisted']['tok_s']:.2f} (τ {r['draft model']['tau']:.2f}) |"
+        print(line)
+    pooled = {n: sum(r[n]["new"] for r in rows) / sum(r[n]["new"] / r[n]["tok_s"] for r in rows) for n in cols}
+    print("| **pooled** | " + " | ".join(f"{pooled[n]:.1f}" for n in cols)
+          + f" | {pooled[base_name] / pooled['hf']:.1f} | {pooled[lk] / pooled[base_name]:.2f} | "
+          f"{pooled[lk] / pooled['hf lookup']:.1f} |")
     for r in rows:
         for n in names:
-            if "first_divergence" in r[n]:
-                print(f"divergence {r['category']}/{r['question_id']} {n}: token {r[n]['first_divergence']}, "
-                      f"top-2 gap {r[n]['gap_ulps']:.2f} bf16 ulps")
+            if "divergence" in r[n]:
+                d = r[n]["divergence"]
+                print(f"divergence {r['category']}/{r['question_id']} {n}: token {d['index']}, top-2 gap "
+                      f"{d['gap_ulps']:.2f} bf16 ulps, tokens are the top two: {d['top2']}")
     for n in names:
         ms = sum(r[n]["ms_per_step"] for r in rows) / len(rows)
-        print(f"{n}: {ms:.2f} ms per step (bandwidth floor 0.09 ms for SmolLM2 bf16)")
+        print(f"{n}: {ms:.2f} ms per step (wall)")
+    for n, ph in profile.items():
+        if ph:
+            print(f"{n} device ms per step: " + ", ".join(f"{k} {v:.3f}" for k, v in ph.items())
+                  + f" = {sum(ph.values()):.3f}; bandwidth floor {floor.ms:.3f} ms ({floor.bytes / 1e6:.0f} MB)")
+    for r in report.get("batch_sweep", []):
+        print(json.dumps(r))
 
 
 if __name__ == "__main__":

@@ -61,14 +61,14 @@ class SpecDecoder:
 
     def __init__(self, model, drafter=None, acceptance: str | None = None, attention: str = "auto",
                  max_draft_batch: int | None = None, cuda_graphs: bool = False, chunk_steps: int | None = None,
-                 compile: bool = False):
+                 compile: bool = False, fuse: bool | None = None):
         if isinstance(drafter, str):
             drafter = make_drafter(drafter)
         self.__dict__["model"] = model
         self.__dict__["drafter"] = drafter
         self.__dict__["engine"] = SpecEngine(model, drafter=drafter, acceptance=acceptance, attention=attention,
                                              max_draft_batch=max_draft_batch, cuda_graphs=cuda_graphs,
-                                             chunk_steps=chunk_steps, compile=compile)
+                                             chunk_steps=chunk_steps, compile=compile, fuse=fuse)
 
     def __getattr__(self, name):
         return getattr(self.__dict__["model"], name)
@@ -174,7 +174,7 @@ class SpecDecoder:
 
 def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "auto",
          max_draft_batch: int | None = None, cuda_graphs: bool = False, chunk_steps: int | None = None,
-         compile: bool = False) -> SpecDecoder:
+         compile: bool = False, fuse: bool | None = None) -> SpecDecoder:
     """Wrap an HF causal LM for speculative decoding.
 
     ``drafter`` is a Drafter instance, a registered name (``"lookup"``), or None for plain
@@ -187,7 +187,10 @@ def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "a
     decoding with no drafter or a graph-safe one (prompt lookup) then captures whole chunks of
     steps. ``chunk_steps``: steps decoded per host sync in that mode (default 8 with
     cuda_graphs, else 1); the host applies stopping rules after each chunk and cuts the rest.
-    ``compile``: also ``torch.compile`` the target's forward inside those chunks.
+    ``compile``: also ``torch.compile`` the target's forward inside those chunks. ``fuse``: merge
+    each layer's q/k/v and gate/up projections into one matmul each (``specdec.fused``; the
+    model's own modules then read views of the merged weights, so HF ``generate`` still works);
+    default None: on unless a projection is not a plain ``nn.Linear`` (LoRA, quantised layers).
 
     Example::
 
@@ -197,4 +200,4 @@ def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "a
     """
     return SpecDecoder(model, drafter=drafter, acceptance=acceptance, attention=attention,
                        max_draft_batch=max_draft_batch, cuda_graphs=cuda_graphs, chunk_steps=chunk_steps,
-                       compile=compile)
+                       compile=compile, fuse=fuse)

@@ -110,8 +110,9 @@ class SpecEngine:
 
     def __init__(self, model, drafter: Drafter | None = None, acceptance: str | None = None, attention: str = "auto",
                  max_draft_batch: int | None = None, cuda_graphs: bool = False, chunk_steps: int | None = None,
-                 compile: bool = False):
-        self.runner = ModelRunner(model, attention=attention)
+                 compile: bool = False, fuse: bool | None = None):
+        # Fused q/k/v and gate/up projections (specdec.fused); None: wherever the layers allow.
+        self.runner = ModelRunner(model, attention=attention, fuse=fuse)
         if cuda_graphs and self.runner.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         if chunk_steps is not None and chunk_steps < 1:
@@ -126,6 +127,7 @@ class SpecEngine:
         self._cache = None
         self._verifier = None
         self._loop: ChunkedLoop | None = None
+        self._reserved: tuple[int, int] | None = None  # (batch, capacity) set by reserve()
         self.drafter = drafter
         # Like vLLM's disable_by_batch_size: with more active rows than this, a step verifies the
         # root only (drafting rarely pays once the target's step is no longer launch-bound).
@@ -137,6 +139,25 @@ class SpecEngine:
                     raise TypeError(f"{type(drafter).__name__} is not a Drafter: it has no {member!r}")
             if hasattr(drafter, "check_target"):
                 drafter.check_target(self.runner)
+
+    def reserve(self, batch: int, max_length: int) -> None:
+        """Size the cache of ``batch``-row calls for ``max_length`` tokens (prompt plus new ones)
+        and, with cuda_graphs, capture every chunk graph up to it on the next call: later calls up
+        to that length then reuse the cache and never capture (or compile) while decoding.
+        Benchmarks call this before timing."""
+        scratch = max(getattr(self.drafter, "num_nodes", 0), getattr(self.drafter, "scratch_slots", 0))
+        k = getattr(self.drafter, "num_nodes", 0)
+        capacity = max_length + scratch + 2 + self.chunk_steps * (k + 1)
+        self._reserved = (batch, -(-capacity // 512) * 512 if self.cuda_graphs else capacity)
+
+    def step_profile(self, reps: int = 50) -> dict[str, float] | None:
+        """Device milliseconds per step, by phase (draft, verify, accept, commit), of the captured
+        chunked loop at the state the last greedy call left it in; None when no such loop ran."""
+        loop = self._loop
+        if loop is None or not loop.graphs or loop.ctx is None:
+            return None
+        upper = int(loop.seq_len.max())
+        return loop.phase_times(min(upper, loop.tokens.shape[1] - loop.growth - loop.k - 1), reps=reps)
 
     def _rule(self, params: SamplingParams):
         name = self.acceptance_name or ("speculative" if params.do_sample else "greedy")
@@ -153,7 +174,7 @@ class SpecEngine:
         sees each step's kept tokens (streaming)."""
         runner, drafter, rule = self.runner, self.drafter, self._rule(params)
         dev = runner.device
-        chunked = (self.chunk_steps > 1 and not params.do_sample and self.max_draft_batch is None
+        chunked = (self.chunk_steps > 1 and not params.do_sample
                    and (drafter is None or getattr(drafter, "graph_safe", False)))
         input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
         b = input_ids.shape[0]
@@ -164,6 +185,8 @@ class SpecEngine:
         capacity = width + max_new_tokens + scratch + 1
         if chunked:  # a finished row may run on to the end of its chunk
             capacity += self.chunk_steps * (n_nodes + 1)
+        if self._reserved is not None and self._reserved[0] == b:
+            capacity = max(capacity, self._reserved[1])
         if self.cuda_graphs:  # round up so that later calls can reuse the cache and its graphs
             capacity = -(-capacity // 512) * 512
         wall0 = time.perf_counter()
@@ -207,9 +230,16 @@ class SpecEngine:
             ctx.max_seq_len = width
             if drafter is not None:
                 drafter.begin(ctx)
-            steps = self._run_chunks(self._loop, width, max_new_tokens, eos_ids, stop_fn, on_tokens, prompts,
-                                     generated, gained, offered, active, timer)
-            drafts = steps if drafter is not None else 0
+            if self._reserved is not None and self._reserved[0] == b:  # capture every view bucket up front
+                upper = capacity - self._loop.growth - n_nodes - 1
+                self._loop.prepare(upper, draft=True)
+                if drafter is not None and self.max_draft_batch is not None and self.max_draft_batch < b:
+                    self._loop.prepare(upper, draft=False)
+            steps, drafts, undrafted = self._run_chunks(
+                self._loop, width, max_new_tokens, eos_ids, stop_fn, on_tokens, prompts, generated, gained, offered,
+                active, timer, self.max_draft_batch)
+            if drafter is None:
+                drafts = undrafted = 0
         ctx = DecodeContext(target=runner, tokens=tokens, seq_len=seq_len, start=start, params=params,
                             max_seq_len=width, capacity=capacity, cache=cache)
         if drafter is not None and not chunked:
@@ -285,20 +315,23 @@ class SpecEngine:
 
     @staticmethod
     def _run_chunks(loop: ChunkedLoop, width, max_new_tokens, eos_ids, stop_fn, on_tokens, prompts, generated,
-                    gained, offered, active, timer) -> int:
-        """Decode with ``loop`` until every row stops; the host reads once per chunk. Returns steps run."""
+                    gained, offered, active, timer, max_draft_batch) -> tuple[int, int, int]:
+        """Decode with ``loop`` until every row stops; the host reads once per chunk.
+        Returns (steps, drafted steps, undrafted steps)."""
         b, dev = len(active), loop.tokens.device
         grow = torch.arange(loop.growth, device=dev)
-        seq_host, steps = [width] * b, 0
+        seq_host, steps, drafted = [width] * b, 0, 0
         while any(active):
             timer.start()
             before = loop.seq_len.clone()
-            result = loop.run_chunk(max(seq_host))
+            draft = max_draft_batch is None or sum(active) <= max_draft_batch
+            result = loop.run_chunk(max(seq_host), draft=draft)
             timer.lap("verify")  # propose, verify, accept and commit all run inside the chunk
             new = loop.tokens.gather(1, (before.unsqueeze(1) + grow).clamp(max=loop.tokens.shape[1] - 1))
             host = torch.cat([result.gained.T, result.proposed.T, new], dim=1).tolist()
             s = loop.steps
             steps += s
+            drafted += s if draft else 0
             stopped = False
             for r in range(b):
                 if not active[r]:
@@ -325,4 +358,4 @@ class SpecEngine:
                         break
             if stopped:
                 loop.active.copy_(torch.tensor(active, dtype=torch.long))
-        return steps
+        return steps, drafted, steps - drafted

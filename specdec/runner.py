@@ -23,6 +23,7 @@ from torch import Tensor
 from transformers import AttentionInterface
 
 from specdec.cache import KVCache
+from specdec.fused import FusedLayers, unfusable
 from specdec.kernels import masked_attention_reference, tree_attention
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
@@ -72,7 +73,7 @@ class ModelRunner:
         out = runner.forward(cache, tokens, positions, slots, among, view_len=64)
     """
 
-    def __init__(self, model, attention: str = "auto"):
+    def __init__(self, model, attention: str = "auto", fuse: bool | None = False):
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
         config = getattr(model, "config", None)
@@ -98,6 +99,17 @@ class ModelRunner:
         self.num_layers = len(self.layers)
         self.windows = [self._window(layer) for layer in self.layers]
         self.attention = attention
+        # Merge the q/k/v and gate/up projections of every layer (specdec.fused): fewer kernel
+        # launches per step; HF's modules keep working on views of the merged weights.
+        # fuse=None: fuse when every projection is a plain Linear (not a LoRA or quantised layer).
+        self.fused = None
+        if fuse is None:
+            fuse = unfusable(self.layers) is None
+        if fuse:  # one fused copy per model, shared by every runner (and wrap) over it
+            self.fused = getattr(model, "_specdec_fused", None)
+            if self.fused is None or not self.fused.current(self.layers):
+                self.fused = FusedLayers(self.layers)
+                model.__dict__["_specdec_fused"] = self.fused
 
     def _window(self, layer) -> int | None:
         """Sliding-window size of one layer, or None for full attention."""
@@ -173,9 +185,13 @@ class ModelRunner:
         kept: list[Tensor | None] = [None] * len(wanted)
         with self._our_attention():
             for run, i in enumerate(layer_ids, start=1):
-                extra = {"specdec_tree": kernel} if kernel is not None and self.windows[i] is None else {}
-                hidden = self.layers[i](hidden, attention_mask=masks.get(self.windows[i]), position_ids=positions,
-                                        past_key_values=cache, use_cache=True, position_embeddings=rope, **extra)
+                tree, mask_i = (kernel if self.windows[i] is None else None), masks.get(self.windows[i])
+                if self.fused is not None:
+                    hidden = self.fused.run(i, hidden, rope, cache, mask_i, _specdec_attention, tree=tree)
+                else:
+                    extra = {"specdec_tree": tree} if tree is not None else {}
+                    hidden = self.layers[i](hidden, attention_mask=mask_i, position_ids=positions,
+                                            past_key_values=cache, use_cache=True, position_embeddings=rope, **extra)
                 if run in wanted:
                     kept[wanted[run]] = hidden
         if any(h is None for h in kept):

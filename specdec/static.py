@@ -93,10 +93,19 @@ class ChunkedLoop:
         self.active = torch.ones(b, dtype=torch.long, device=dev)
         self.gained = torch.zeros(steps, b, dtype=torch.long, device=dev)
         self.proposed = torch.zeros(steps, b, dtype=torch.long, device=dev)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (view, drafting) -> graph
         self.ctx: DecodeContext | None = None
         # torch.compile of the target's forward (dense-mask attention, which Inductor fuses);
         # the chunk graph then replays the compiled kernels.
+        if compile:
+            # Each view bucket (and each loop) is one more compiled variant; past dynamo's default
+            # limit of 8 it would quietly fall back to eager.
+            from torch import _dynamo
+
+            dynamo = _dynamo.config
+            dynamo.cache_size_limit = max(dynamo.cache_size_limit, 128)
+            if hasattr(dynamo, "accumulated_cache_size_limit"):
+                dynamo.accumulated_cache_size_limit = max(dynamo.accumulated_cache_size_limit, 1024)
         self.forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
         self.compiled = compile
 
@@ -124,49 +133,126 @@ class ChunkedLoop:
         need = upper + self.growth + self.k + 1
         return min(-(-need // self.bucket) * self.bucket, self.tokens.shape[1])
 
-    def run_chunk(self, upper: int) -> ChunkResult:
-        """Decode ``steps`` steps; ``upper`` bounds every row's committed length (host side)."""
+    def run_chunk(self, upper: int, draft: bool = True) -> ChunkResult:
+        """Decode ``steps`` steps; ``upper`` bounds every row's committed length (host side).
+        ``draft=False`` verifies the root alone (the batch-size policy switched drafting off)."""
         view = self.view_for(upper)
+        draft = draft and self.drafter is not None
         if not self.graphs:
-            self._chunk(view)
+            self._chunk(view, draft)
         else:
-            if view not in self._graphs:
-                self._capture(view)
-            self._graphs[view].replay()
+            if (view, draft) not in self._graphs:
+                self._capture(view, draft)
+            self._graphs[view, draft].replay()
         return ChunkResult(self.gained, self.proposed)
 
-    def _capture(self, view: int) -> None:
+    def prepare(self, upper: int, draft: bool = True) -> int:
+        """Capture now every chunk graph that rows up to ``upper`` committed slots can need, so
+        that no capture (nor compile) lands inside a timed decode. Returns how many were new."""
+        if not self.graphs:
+            return 0
+        draft = draft and self.drafter is not None
+        first = self.view_for(int(self.seq_len.max()))
+        views = range(first, self.view_for(upper) + 1, self.bucket)
+        new = [v for v in views if (v, draft) not in self._graphs]
+        for view in new:
+            self._capture(view, draft)
+        return len(new)
+
+    def _state(self) -> list[Tensor]:
+        return [self.tokens, self.seq_len, self.cache.lengths, self.gained, self.proposed]
+
+    def _capture(self, view: int, draft: bool) -> None:
         # Warm up (Triton compiles, cuBLAS picks kernels) on real state, then put the state back:
         # a chunk moves tokens, lengths and K/V, and capture itself runs nothing.
-        saved = [t.clone() for t in (self.tokens, self.seq_len, self.cache.lengths)]
+        saved = [t.clone() for t in self._state()]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._chunk(view)
+            self._chunk(view, draft)
         torch.cuda.current_stream().wait_stream(side)
-        for t, s in zip((self.tokens, self.seq_len, self.cache.lengths), saved):
+        for t, s in zip(self._state(), saved):
             t.copy_(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._chunk(view)
-        self._graphs[view] = graph
+            self._chunk(view, draft)
+        self._graphs[view, draft] = graph
 
-    def _chunk(self, view: int) -> None:
+    def _chunk(self, view: int, draft: bool) -> None:
         for i in range(self.steps):
-            self._step(view, i)
+            self._commit(i, *self._accept(*self._verify(view, self._draft(view, draft))))
 
-    def _step(self, view: int, i: int) -> None:
-        """One propose -> verify -> accept -> commit over static shapes; no host sync."""
-        ctx, dev, k = self.ctx, self.tokens.device, self.k
-        b = self.tokens.shape[0]
-        ctx.max_seq_len = view - k  # static: drafters slice the token buffer to this
-        tree = self.drafter.propose(ctx) if self.drafter is not None else DraftTree.empty(b, dev)
+    # One step, phase by phase: propose -> verify -> accept -> commit over static shapes, no host sync.
+    def _draft(self, view: int, draft: bool) -> DraftTree:
+        self.ctx.max_seq_len = view - self.k  # static: drafters slice the token buffer to this
+        if draft:
+            return self.drafter.propose(self.ctx)
+        return DraftTree.empty(self.tokens.shape[0], self.tokens.device)
+
+    def _verify(self, view: int, tree: DraftTree) -> tuple[DraftTree, VerifyInputs, Tensor]:
         v = verify_inputs(tree, self.tokens, self.seq_len, self.start)
-        logits = self.forward(v.tokens, v.positions, v.slots, v.among, view)
+        return tree, v, self.forward(v.tokens, v.positions, v.slots, v.among, view)
+
+    def _accept(self, tree: DraftTree, v: VerifyInputs, logits: Tensor):
         outcome = self.rule.accept(logits, tree, self.params)
         emitted, count = outcome.emitted()
-        count = count * self.active  # frozen rows gain nothing
+        return tree, v, outcome, emitted, count * self.active  # frozen rows gain nothing
+
+    def _commit(self, i: int, tree: DraftTree, v: VerifyInputs, outcome, emitted: Tensor, count: Tensor) -> None:
         commit_step(self.tokens, self.cache, self.seq_len, v.root_slot, emitted, count, outcome.path,
                     outcome.accept_len * self.active)
         self.gained[i].copy_(count)
-        self.proposed[i].copy_((v.depth * tree.valid).max(dim=1).values * self.active if k else count * 0)
+        if tree.num_nodes:
+            self.proposed[i].copy_((v.depth * tree.valid).max(dim=1).values * self.active)
+        else:
+            self.proposed[i].zero_()
+
+    def phase_times(self, upper: int, draft: bool = True, reps: int = 50) -> dict[str, float]:
+        """Device milliseconds of one step's phases at the current state: draft, verify, accept and
+        commit, each captured as its own CUDA graph and replayed ``reps`` times (CUDA only).
+
+        The decode itself fuses them into one chunk graph; this splits the same work apart to say
+        where a step's time goes. The state is put back afterwards.
+        """
+        if not self.tokens.is_cuda:
+            raise ValueError("phase_times needs CUDA")
+        view = self.view_for(upper)
+        draft = draft and self.drafter is not None
+        saved = [t.clone() for t in self._state()]
+        box: dict = {}
+
+        def restore():
+            for t, s in zip(self._state()[1:3], saved[1:3]):
+                t.copy_(s)
+        phases = {
+            "draft": lambda: box.__setitem__("tree", self._draft(view, draft)),
+            "verify": lambda: box.__setitem__("v", self._verify(view, box["tree"])),
+            "accept": lambda: box.__setitem__("a", self._accept(*box["v"])),
+            "commit": lambda: (restore(), self._commit(0, *box["a"])),
+            "restore": restore,  # replayed alone, then taken off the commit's time
+        }
+        graphs = {}
+        for name, fn in phases.items():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graphs[name] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graphs[name]):
+                fn()
+        ms = {}
+        for name, graph in graphs.items():
+            graph.replay()
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(reps):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            ms[name] = begin.elapsed_time(end) / reps
+        ms["commit"] = max(0.0, ms["commit"] - ms.pop("restore"))
+        for t, s in zip(self._state(), saved):
+            t.copy_(s)
+        torch.cuda.synchronize()
+        return ms

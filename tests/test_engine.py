@@ -179,3 +179,80 @@ def test_chunked_loop_stops_at_eos_mid_chunk():
                                                      eos_token_id=eos, return_dict_in_generate=True)
     assert torch.equal(out.sequences, ref)
     assert out.spec_stats.new_tokens[0] < 12  # row 0 stopped inside a chunk
+
+
+def test_batch_size_policy_in_the_chunked_loop():
+    # The same policy, decided per chunk: while all four rows run, chunks go undrafted; once one
+    # row stops, the three left draft again. Output stays exactly HF's.
+    model = make_tiny("llama", vocab_size=32, init_range=1.0, num_layers=1)
+    ids, mask = ragged_batch([6, 2, 11, 4], 32, seed=3)
+    free = hf_greedy(model, ids, mask, max_new_tokens=40, eos_token_id=None)[:, ids.shape[1]:]
+
+    def firsts(t):  # where each row first emits t, sorted
+        return sorted(next((i for i, x in enumerate(row) if x == t), 99) for row in free.tolist())
+    # An EOS that one row emits early and every other row much later (or never).
+    eos = next(t for t in range(32) if firsts(t)[0] <= 8 and firsts(t)[1] >= firsts(t)[0] + 12)
+    ref = hf_greedy(model, ids, mask, max_new_tokens=40, eos_token_id=eos)
+    out = specdec.wrap(model, drafter=PromptLookup(num_tokens=4, max_ngram=2), chunk_steps=4, max_draft_batch=3
+                       ).generate(ids, attention_mask=mask, max_new_tokens=40, pad_token_id=0, eos_token_id=eos,
+                                  return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    stats = out.spec_stats
+    assert 0 < stats.undrafted_steps < stats.num_steps and stats.undrafted_steps % 4 == 0
+    assert stats.draft_forwards == stats.num_steps - stats.undrafted_steps
+    first = stats.undrafted_steps  # the undrafted chunks come first, while all four rows run
+    assert all(n == 1 for r in stats.accepted_lengths for n in r[:first])
+    assert max(n for r in stats.accepted_lengths for n in r[first:]) > 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_projections_give_the_same_numbers(arch):
+    """Merged q/k/v and gate/up weights: identical logits, and HF generate on the same model
+    (whose modules now read views of the merged weights) is unchanged."""
+    from specdec.runner import ModelRunner
+
+    model = make_tiny(arch, attention_bias=True) if arch != "qwen3" else make_tiny(arch)
+    ids, mask = ragged_batch([5, 9, 7], model.config.vocab_size, seed=2)
+    ref = hf_greedy(model, ids, mask, max_new_tokens=16, eos_token_id=None)
+    n = ids.shape[1]
+    slots = torch.arange(n).expand(3, n)
+    causal = torch.ones(n, n, dtype=torch.bool).tril().expand(3, n, n)
+    logits = {}
+    for fuse in (False, True):
+        runner = ModelRunner(model, fuse=fuse)
+        logits[fuse] = runner.forward(runner.new_cache(3, 32), ids, slots, slots, causal, view_len=n).logits
+    attn = model.model.layers[0].self_attn
+    fused_weight = model._specdec_fused.qkv[0][0]
+    assert attn.k_proj.weight.data_ptr() == fused_weight[attn.q_proj.weight.shape[0]:].data_ptr()  # a view
+    assert torch.equal(logits[False], logits[True])
+    assert torch.equal(hf_greedy(model, ids, mask, max_new_tokens=16, eos_token_id=None), ref)
+    out = specdec.wrap(model, drafter=PromptLookup(num_tokens=3), fuse=True).generate(
+        ids, attention_mask=mask, max_new_tokens=16, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(out, ref)
+    assert ModelRunner(model, fuse=True).fused is model._specdec_fused  # fused once per model
+    model.double()   # modules get fresh tensors: the next wrap fuses again rather than read stale weights
+    ref64 = hf_greedy(model, ids, mask, max_new_tokens=16, eos_token_id=None)
+    out = specdec.wrap(model).generate(ids, attention_mask=mask, max_new_tokens=16, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(out, ref64) and model._specdec_fused.qkv[0][0].dtype == torch.float64
+
+
+def test_fusing_refuses_wrapped_projections():
+    from peft import LoraConfig, get_peft_model
+
+    from specdec.runner import ModelRunner
+
+    model = get_peft_model(make_tiny("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    base = model.base_model.model
+    with pytest.raises(ValueError, match="self_attn.q_proj is .*not a plain torch.nn.Linear.*fuse=False"):
+        ModelRunner(base, fuse=True)
+    assert ModelRunner(base, fuse=None).fused is None   # the default quietly keeps HF's own layers
+
+
+def test_reserve_sizes_the_cache_for_later_calls():
+    model = make_tiny("llama")
+    ids, mask = ragged_batch([4, 7], model.config.vocab_size, seed=1)
+    spec = specdec.wrap(model, drafter=PromptLookup(num_tokens=3), chunk_steps=4)
+    spec.engine.reserve(batch=2, max_length=200)
+    out = spec.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(out, hf_greedy(model, ids, mask, max_new_tokens=10, eos_token_id=None))
+    assert spec.engine._loop.tokens.shape[1] >= 200 + 4 * 4  # the reserved length plus a chunk's growth

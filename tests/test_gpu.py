@@ -1,0 +1,55 @@
+"""The fast GPU path (CUDA graphs, fused projections, torch.compile), on tiny fp32 models.
+
+Skipped without a CUDA device; run on the GPU machine with
+``python -m pytest tests/test_gpu.py``. Exact equality with HF greedy holds in fp32: these
+random tiny models have peaked next-token distributions, so no near-ties.
+"""
+import pytest
+import torch
+from tiny import ARCHS, hf_greedy, make_tiny, ragged_batch
+
+import specdec
+from specdec.drafters import PromptLookup
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def cuda_tiny(arch, **kw):
+    return make_tiny(arch, vocab_size=64, init_range=1.0, **kw).cuda()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("compile", [False, True], ids=["graphed", "compiled"])
+def test_chunked_cuda_paths_equal_hf(arch, compile):
+    model = cuda_tiny(arch)
+    ids, mask = (t.cuda() for t in ragged_batch([5, 12, 3], 64, seed=1))
+    ref = hf_greedy(model, ids, mask, max_new_tokens=40, eos_token_id=None)
+    for drafter in (None, PromptLookup(num_tokens=4, max_ngram=2)):
+        spec = specdec.wrap(model, drafter=drafter, cuda_graphs=True, compile=compile)
+        assert spec.engine.runner.fused is not None  # fused projections are on with cuda_graphs
+        out = spec.generate(ids, attention_mask=mask, max_new_tokens=40, pad_token_id=0, eos_token_id=None)
+        assert torch.equal(out, ref), (arch, compile, drafter)
+    assert torch.equal(hf_greedy(model, ids, mask, max_new_tokens=40, eos_token_id=None), ref)  # HF still sees the same weights
+
+
+def test_policy_reserve_and_step_profile_on_cuda():
+    model = cuda_tiny("llama")
+    ids, mask = (t.cuda() for t in ragged_batch([5, 12, 3, 8], 64, seed=2))
+    ref = hf_greedy(model, ids, mask, max_new_tokens=30, eos_token_id=None)
+    spec = specdec.wrap(model, drafter=PromptLookup(num_tokens=4), cuda_graphs=True, max_draft_batch=2)
+    spec.engine.reserve(batch=4, max_length=600)
+    out = spec.generate(ids, attention_mask=mask, max_new_tokens=30, pad_token_id=0, eos_token_id=None,
+                        return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    assert out.spec_stats.undrafted_steps == out.spec_stats.num_steps  # four rows > max_draft_batch
+    loop = spec.engine._loop
+    captured = dict(loop._graphs)
+    assert {v for v, _ in captured} == set(range(256, loop.tokens.shape[1] + 1, 256))  # every bucket, up front
+    assert {d for _, d in captured} == {True, False}
+    spec.generate(ids, attention_mask=mask, max_new_tokens=200, pad_token_id=0, eos_token_id=None)
+    assert loop._graphs == captured and spec.engine._loop is loop  # a longer call captured nothing new
+    before = loop.seq_len.clone()
+    phases = spec.engine.step_profile(reps=5)
+    assert set(phases) == {"draft", "verify", "accept", "commit"}
+    assert all(ms >= 0 for ms in phases.values()) and phases["verify"] > 0
+    assert torch.equal(loop.seq_len, before)  # profiling put the state back
