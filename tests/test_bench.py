@@ -3,23 +3,25 @@ import json
 import sys
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from transformers import AutoTokenizer
 
 from specdec.bench import builtin, humaneval, hydra_main, run_bench, select, specbench
-from specdec.bench.measure import first_divergence
+from specdec.bench.measure import Decoded, divergence_gap, first_divergence, resolution
 from specdec.bench.prompts import Prompt, read_jsonl, render
-from specdec.bench.report import aggregate, by_turn, collect
+from specdec.bench.report import aggregate, by_turn, collect, divergence_lines, sweep_markdown
 from specdec.loading import dense_zoo_dir
 from tiny import make_tiny
 
 CATEGORIES = {"coding", "editing", "summarization", "math", "qa", "chat"}
-ROW_KEYS = {"model", "dtype", "device", "drafter", "params", "batch_size", "max_new_tokens", "mode",
+ROW_KEYS = {"model", "dtype", "device", "drafter", "params", "batch_size", "max_new_tokens", "max_draft_batch", "mode",
             "temperature", "top_p", "top_k", "question_id", "category", "num_turns", "prompt_tokens",
             "new_tokens", "steps", "tau", "draft_tokens", "acceptance_rate", "accept_hist", "wall_time",
             "tokens_per_s", "times", "lossless", "baseline", "hf", "speedup", "speedup_hf",
             "matches_baseline", "first_divergence", "turn_new_tokens", "turn_steps", "turn_tau", "turn_wall_time",
-            "turn_tokens_per_s", "turn_speedup"}
+            "turn_tokens_per_s", "turn_speedup", "undrafted_steps", "divergence", "hf_lookup", "hf_assisted",
+            "speedup_hf_lookup", "speedup_hf_assisted"}
 TURN_KEYS = {"turn_new_tokens", "turn_steps", "turn_tau", "turn_wall_time", "turn_tokens_per_s", "turn_speedup"}
 
 
@@ -125,6 +127,67 @@ def test_by_turn_pools_each_turn_over_the_prompts_that_have_it():
     assert turns[0]["speedup"] == pytest.approx(1.0) and turns[1]["speedup"] == pytest.approx(4.0)   # 16 vs 4 tok/s
 
 
+def test_resolution_is_one_ulp_of_the_dtype():
+    assert resolution(1.0, torch.bfloat16) == 2 ** -7
+    assert resolution(3.0, torch.bfloat16) == 2 ** -6 and resolution(-3.0, torch.bfloat16) == 2 ** -6
+    assert resolution(20.0, torch.float16) == 2 ** -6
+    assert resolution(1.0, torch.float32) == 2 ** -23
+    x = torch.tensor(13.7, dtype=torch.bfloat16)   # the next bf16 value above x is one ulp away
+    assert float(torch.nextafter(x, torch.tensor(99.0, dtype=torch.bfloat16)) - x) == resolution(13.7, torch.bfloat16)
+
+
+def test_divergence_gap_reads_the_targets_logits_where_outputs_part(smollm2_tokenizer):
+    torch.manual_seed(0)
+    model = make_tiny("llama", vocab_size=49152, hidden=32, num_layers=1, init_range=0.02)
+    tok = smollm2_tokenizer
+    prompt = Prompt("q1", "chat", ["Say hi."])
+    text = render(tok, prompt.turns, [])
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    base_ids = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)[0, len(ids):].tolist()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + base_ids[:2]])).logits[0, -1]
+    top = logits.topk(2)
+    second = int(top.indices[1])
+    base = Decoded(output_ids=[base_ids], answers=[tok.decode(base_ids)])
+    drafted = Decoded(output_ids=[base_ids[:2] + [second, 7]], answers=[""])   # parts at index 2, to the runner-up
+    where = first_divergence(drafted.output_ids, base.output_ids)
+    d = divergence_gap(model, tok, prompt, base, drafted, where, torch.device("cpu"))
+    gap = float(top.values[0] - top.values[1])
+    assert where == {"turn": 0, "index": 2} and d["index"] == 2
+    assert d["gap"] == pytest.approx(gap) and d["ulp"] == resolution(float(top.values[0]), torch.float32)
+    assert d["gap_ulps"] == pytest.approx(gap / d["ulp"])
+    assert d["baseline_token"] == base_ids[2] and d["drafter_token"] == second and d["top2"]
+    assert d["near_tie"] == (gap / d["ulp"] <= 2)   # fp32 ulps are tiny: a random model's gap is many of them
+    assert not d["near_tie"]
+    other = Decoded(output_ids=[base_ids[:2] + [int(logits.argmin())]], answers=[""])   # not a top-2 token
+    assert not divergence_gap(model, tok, prompt, base, other, where, torch.device("cpu"))["top2"]
+
+
+def test_divergence_section_flags_anything_but_a_near_tie():
+    def row(q, near):
+        return {"question_id": q, "category": "coding", "first_divergence": {"turn": 0, "index": 5},
+                "divergence": {"turn": 0, "index": 5, "gap": 0.0625, "ulp": 0.0625, "gap_ulps": 1.0,
+                               "top2": True, "near_tie": near}}
+    assert "none" in divergence_lines([{"first_divergence": None}])[0]
+    ok = "\n".join(divergence_lines([row("a", True)]))
+    assert "rounding, not a bug" in ok and "NOT a near-tie" not in ok
+    bad = "\n".join(divergence_lines([row("a", True), row("b", False)]))
+    assert "NOT a near-tie: investigate (a bug), questions b" in bad and "| **NO** |" in bad
+
+
+def test_sweep_table_marks_runs_below_their_baseline():
+    def run(batch, speedup):
+        agg = {"tau": 1.5, "alpha": 0.4, "tokens_per_s": 10 * speedup, "baseline_tokens_per_s": 10.0,
+               "speedup": speedup, "speedup_hf": 2.0, "matches_baseline": "2/2"}
+        return {"model": "m", "dtype": "float32", "device": "cpu", "drafter": "lookup", "params": {"num_tokens": 4},
+                "batch_size": batch, "max_draft_batch": None, "max_new_tokens": 8, "mode": "greedy",
+                "temperature": None, "top_p": None, "top_k": None, "categories": {"coding": agg}} | agg
+    table = sweep_markdown([run(1, 1.4), run(16, 0.8)])
+    fast, slow = [line for line in table.splitlines() if line.startswith("| lookup")]
+    assert "| 1 |" in fast and "**below**" not in fast
+    assert "| 16 |" in slow and "0.80 **below**" in slow and "| 8.0 | 10.0 |" in slow   # both throughputs shown
+
+
 # ---------------------------------------------------------------- the CLI on CPU
 
 def test_sweep_on_tiny_model_writes_rows_tables_and_plots(tiny_folder, tmp_path, monkeypatch):
@@ -166,6 +229,33 @@ def test_sweep_on_tiny_model_writes_rows_tables_and_plots(tiny_folder, tmp_path,
     runs = collect(sweep)   # re-collecting gives the same four runs: 2 settings x 2 modes
     assert sorted((r["params"]["num_tokens"], r["mode"]) for r in runs) == [
         (2, "greedy"), (2, "sample"), (4, "greedy"), (4, "sample")]
+
+
+def test_hf_lookup_and_assisted_references_and_the_batch_policy(tiny_folder, tmp_path):
+    def bench(out, *overrides):
+        with initialize_config_module("specdec.conf", version_base=None):
+            cfg = compose("bench", overrides=["drafter=lookup", f"model.spec={tiny_folder}", "num_prompts=2",
+                                              "max_new_tokens=8", "modes=[greedy]", "logger=none", "warmup=0",
+                                              "threads=1", "progress=false", "hf_lookup=3",
+                                              f"hf_assistant={tiny_folder}", *overrides])
+        run_bench(cfg, out)
+        return [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()], (out / "summary.md").read_text()
+
+    rows, summary = bench(tmp_path / "one")
+    for r in rows:
+        for name in ("hf", "hf_lookup", "hf_assisted"):   # each HF method ran and was timed
+            assert r[name]["new_tokens"] > 0 and r[f"speedup_{name}"] > 0
+        assert r["speedup_hf_lookup"] == pytest.approx(r["tokens_per_s"] / r["hf_lookup"]["tokens_per_s"])
+        assert r["undrafted_steps"] == 0 and r["max_draft_batch"] is None
+    assert "| × HF lookup | × HF assisted |" in summary
+    assert "Divergences: none" in summary   # fp32: the drafter's output is the baseline's
+
+    rows, summary = bench(tmp_path / "batch", "batch_size=2", "max_draft_batch=1")
+    assert "skipped: HF runs them at batch size 1 only" in summary
+    for r in rows:
+        assert r["hf_lookup"] is None and r["hf_assisted"] is None and r["hf"]["new_tokens"] > 0
+        assert r["max_draft_batch"] == 1 and r["undrafted_steps"] > 0   # two rows > 1: drafting switched off
+        assert r["matches_baseline"]
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ Glossary:
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -46,6 +47,7 @@ class Decoded:
     accepted_lengths: list[int] | None = None   # [steps] tokens emitted per step; None for HF
     turn_steps: list[int] | None = None         # [turns] engine steps per turn; None for HF
     draft_tokens: int = 0            # draft tokens offered to the target, over all steps
+    undrafted_steps: int = 0         # steps the batch-size policy ran without a draft (this row's)
     times: dict[str, float] = field(default_factory=dict)       # phase -> seconds (row share)
     lossless: bool | None = None
 
@@ -177,12 +179,57 @@ def first_divergence(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> 
     return None
 
 
+# Mantissa bits of each float type: the spacing of representable values near x is 2^(e - bits).
+_MANTISSA = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float64: 52}
+# A divergence counts as a near-tie when the target's top-2 logits there are at most this many
+# units of the model dtype's resolution apart (seen on the H100: 0 to 1 bf16 ulp).
+NEAR_TIE_ULPS = 2.0
+
+
+def resolution(x: float, dtype: torch.dtype) -> float:
+    """The spacing of ``dtype`` values at ``x`` (one ulp), e.g. ``resolution(1.0, torch.bfloat16)``
+    is 2^-7 and ``resolution(3.0, torch.bfloat16)`` is 2^-6."""
+    if dtype not in _MANTISSA:
+        raise ValueError(f"no resolution known for {dtype}")
+    if x == 0:
+        return torch.finfo(dtype).tiny
+    return 2.0 ** (math.floor(math.log2(abs(x))) - _MANTISSA[dtype])
+
+
+@torch.no_grad()
+def divergence_gap(model, tokenizer, prompt: Prompt, base: Decoded, drafted: Decoded, divergence: dict,
+                   device: torch.device) -> dict:
+    """Is a greedy divergence a near-tie? The target's own logits where the outputs part.
+
+    Runs the model once (plain HF forward, in its dtype) over turn ``divergence["turn"]`` of
+    ``prompt``, rendered with the baseline's earlier answers, plus the baseline's tokens before
+    ``divergence["index"]``. Returns the top-2 logit ``gap``, the dtype's resolution ``ulp`` at the
+    top logit, ``gap_ulps``, the two tokens that parted (``baseline_token``, ``drafter_token``),
+    whether they are the top two (``top2``), and ``near_tie`` (top two and gap_ulps <=
+    ``NEAR_TIE_ULPS``). A divergence that is not a near-tie is a bug, not rounding.
+    """
+    turn, index = divergence["turn"], divergence["index"]
+    text = render(tokenizer, prompt.turns[: turn + 1], base.answers[:turn])
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + base.output_ids[turn][:index]
+    logits = model(torch.tensor([ids], device=device)).logits[0, -1]
+    values, top = logits.float().topk(2)
+    gap = float(values[0] - values[1])
+    ulp = resolution(float(values[0]), logits.dtype)
+    pick = lambda out: out[turn][index] if index < len(out[turn]) else None  # noqa: E731 (None: it stopped)
+    parted = {pick(base.output_ids), pick(drafted.output_ids)}
+    top2 = parted <= set(top.tolist())
+    return {"turn": turn, "index": index, "gap": gap, "ulp": ulp, "gap_ulps": gap / ulp,
+            "baseline_token": pick(base.output_ids), "drafter_token": pick(drafted.output_ids), "top2": top2,
+            "near_tie": top2 and gap / ulp <= NEAR_TIE_ULPS}
+
+
 def _add_engine_stats(res: Decoded, stats, row: int, rows: int) -> None:
     """Fold one call's spec_stats for batch row ``row`` (of ``rows`` active) into ``res``."""
     lengths = [int(n) for n in stats.accepted_lengths[row]]
     res.accepted_lengths = (res.accepted_lengths or []) + lengths
     res.turn_steps = (res.turn_steps or []) + [len(lengths)]
     res.draft_tokens += sum(int(n) for n in stats.proposed[row])
+    res.undrafted_steps += int(getattr(stats, "undrafted_steps", 0))
     for phase, seconds in stats.times.items():
         res.times[phase] = res.times.get(phase, 0.0) + float(seconds) / rows
     res.lossless = bool(stats.lossless) if res.lossless is None else res.lossless and bool(stats.lossless)

@@ -18,12 +18,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from specdec.bench.measure import PHASES  # noqa: E402
 
+HF_METHODS = ("hf", "hf_lookup", "hf_assisted")   # row keys of HF's own methods
+HF_LABELS = {"hf": "HF greedy", "hf_lookup": "HF lookup", "hf_assisted": "HF assisted"}
 # Sweep-axis candidates for the speedup plot, in order of preference: γ, then tree sizes.
 AXIS_KEYS = ("num_tokens", "num_nodes", "tree_size", "depth")
 # Row keys that identify a run within a sweep; _SETTINGS are those not shown as their own column.
-RUN_FIELDS = ("model", "dtype", "device", "drafter", "params", "batch_size", "max_new_tokens", "mode",
-              "temperature", "top_p", "top_k")
-_SETTINGS = ("model", "dtype", "device", "batch_size", "max_new_tokens")
+RUN_FIELDS = ("model", "dtype", "device", "drafter", "params", "batch_size", "max_new_tokens", "max_draft_batch",
+              "mode", "temperature", "top_p", "top_k")
+_SETTINGS = ("model", "dtype", "device", "batch_size", "max_draft_batch", "max_new_tokens")
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -51,8 +53,8 @@ def aggregate(rows: Sequence[dict]) -> dict:
     drafts = sum(r["draft_tokens"] for r in rows)
     tps = _rate(rows)
     base_tps = _rate([r["baseline"] for r in rows])
-    hf_rows = [r["hf"] for r in rows if r.get("hf")]
-    hf_tps = _rate(hf_rows) if len(hf_rows) == len(rows) else None
+    hf_tps = {name: _rate(got) if len(got := [r[name] for r in rows if r.get(name)]) == len(rows) else None
+              for name in HF_METHODS}   # pooled only when every row has it
     checked = [r["matches_baseline"] for r in rows if r.get("matches_baseline") is not None]
     return {
         "prompts": len(rows),
@@ -62,9 +64,10 @@ def aggregate(rows: Sequence[dict]) -> dict:
         "alpha": (emitted - steps) / drafts if drafts else None,
         "tokens_per_s": tps,
         "baseline_tokens_per_s": base_tps,
-        "hf_tokens_per_s": hf_tps,
         "speedup": tps / base_tps if base_tps else None,
-        "speedup_hf": tps / hf_tps if hf_tps else None,
+        **{f"{name}_tokens_per_s": hf_tps[name] for name in HF_METHODS},
+        **{f"speedup_{name}": tps / hf_tps[name] if hf_tps[name] and tps else None for name in HF_METHODS},
+        "undrafted_steps": sum(r.get("undrafted_steps", 0) for r in rows),
         "matches_baseline": f"{sum(checked)}/{len(checked)}" if checked else None,
         "step_ms": step_breakdown(rows),
         "baseline_step_ms": step_breakdown([r["baseline"] for r in rows]),
@@ -125,16 +128,27 @@ def run_markdown(rows: Sequence[dict], title: str, header: Sequence[str] = ()) -
         first = mode_rows[0]
         sampling = "" if mode == "greedy" else (
             f" (temperature {first['temperature']}, top_p {first['top_p']}, top_k {first['top_k']})")
+        cats = by_category(mode_rows)
+        others = [n for n in HF_METHODS[1:] if cats["all"][f"{n}_tokens_per_s"] is not None]
         lines += [f"## {mode}{sampling}", "",
                   "| category | prompts | τ | α | tok/s | baseline tok/s | HF greedy tok/s | × baseline "
-                  "| × HF greedy | = baseline |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for category, agg in by_category(mode_rows).items():
+                  "| × HF greedy | " + "".join(f"× {HF_LABELS[n]} | " for n in others) + "= baseline |",
+                  "|---|---|---|---|---|---|---|---|---|" + "---|" * len(others) + "---|"]
+        for category, agg in cats.items():
             name = f"**{category}**" if category == "all" else category
             lines.append(f"| {name} | {agg['prompts']} | {fmt(agg['tau'])} | {fmt(agg['alpha'])} "
                          f"| {fmt(agg['tokens_per_s'], 1)} | {fmt(agg['baseline_tokens_per_s'], 1)} "
                          f"| {fmt(agg['hf_tokens_per_s'], 1)} | {fmt(agg['speedup'])} "
-                         f"| {fmt(agg['speedup_hf'])} | {agg['matches_baseline'] or '—'} |")
+                         f"| {fmt(agg['speedup_hf'])} | " + "".join(f"{fmt(agg[f'speedup_{n}'])} | " for n in others)
+                         + f"{agg['matches_baseline'] or '—'} |")
+        if others:
+            lines += ["", "HF reference speeds, tok/s (all prompts): "
+                      + ", ".join(f"{HF_LABELS[n]} {fmt(cats['all'][f'{n}_tokens_per_s'], 1)}" for n in others)]
+        slow = cats["all"]["speedup"]
+        if slow is not None and slow < 1.0 and mode_rows[0]["drafter"] != "none":
+            lines += ["", f"**Drafting is slower than the no-drafter baseline here (× {slow:.2f}).** "
+                      + ("Lower `max_draft_batch` (drafting switches off above that many active rows) or draft "
+                         "fewer tokens." if mode_rows[0]["batch_size"] > 1 else "Draft fewer tokens, or none.")]
         if any(r["num_turns"] > 1 for r in mode_rows):
             lines += ["", "By turn (later turns see the earlier answers):", "",
                       "| turn | prompts | τ | tok/s | baseline tok/s | × baseline |", "|---|---|---|---|---|---|"]
@@ -143,12 +157,40 @@ def run_markdown(rows: Sequence[dict], title: str, header: Sequence[str] = ()) -
         overall = aggregate(mode_rows)
         lines += ["", "Step time, ms per step: " + _phases(overall["step_ms"]) + "; baseline: "
                   + _phases(overall["baseline_step_ms"]), ""]
-        diverged = [r for r in mode_rows if r.get("first_divergence")]
-        if diverged:
-            lines += ["First divergence from the baseline (question: turn, token): "
-                      + ", ".join(f"{r['question_id']}: {r['first_divergence']['turn']}, "
-                                  f"{r['first_divergence']['index']}" for r in diverged), ""]
+        if mode == "greedy":
+            lines += divergence_lines(mode_rows)
     return "\n".join(lines)
+
+
+def divergence_lines(rows: Sequence[dict]) -> list[str]:
+    """The summary's "Divergences" section: every greedy output that parts from the baseline,
+    with the target's top-2 logit gap there. Anything but a near-tie is flagged as a bug."""
+    diverged = [r for r in rows if r.get("first_divergence")]
+    if not diverged:
+        return ["Divergences: none; every greedy output equals the same-engine baseline token for token.", ""]
+    lines = ["### Divergences from the baseline", "",
+             "| question | category | turn | token | top-2 gap | ulp | gap (ulps) | tokens are the top two | near-tie |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    bad = []
+    for r in diverged:
+        d = r.get("divergence")
+        where = r["first_divergence"]
+        if d is None:
+            lines.append(f"| {r['question_id']} | {r['category']} | {where['turn'] + 1} | {where['index']} "
+                         "| — | — | — | — | not checked |")
+            continue
+        lines.append(f"| {r['question_id']} | {r['category']} | {d['turn'] + 1} | {d['index']} | {d['gap']:.4g} "
+                     f"| {d['ulp']:.3g} | {d['gap_ulps']:.2f} | {'yes' if d['top2'] else 'no'} "
+                     f"| {'yes' if d['near_tie'] else '**NO**'} |")
+        if not d["near_tie"]:
+            bad.append(str(r["question_id"]))
+    lines.append("")
+    if bad:
+        lines += [f"**NOT a near-tie: investigate (a bug), questions {', '.join(bad)}.**", ""]
+    else:
+        lines += ["Every divergence starts at a near-tie (the two tokens are the target's top two, at most "
+                  "2 ulps of the model dtype apart): rounding, not a bug.", ""]
+    return lines
 
 
 def plot_accepted_lengths(rows: Sequence[dict], path: str | Path, title: str) -> None:
@@ -174,7 +216,7 @@ def plot_accepted_lengths(rows: Sequence[dict], path: str | Path, title: str) ->
 
 def run_key(row: dict) -> tuple:
     """What identifies a run's configuration within a sweep: its ``RUN_FIELDS``."""
-    return tuple(json.dumps(row[k], sort_keys=True) for k in RUN_FIELDS)
+    return tuple(json.dumps(row.get(k), sort_keys=True) for k in RUN_FIELDS)
 
 
 def collect(multirun_dir: str | Path) -> list[dict]:
@@ -193,7 +235,7 @@ def collect(multirun_dir: str | Path) -> list[dict]:
     runs = []
     for group in groups.values():
         cats = by_category(group)
-        runs.append({k: group[0][k] for k in RUN_FIELDS} | cats.pop("all") | {"categories": cats})
+        runs.append({k: group[0].get(k) for k in RUN_FIELDS} | cats.pop("all") | {"categories": cats})
     (root / "summary.md").write_text(sweep_markdown(runs), encoding="utf-8")
     write_rows(runs, root / "summary.jsonl")
     plot_sweep(runs, root / "sweep.png")
@@ -211,18 +253,21 @@ def sweep_markdown(runs: Sequence[dict]) -> str:
     categories = list(dict.fromkeys(c for run in runs for c in run["categories"]))
     lines = ["# specdec-bench sweep", "",
              f"{fixed}. Speedups are tokens/s ratios against the no-drafter engine baseline measured in "
-             "the same run (× HF: against HF greedy `generate`); category columns give × baseline (τ).", "",
+             "the same run (× HF: against HF greedy `generate`); category columns give × baseline (τ). "
+             "**below** marks runs slower than their baseline.", "",
              "| drafter | params | mode | " + "".join(f"{k} | " for k in varying)
-             + "τ | α | tok/s | × baseline | × HF | = baseline | " + " | ".join(categories) + " |",
-             "|---|---|---|" + "---|" * len(varying) + "---|---|---|---|---|---|" + "---|" * len(categories)]
+             + "τ | α | tok/s | baseline tok/s | × baseline | × HF | = baseline | " + " | ".join(categories) + " |",
+             "|---|---|---|" + "---|" * len(varying) + "---|---|---|---|---|---|---|" + "---|" * len(categories)]
     for run in sorted(runs, key=lambda r: (r["drafter"].lower(), _numbers(r), r["mode"], str(r["temperature"]))):
         cells = [f"{fmt(c['speedup'])} ({fmt(c['tau'])})" if (c := run["categories"].get(cat)) else "—"
                  for cat in categories]
+        below = run["speedup"] is not None and run["speedup"] < 1.0 and run["drafter"] != "none"
         lines.append(f"| {run['drafter']} | {format_params(run['params']) or '—'} | {_mode(run)} | "
-                     + "".join(f"{run[k]} | " for k in varying)
+                     + "".join(f"{run.get(k)} | " for k in varying)
                      + f"{fmt(run['tau'])} | {fmt(run['alpha'])} | {fmt(run['tokens_per_s'], 1)} "
-                     f"| {fmt(run['speedup'])} | {fmt(run['speedup_hf'])} | {run['matches_baseline'] or '—'} | "
-                     + " | ".join(cells) + " |")
+                     f"| {fmt(run['baseline_tokens_per_s'], 1)} "
+                     f"| {fmt(run['speedup'])}{' **below**' if below else ''} | {fmt(run['speedup_hf'])} "
+                     f"| {run['matches_baseline'] or '—'} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,7 @@ Hydra multirun ends.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import hydra
@@ -17,14 +18,16 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 import specdec
-from specdec.bench.measure import Decoded, decode, engine_method, first_divergence, hf_method
-from specdec.bench.prompts import Prompt, select
+from specdec.bench.measure import Decoded, decode, divergence_gap, engine_method, first_divergence, hf_method
+from specdec.bench.prompts import Prompt, render, select
 from specdec.bench.report import (aggregate, by_category, collect, fmt, format_params, plot_accepted_lengths,
                                   run_markdown, write_rows)
 from specdec.cli import resolve_model_cfg
 from specdec.drafters import build_drafter
+from specdec.perf import step_floor
 
 MODES = ("greedy", "sample")
+HF_METHODS = ("hf", "hf_lookup", "hf_assisted")   # HF greedy, prompt lookup, assisted generation
 _LABEL_SKIP = ("_target_", "name", "dtype", "device")   # drafter keys that don't name a config
 _MODELS: dict[tuple, tuple] = {}   # (spec, dtype, device) -> (model, tokenizer), reused across a multirun
 
@@ -57,29 +60,51 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, dict[str, dict]]:
     drafter = build_drafter(OmegaConf.to_container(cfg.drafter, resolve=True), target=model)
     fast = {"cuda_graphs": bool(cfg.get("cuda_graphs", False)), "compile": bool(cfg.get("compile", False))}
     baseline = specdec.wrap(model, drafter=None, **fast)
-    spec = specdec.wrap(model, drafter=drafter, **fast) if drafter is not None else None
+    spec = (specdec.wrap(model, drafter=drafter, max_draft_batch=cfg.get("max_draft_batch"), **fast)
+            if drafter is not None else None)
 
     identity = {"model": cfg.model.spec, "dtype": str(model.dtype).removeprefix("torch."), "device": str(device),
                 "drafter": drafter_name(cfg.drafter), "params": drafter_params(cfg.drafter),
-                "batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens}
+                "batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens,
+                "max_draft_batch": cfg.get("max_draft_batch")}
     label = " ".join(filter(None, (identity["drafter"], format_params(identity["params"]))))
     batches = [prompts[i: i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
     eos = model.generation_config.eos_token_id
     eos = tok.eos_token_id if eos is None else eos
     common = {"max_new_tokens": cfg.max_new_tokens, "eos_token_id": eos, "pad_token_id": tok.pad_token_id}
+    notes = []
+    if fast["cuda_graphs"]:  # every cache bucket captured (and compiled) before anything is timed
+        longest = max_length(prompts, tok, cfg.max_new_tokens)
+        for wrapped in filter(None, (baseline, spec)):
+            wrapped.engine.reserve(cfg.batch_size, longest)
+    # HF's other decoding methods, as more reference points (greedy only; HF runs them at batch 1).
+    hf_others = {}
+    if cfg.get("hf_lookup"):
+        hf_others["hf_lookup"] = {"prompt_lookup_num_tokens": int(cfg.hf_lookup)}
+    if cfg.get("hf_assistant"):
+        hf_others["hf_assisted"] = {"assistant_model": load_cached(cfg.hf_assistant, cfg.model.dtype,
+                                                                   cfg.model.device)[0]}
+    if hf_others and cfg.batch_size > 1:
+        notes.append(f"HF {' and '.join(hf_others)} skipped: HF runs them at batch size 1 only.")
+        hf_others = {}
 
     rows: list[dict] = []
-    hf: dict[int, list[Decoded]] = {}   # batch index -> HF greedy results, measured once
+    hf: dict[str, dict[int, list[Decoded]]] = {}   # method -> batch index -> HF results, measured once
+    profiles: dict[str, dict] = {}
     bar = tqdm(total=len(batches) * len(cfg.modes), desc=label, disable=not cfg.progress)
     for mode in cfg.modes:
         sampling = {} if mode == "greedy" else dict(OmegaConf.to_container(cfg.sampling))
         kwargs = common | {"do_sample": mode == "sample", **sampling}
         base_method = engine_method(baseline, **kwargs)
         spec_method = engine_method(spec, **kwargs) if spec else None
-        hf_greedy = hf_method(model, **common, do_sample=False) if cfg.hf_baseline and not hf else None
+        hf_methods = {}
+        if "hf" not in hf and cfg.hf_baseline:
+            hf_methods["hf"] = hf_method(model, **common, do_sample=False)
+        if mode == "greedy" and not any(k in hf for k in hf_others):
+            hf_methods |= {k: hf_method(model, **common, do_sample=False, **extra) for k, extra in hf_others.items()}
         settings = {"mode": mode, "temperature": sampling.get("temperature"),
                     "top_p": sampling.get("top_p"), "top_k": sampling.get("top_k")}
-        for method in (base_method, spec_method, hf_greedy):
+        for method in (base_method, spec_method, *hf_methods.values()):
             for batch in batches[: cfg.warmup] if method else ():
                 decode(method, batch, tok, device, seed=cfg.seed)
         # Per batch: baseline, then drafter, then HF, so load on a shared machine hits all alike.
@@ -89,21 +114,37 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, dict[str, dict]]:
             if hasattr(drafter, "task"):  # drafters that keep per-task state (Swift's skip sets)
                 drafter.task = batch[0].category
             drafted = decode(spec_method, batch, tok, device, seed) if spec_method else base
-            if hf_greedy:
-                hf[b] = decode(hf_greedy, batch, tok, device, seed)
+            for name, method in hf_methods.items():
+                hf.setdefault(name, {})[b] = decode(method, batch, tok, device, seed)
             for i, prompt in enumerate(batch):
-                rows.append(make_row(identity | settings, prompt, drafted[i], base[i],
-                                     hf[b][i] if hf else None))
+                row = make_row(identity | settings, prompt, drafted[i], base[i],
+                               {name: res[b][i] for name, res in hf.items() if name == "hf" or mode == "greedy"})
+                if row["first_divergence"] is not None and cfg.get("check_divergences", True):
+                    row["divergence"] = divergence_gap(model, tok, prompt, base[i], drafted[i],
+                                                       row["first_divergence"], device)
+                rows.append(row)
             so_far = aggregate([r for r in rows if r["mode"] == mode])
             bar.set_postfix_str(f"{mode} τ {fmt(so_far['tau'])} × baseline {fmt(so_far['speedup'])}")
             bar.update()
+        if mode == "greedy" and fast["cuda_graphs"]:  # where a captured step's device time goes
+            for name, wrapped in (("baseline", baseline), ("drafter", spec)):
+                if wrapped is not None and (ms := wrapped.engine.step_profile()):
+                    profiles[name] = ms
     bar.close()
+    if profiles:
+        context = max(sum(r["prompt_tokens"]) // len(r["prompt_tokens"]) for r in rows) + cfg.max_new_tokens // 2
+        floor = step_floor(model, batch=cfg.batch_size, context=context)
+        profiles["floor_ms"] = floor.ms
+        (out_dir / "step_profile.json").write_text(json.dumps(profiles, indent=1), encoding="utf-8")
 
     write_rows(rows, out_dir / "rows.jsonl")
     header = [f"Model `{identity['model']}` ({identity['dtype']}, {identity['device']}"
               f"{', ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}), "
               f"{len(prompts)} prompts, batch {cfg.batch_size}, max_new_tokens {cfg.max_new_tokens}; "
               f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads."]
+    header += notes
+    if profiles:
+        header.append(step_profile_line(profiles))
     if cfg.batch_size > 1:
         header.append("At batch > 1 each prompt is charged an equal share of its batch's time: the "
                       "**all** rows are exact throughput, per-category speeds are approximate.")
@@ -116,38 +157,71 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, dict[str, dict]]:
     return summary
 
 
-def make_row(identity: dict, prompt: Prompt, drafted: Decoded, base: Decoded, hf: Decoded | None) -> dict:
+def make_row(identity: dict, prompt: Prompt, drafted: Decoded, base: Decoded, hf: dict[str, Decoded]) -> dict:
     """One JSONL row: a prompt's result under one mode, with its baseline (and HF) beside it.
 
-    Keys: the run identity (``model dtype device drafter params batch_size max_new_tokens mode
-    temperature top_p top_k``); ``question_id category num_turns prompt_tokens``; the drafter's
-    ``new_tokens steps tau draft_tokens acceptance_rate accept_hist wall_time tokens_per_s times
-    lossless``, where ``accept_hist[k]`` counts steps that emitted k tokens; per turn (lists, one
-    entry a turn) ``turn_new_tokens turn_steps turn_tau turn_wall_time turn_tokens_per_s
-    turn_speedup``; ``baseline`` and ``hf`` (or null) with ``new_tokens steps wall_time tokens_per_s
-    times turn_new_tokens turn_wall_time turn_tokens_per_s``; ``speedup`` and ``speedup_hf`` (tokens/s
-    ratios); and, for greedy rows, ``matches_baseline`` and ``first_divergence`` (``{"turn",
-    "index"}`` or null). Times are in seconds.
+    Keys: the run identity (``model dtype device drafter params batch_size max_new_tokens
+    max_draft_batch mode temperature top_p top_k``); ``question_id category num_turns
+    prompt_tokens``; the drafter's ``new_tokens steps tau draft_tokens acceptance_rate accept_hist
+    wall_time tokens_per_s times lossless undrafted_steps``, where ``accept_hist[k]`` counts steps
+    that emitted k tokens and ``undrafted_steps`` the steps of this row's calls that the batch-size
+    policy ran without a draft; per turn (lists, one entry a turn) ``turn_new_tokens turn_steps
+    turn_tau turn_wall_time turn_tokens_per_s turn_speedup``; ``baseline``, and ``hf``,
+    ``hf_lookup``, ``hf_assisted`` (HF greedy, prompt lookup and assisted generation, each null
+    when not run), with ``new_tokens steps wall_time tokens_per_s times turn_new_tokens
+    turn_wall_time turn_tokens_per_s``; ``speedup``, ``speedup_hf``, ``speedup_hf_lookup`` and
+    ``speedup_hf_assisted`` (tokens/s ratios); and, for greedy rows, ``matches_baseline``,
+    ``first_divergence`` (``{"turn", "index"}`` or null) and ``divergence`` (null, or the target's
+    top-2 logit gap there: see ``measure.divergence_gap``). Times are in seconds.
     """
     greedy = identity["mode"] == "greedy"
     divergence = first_divergence(drafted.output_ids, base.output_ids) if greedy else None
-    return identity | {
+    row = identity | {
         "question_id": prompt.question_id, "category": prompt.category, "num_turns": len(prompt.turns),
         "prompt_tokens": drafted.prompt_tokens,
         "new_tokens": drafted.new_tokens, "steps": drafted.steps, "tau": drafted.tau,
         "draft_tokens": drafted.draft_tokens, "acceptance_rate": drafted.acceptance_rate,
         "accept_hist": drafted.histogram(),
         "wall_time": drafted.wall_time, "tokens_per_s": drafted.tokens_per_s,
-        "times": drafted.times, "lossless": drafted.lossless,
+        "times": drafted.times, "lossless": drafted.lossless, "undrafted_steps": drafted.undrafted_steps,
         "turn_new_tokens": drafted.turn_new_tokens, "turn_steps": drafted.turn_steps, "turn_tau": drafted.turn_tau,
         "turn_wall_time": drafted.turn_wall_time, "turn_tokens_per_s": drafted.turn_tokens_per_s,
         "turn_speedup": [_ratio(a, b) for a, b in zip(drafted.turn_tokens_per_s, base.turn_tokens_per_s)],
-        "baseline": _timing(base), "hf": _timing(hf) if hf else None,
+        "baseline": _timing(base),
         "speedup": _ratio(drafted.tokens_per_s, base.tokens_per_s),
-        "speedup_hf": _ratio(drafted.tokens_per_s, hf.tokens_per_s) if hf else None,
         "matches_baseline": divergence is None if greedy else None,
         "first_divergence": divergence,
+        "divergence": None,
     }
+    for name in HF_METHODS:
+        other = hf.get(name)
+        row[name] = _timing(other) if other else None
+        row["speedup_" + name] = _ratio(drafted.tokens_per_s, other.tokens_per_s) if other else None
+    return row
+
+
+def max_length(prompts: list[Prompt], tokenizer, max_new_tokens: int) -> int:
+    """An upper bound on any call's prompt plus new tokens: every turn rendered with answers of
+    ``max_new_tokens`` tokens (placeholder text a little longer than that)."""
+    filler = " x" * (max_new_tokens + 8)
+    longest = 0
+    for p in prompts:
+        text = render(tokenizer, p.turns, [filler] * (len(p.turns) - 1))
+        longest = max(longest, len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return longest + max_new_tokens + 16
+
+
+def step_profile_line(profiles: dict) -> str:
+    """The summary's line on where a captured step's device time goes, beside the bandwidth floor."""
+    parts = []
+    for name in ("baseline", "drafter"):
+        if name in profiles:
+            ms = profiles[name]
+            parts.append(f"{name} " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items())
+                         + f" (= {sum(ms.values()):.3f})")
+    floor = profiles.get("floor_ms")
+    return ("Device ms per step, by phase (each phase captured and replayed alone): " + "; ".join(parts)
+            + (f"; memory-bandwidth floor {floor:.3f} ms." if floor else "."))
 
 
 def load_cached(spec: str, dtype, device):
