@@ -52,7 +52,7 @@ class DraftModel:
         self.tree_depth = tree_depth or num_tokens
         self.tree_nodes = tree_nodes or (num_tokens if tree_width == 1 else 2 * tree_width * self.tree_depth)
         self.model = model
-        self.runner = ModelRunner(model)
+        self.runner = ModelRunner(model, fuse=None)   # fused projections where the layers allow
         self.num_tokens = num_tokens
         self.schedule = schedule
         self.gamma = num_tokens if schedule == "constant" else max(1, num_tokens // 2)
@@ -80,6 +80,17 @@ class DraftModel:
     @property
     def num_nodes(self) -> int:
         return self.num_tokens if self.tree_width == 1 else self.tree_nodes
+
+    @property
+    def graph_safe(self) -> bool:
+        """A constant-length chain is static-shape device work with no host sync (the engine's
+        chunked loop, greedy, can capture it inside CUDA graphs); trees and the adaptive schedule
+        are not."""
+        return self.tree_width == 1 and self.schedule == "constant"
+
+    @property
+    def forwards_per_step(self) -> int:
+        return self.gamma if self.tree_width == 1 else self.tree_depth
 
     def check_target(self, target: ModelRunner) -> None:
         """Raise if the draft cannot stand in for ``target`` token for token."""

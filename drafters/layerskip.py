@@ -78,6 +78,16 @@ class LayerSkip:
     def num_nodes(self) -> int:
         return self.num_tokens
 
+    @property
+    def graph_safe(self) -> bool:
+        """Without Kangaroo halting (which asks the host whether every row stopped) a draft is
+        static-shape device work, so the engine's chunked loop can capture it."""
+        return self.stop_threshold is None and type(self).propose is LayerSkip.propose
+
+    @property
+    def forwards_per_step(self) -> int:
+        return self.num_tokens
+
     def check_target(self, target) -> None:
         """Bind to the target's runner and check the layer choice fits it."""
         n = target.num_layers

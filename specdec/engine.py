@@ -222,6 +222,7 @@ class SpecEngine:
         seq_host = [width] * b
         timer = PhaseTimer(dev)
         steps = drafts = undrafted = 0
+        chunk_forwards = None
         if chunked:
             if self._loop is None or self._loop.cache is not cache or self._loop.drafter is not drafter:
                 self._loop = ChunkedLoop(runner, cache, drafter, rule, steps=self.chunk_steps,
@@ -240,6 +241,8 @@ class SpecEngine:
                 active, timer, self.max_draft_batch)
             if drafter is None:
                 drafts = undrafted = 0
+            elif self.cuda_graphs:  # replayed graphs run no Python: count the drafter's forwards here
+                chunk_forwards = drafts * getattr(drafter, "forwards_per_step", 1)
         ctx = DecodeContext(target=runner, tokens=tokens, seq_len=seq_len, start=start, params=params,
                             max_seq_len=width, capacity=capacity, cache=cache)
         if drafter is not None and not chunked:
@@ -306,7 +309,8 @@ class SpecEngine:
 
         wall = time.perf_counter() - wall0
         stats = SpecStats(accepted_lengths=gained, proposed=offered, new_tokens=[len(g) for g in generated],
-                          num_steps=steps, draft_forwards=getattr(drafter, "forwards", drafts),
+                          num_steps=steps, draft_forwards=(chunk_forwards if chunk_forwards is not None
+                                                           else getattr(drafter, "forwards", drafts)),
                           verify_forwards=steps, times=timer.result(wall - prefill_time), wall_time=wall,
                           lossless=rule.lossless, acceptance=rule.name,
                           drafter=type(drafter).__name__ if drafter is not None else "none",

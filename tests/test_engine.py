@@ -169,6 +169,36 @@ def test_chunked_loop_equals_hf(chunk_steps, drafter):
         assert stats.tau > 1.3
 
 
+@pytest.mark.parametrize("drafter", ["draft_model", "self_draft", "layerskip"])
+def test_chunked_loop_with_model_drafters_equals_hf(drafter):
+    # Model drafters whose drafting is static-shape device work run inside the chunk too.
+    from specdec.drafters import LayerSkip
+
+    model = make_tiny("qwen2", vocab_size=32, init_range=1.0, num_layers=3)
+    ids, mask = ragged_batch([6, 2, 11], 32, seed=5)
+    d = {"draft_model": DraftModel(make_tiny("qwen2", vocab_size=32, init_range=1.0, seed=3), num_tokens=3),
+         "self_draft": DraftModel(model, num_tokens=3),
+         "layerskip": LayerSkip(exit_layer=2, num_tokens=3)}[drafter]
+    assert d.graph_safe
+    ref = hf_greedy(model, ids, mask, max_new_tokens=30, eos_token_id=None)
+    out = specdec.wrap(model, drafter=d, chunk_steps=4).generate(
+        ids, attention_mask=mask, max_new_tokens=30, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    assert out.spec_stats.num_steps % 4 == 0   # it ran in whole chunks
+    if drafter == "self_draft":
+        assert out.spec_stats.tau > 3.0   # the target drafting for itself: every draft accepted
+
+
+def test_only_static_drafters_are_graph_safe():
+    from specdec.drafters import LayerSkip
+
+    model = make_tiny("llama", num_layers=3)
+    assert not DraftModel(model, num_tokens=3, schedule="adaptive").graph_safe   # its length follows the host
+    assert not DraftModel(model, num_tokens=3, tree_width=2).graph_safe
+    assert not LayerSkip.kangaroo(exit_layer=1).graph_safe   # halting asks the host
+    assert PromptLookup(num_tokens=3).graph_safe
+
+
 def test_chunked_loop_stops_at_eos_mid_chunk():
     model = make_tiny("qwen3")
     ids, mask = ragged_batch([5, 8], model.config.vocab_size, seed=7)

@@ -32,6 +32,21 @@ def test_chunked_cuda_paths_equal_hf(arch, compile):
     assert torch.equal(hf_greedy(model, ids, mask, max_new_tokens=40, eos_token_id=None), ref)  # HF still sees the same weights
 
 
+def test_model_drafters_inside_captured_chunks_equal_hf():
+    from specdec.drafters import DraftModel, LayerSkip
+
+    model = cuda_tiny("qwen2", num_layers=3)
+    ids, mask = (t.cuda() for t in ragged_batch([6, 2, 11], 64, seed=5))
+    ref = hf_greedy(model, ids, mask, max_new_tokens=30, eos_token_id=None)
+    for drafter in (DraftModel(cuda_tiny("qwen2", seed=3), num_tokens=3), DraftModel(model, num_tokens=3),
+                    LayerSkip(exit_layer=2, num_tokens=3)):
+        out = specdec.wrap(model, drafter=drafter, cuda_graphs=True).generate(
+            ids, attention_mask=mask, max_new_tokens=30, pad_token_id=0, eos_token_id=None,
+            return_dict_in_generate=True)
+        assert torch.equal(out.sequences, ref), type(drafter).__name__
+        assert out.spec_stats.num_steps % 8 == 0   # whole captured chunks
+
+
 def test_policy_reserve_and_step_profile_on_cuda():
     model = cuda_tiny("llama")
     ids, mask = (t.cuda() for t in ragged_batch([5, 12, 3, 8], 64, seed=2))
