@@ -145,10 +145,19 @@ class SpecEngine:
         and, with cuda_graphs, capture every chunk graph up to it on the next call: later calls up
         to that length then reuse the cache and never capture (or compile) while decoding.
         Benchmarks call this before timing."""
-        scratch = max(getattr(self.drafter, "num_nodes", 0), getattr(self.drafter, "scratch_slots", 0))
-        k = getattr(self.drafter, "num_nodes", 0)
-        capacity = max_length + scratch + 2 + self.chunk_steps * (k + 1)
+        capacity = self._capacity(max_length + self._pad(), chunked=True)
         self._reserved = (batch, -(-capacity // 512) * 512 if self.cuda_graphs else capacity)
+
+    def _pad(self) -> int:
+        """Extra left padding so every row has the drafter's ``lookback`` committed slots."""
+        return max(1, getattr(self.drafter, "lookback", 2) - 1)
+
+    def _capacity(self, committed: int, chunked: bool) -> int:
+        """Cache slots for rows of up to ``committed`` tokens: plus the draft nodes (or the drafter's
+        scratch), the root's slot, and in chunks the most a finished row may run on."""
+        n_nodes = getattr(self.drafter, "num_nodes", 0)
+        capacity = committed + max(n_nodes, getattr(self.drafter, "scratch_slots", 0)) + 1
+        return capacity + (self.chunk_steps * (n_nodes + 1) if chunked else 0)
 
     def step_profile(self, reps: int = 50) -> dict[str, float] | None:
         """Device milliseconds per step, by phase (draft, verify, accept, commit), of the captured
@@ -179,12 +188,8 @@ class SpecEngine:
         input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
         b = input_ids.shape[0]
         n_nodes = drafter.num_nodes if drafter is not None else 0
-        # Extra left padding so every row has `lookback` committed slots (drafters re-read them).
-        width = int(attention_mask.sum(dim=1).max()) + max(1, getattr(drafter, "lookback", 2) - 1)
-        scratch = max(n_nodes, getattr(drafter, "scratch_slots", 0))
-        capacity = width + max_new_tokens + scratch + 1
-        if chunked:  # a finished row may run on to the end of its chunk
-            capacity += self.chunk_steps * (n_nodes + 1)
+        width = int(attention_mask.sum(dim=1).max()) + self._pad()
+        capacity = self._capacity(width + max_new_tokens, chunked)
         if self._reserved is not None and self._reserved[0] == b:
             capacity = max(capacity, self._reserved[1])
         if self.cuda_graphs:  # round up so that later calls can reuse the cache and its graphs
