@@ -24,7 +24,7 @@ from torch import Tensor
 
 from specdec.drafters.base import DecodeContext, Drafter
 from specdec.runner import ModelRunner
-from specdec.static import ChunkedLoop, commit_step, verify_inputs
+from specdec.static import ChunkedLoop, commit_step, pad_queries, query_bucket, verify_inputs
 from specdec.stats import PhaseTimer, SpecStats
 from specdec.verifiers.acceptance import SamplingParams, make_acceptance
 from specdec.verifiers.tree import DraftTree
@@ -56,32 +56,32 @@ def left_pack(input_ids: Tensor, attention_mask: Tensor, width: int, pad: int) -
 
 
 class GraphedVerifier:
-    """The verification forward captured as CUDA graphs, one per cache-view bucket.
+    """The verification forward captured as CUDA graphs, one per (cache-view bucket, query bucket).
 
-    Inputs are copied into static buffers and the graph for ``roundup(view_len, bucket)`` is
-    replayed; the first use of a bucket captures it. Graphs belong to one KVCache, which the
-    engine keeps across ``generate`` calls of the same batch size and capacity.
+    A step's root-plus-nodes queries are padded to a query bucket (1, 8, 16, 32, 64, ...:
+    ``query_bucket``), its inputs copied into that bucket's static buffers, and the graph for
+    ``roundup(view_len, bucket)`` replayed; the first use of a pair captures it. So an undrafted
+    step (1 query) and drafted steps of any size replay graphs too. Graphs belong to one
+    KVCache, which the engine keeps across ``generate`` calls of the same batch size and capacity.
     """
 
-    def __init__(self, runner: ModelRunner, cache, batch: int, queries: int, bucket: int = 256):
-        dev = runner.device
-        self.runner, self.cache, self.bucket = runner, cache, bucket
-        self.tokens = torch.zeros(batch, queries, dtype=torch.long, device=dev)
-        self.positions = torch.zeros_like(self.tokens)
-        self.slots = torch.zeros_like(self.tokens)
-        self.among = torch.zeros(batch, queries, queries, dtype=torch.bool, device=dev)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+    def __init__(self, runner: ModelRunner, cache, batch: int, bucket: int = 256):
+        self.runner, self.cache, self.bucket, self.batch = runner, cache, bucket, batch
+        self.inputs: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}  # query bucket -> static inputs
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
 
     def __call__(self, tokens: Tensor, positions: Tensor, slots: Tensor, among: Tensor, view_len: int) -> Tensor:
-        view = min(-(-view_len // self.bucket) * self.bucket, self.cache.max_len)
-        self.tokens.copy_(tokens)
-        self.positions.copy_(positions)
-        self.slots.copy_(slots)
-        self.among.copy_(among)
-        if view not in self.graphs:
+        n = tokens.shape[1]
+        q = query_bucket(n)
+        padded = pad_queries(tokens, positions, slots, among, q)
+        view = min(-(-(view_len + q - n) // self.bucket) * self.bucket, self.cache.max_len)
+        if q not in self.inputs:
+            self.inputs[q] = tuple(torch.zeros_like(t) for t in padded)
+        for buf, t in zip(self.inputs[q], padded):
+            buf.copy_(t)
+        if (view, q) not in self.graphs:
             def step():
-                return self.runner.forward(self.cache, self.tokens, self.positions, self.slots, self.among,
-                                           view_len=view, contiguous=True).logits
+                return self.runner.forward(self.cache, *self.inputs[q], view_len=view, contiguous=True).logits
 
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -92,10 +92,10 @@ class GraphedVerifier:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out = step()
-            self.graphs[view] = (graph, out)
-        graph, out = self.graphs[view]
+            self.graphs[view, q] = (graph, out)
+        graph, out = self.graphs[view, q]
         graph.replay()
-        return out
+        return out[:, :n]
 
 
 class SpecEngine:
@@ -156,7 +156,8 @@ class SpecEngine:
         """Cache slots for rows of up to ``committed`` tokens: plus the draft nodes (or the drafter's
         scratch), the root's slot, and in chunks the most a finished row may run on."""
         n_nodes = getattr(self.drafter, "num_nodes", 0)
-        capacity = committed + max(n_nodes, getattr(self.drafter, "scratch_slots", 0)) + 1
+        queries = query_bucket(n_nodes + 1) if self.cuda_graphs else n_nodes + 1  # graphs pad the queries
+        capacity = committed + max(queries - 1, getattr(self.drafter, "scratch_slots", 0)) + 1
         return capacity + (self.chunk_steps * (n_nodes + 1) if chunked else 0)
 
     def step_profile(self, reps: int = 50) -> dict[str, float] | None:
@@ -208,7 +209,7 @@ class SpecEngine:
             self._loop = None
             if self.cuda_graphs:
                 self._cache = cache
-                self._verifier = GraphedVerifier(runner, cache, b, n_nodes + 1)
+                self._verifier = GraphedVerifier(runner, cache, b)
         cache.start.copy_(start)
         # Prefill: every committed token but the root.
         n = width - 1
@@ -266,7 +267,7 @@ class SpecEngine:
             # Drafters may ask for the target's hidden states after some layer counts (DEL's shadows).
             exits = getattr(drafter, "collect_hidden", None) if draft_now else None
             layer_hidden = None
-            if self._verifier is not None and k + 1 == self._verifier.tokens.shape[1] and not exits:
+            if self._verifier is not None and not exits:
                 logits = self._verifier(v.tokens, v.positions, v.slots, v.among, ctx.max_seq_len + k)
             else:
                 out = runner.forward(cache, v.tokens, v.positions, v.slots, v.among, view_len=ctx.max_seq_len + k,

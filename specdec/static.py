@@ -48,6 +48,32 @@ def verify_inputs(tree: DraftTree, tokens: Tensor, seq_len: Tensor, start: Tenso
     return VerifyInputs(step_tokens, positions, slots, among, depth, root_slot)
 
 
+def query_bucket(n: int) -> int:
+    """The padded query length of a captured verification step: 1, then 8, 16, 32, 64, ...
+
+    Example: ``[query_bucket(n) for n in (1, 2, 8, 9, 33)] == [1, 8, 8, 16, 64]``.
+    """
+    return 1 if n <= 1 else max(8, 1 << (n - 1).bit_length())
+
+
+def pad_queries(tokens: Tensor, positions: Tensor, slots: Tensor, among: Tensor, q: int):
+    """Pad one step's ``[B, N]`` verification inputs to ``q`` queries. Padding queries take the
+    next slots (so the slots stay contiguous), see only themselves and are seen by no real
+    query: the real queries' outputs are unchanged, and the K/V the padding writes is scratch."""
+    b, n = tokens.shape
+    extra = q - n
+    if extra <= 0:
+        return tokens, positions, slots, among
+    dev = tokens.device
+    step = torch.arange(1, extra + 1, device=dev)
+    wide = torch.zeros(b, q, q, dtype=torch.bool, device=dev)
+    wide[:, :n, :n] = among
+    wide[:, n:, n:] = torch.eye(extra, dtype=torch.bool, device=dev)
+    return (torch.cat([tokens, tokens[:, -1:].expand(b, extra)], dim=1),
+            torch.cat([positions, positions[:, -1:].expand(b, extra)], dim=1),
+            torch.cat([slots, slots[:, -1:] + step], dim=1), wide)
+
+
 def commit_step(tokens: Tensor, cache, seq_len: Tensor, root_slot: Tensor, emitted: Tensor, keep: Tensor,
                 path: Tensor, accept_len: Tensor) -> None:
     """Write each row's first ``keep`` emitted tokens after its committed ones, move the accepted

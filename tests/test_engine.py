@@ -286,3 +286,35 @@ def test_reserve_sizes_the_cache_for_later_calls():
     out = spec.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0, eos_token_id=None)
     assert torch.equal(out, hf_greedy(model, ids, mask, max_new_tokens=10, eos_token_id=None))
     assert spec.engine._loop.tokens.shape[1] >= 200 + 4 * 4  # the reserved length plus a chunk's growth
+
+
+def test_query_buckets_and_padding_leave_real_queries_alone():
+    from specdec.runner import ModelRunner
+    from specdec.static import pad_queries, query_bucket
+
+    assert [query_bucket(n) for n in (1, 2, 8, 9, 16, 17, 33)] == [1, 8, 8, 16, 16, 32, 64]
+    model = make_tiny("qwen3", num_layers=2)
+    runner = ModelRunner(model)
+    ids, mask = ragged_batch([7, 4], model.config.vocab_size, seed=9)
+    t = ids.shape[1]
+    start = t - mask.sum(dim=1)
+    slots = torch.arange(t).expand(2, t)
+    positions = (slots - start[:, None]).clamp(min=0)
+    causal = torch.ones(t, t, dtype=torch.bool).tril().expand(2, t, t)
+    # A step of 4 queries (root + 3 tree nodes: two children of the root, one grandchild).
+    step_tokens = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    step_slots = t + torch.arange(4).expand(2, 4)
+    step_pos = (t - start)[:, None] + torch.tensor([0, 1, 1, 2])
+    among = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool).expand(2, 4, 4)
+    outs = []
+    for q in (4, 8):
+        cache = runner.new_cache(2, 64)
+        cache.start.copy_(start)
+        runner.forward(cache, ids, positions, slots, causal, view_len=t, compute_logits=False)
+        cache.lengths.fill_(t)
+        padded = pad_queries(step_tokens, step_pos, step_slots, among, q)
+        assert padded[0].shape == (2, q) and torch.equal(padded[2][:, -1], step_slots[:, 0] + q - 1)  # contiguous
+        outs.append(runner.forward(cache, *padded, view_len=t + q, contiguous=True).logits[:, :4])
+    # Same numbers up to float rounding (a matmul over 8 rows may block differently from one over 4).
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(outs[0].argmax(-1), outs[1].argmax(-1))

@@ -47,6 +47,24 @@ def test_model_drafters_inside_captured_chunks_equal_hf():
         assert out.spec_stats.num_steps % 8 == 0   # whole captured chunks
 
 
+def test_per_step_graphs_pad_queries_to_buckets():
+    """Drafters outside the chunked loop (a draft tree, the adaptive schedule) replay padded
+    per-step graphs; with the batch policy, the undrafted steps replay the 1-query graph."""
+    from specdec.drafters import DraftModel
+
+    model = cuda_tiny("llama", num_layers=2)
+    ids, mask = (t.cuda() for t in ragged_batch([6, 9, 4], 64, seed=4))
+    ref = hf_greedy(model, ids, mask, max_new_tokens=24, eos_token_id=None)
+    tree = DraftModel(cuda_tiny("llama", seed=7), num_tokens=3, tree_width=2, tree_nodes=9)   # 10 queries -> 16
+    adaptive = DraftModel(model, num_tokens=4, schedule="adaptive")
+    for drafter, policy in ((tree, None), (adaptive, None), (adaptive, 2)):
+        spec = specdec.wrap(model, drafter=drafter, cuda_graphs=True, max_draft_batch=policy)
+        out = spec.generate(ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0, eos_token_id=None)
+        assert torch.equal(out, ref)
+        buckets = {q for _, q in spec.engine._verifier.graphs}
+        assert buckets == ({16} if drafter is tree else {8} if policy is None else {1})
+
+
 def test_policy_reserve_and_step_profile_on_cuda():
     model = cuda_tiny("llama")
     ids, mask = (t.cuda() for t in ragged_batch([5, 12, 3, 8], 64, seed=2))
