@@ -120,11 +120,20 @@ def per_prompt(args, model, tok, assistant):
         rows.append(row)
         print(json.dumps(row), flush=True)
     profile = {}
-    for name in (base_name, base_name + " lookup"):
-        profile[name] = methods[name].engine.step_profile()
+    for name in (base_name, base_name + " lookup", "draft model"):
+        if name in methods:
+            profile[name] = methods[name].engine.step_profile()
     ctx = max(r["prompt_tokens"] for r in rows) + args.max_new_tokens // 2
     floor = step_floor(model, batch=1, context=ctx)
     return rows, profile, floor, list(methods), list(hf), base_name
+
+
+def hf_new_tokens(new, eos) -> int:
+    """Tokens HF generated, each row up to and including its first EOS (later ones are padding)."""
+    total = 0
+    for row in new.tolist():
+        total += next((i + 1 for i, t in enumerate(row) if t == eos), len(row))
+    return total
 
 
 def batch_sweep(args, model, tok):
@@ -144,7 +153,7 @@ def batch_sweep(args, model, tok):
         row = {"batch": b}
         model.generate(enc.input_ids, **kw)
         ref, s = timed(lambda: model.generate(enc.input_ids, **kw))
-        row["hf"] = {"tok_s": b * args.batch_tokens / s}
+        row["hf"] = {"tok_s": hf_new_tokens(ref[:, enc.input_ids.shape[1]:], tok.eos_token_id) / s}
         for name, spec in methods.items():
             spec.generate(enc.input_ids, **kw)
             res, s = timed(lambda: spec.generate(enc.input_ids, return_dict_in_generate=True, **kw))
