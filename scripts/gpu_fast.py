@@ -128,11 +128,17 @@ def per_prompt(args, model, tok, assistant):
     return rows, profile, floor, list(methods), list(hf), base_name
 
 
-def hf_new_tokens(new, eos) -> int:
+def eos_ids(model, tok) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    eos = tok.eos_token_id if eos is None else eos
+    return {eos} if isinstance(eos, int) else set(eos)
+
+
+def hf_new_tokens(new, eos: set[int]) -> int:
     """Tokens HF generated, each row up to and including its first EOS (later ones are padding)."""
     total = 0
     for row in new.tolist():
-        total += next((i + 1 for i, t in enumerate(row) if t == eos), len(row))
+        total += next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
     return total
 
 
@@ -153,7 +159,7 @@ def batch_sweep(args, model, tok):
         row = {"batch": b}
         model.generate(enc.input_ids, **kw)
         ref, s = timed(lambda: model.generate(enc.input_ids, **kw))
-        row["hf"] = {"tok_s": hf_new_tokens(ref[:, enc.input_ids.shape[1]:], tok.eos_token_id) / s}
+        row["hf"] = {"tok_s": hf_new_tokens(ref[:, enc.input_ids.shape[1]:], eos_ids(model, tok)) / s}
         for name, spec in methods.items():
             spec.generate(enc.input_ids, **kw)
             res, s = timed(lambda: spec.generate(enc.input_ids, return_dict_in_generate=True, **kw))
