@@ -58,6 +58,8 @@ class DraftModel:
         self.gamma = num_tokens if schedule == "constant" else max(1, num_tokens // 2)
         self.cache = None
         self.forwards = 0
+        self._forward = self.runner.forward   # per-step forwards; compile_forwards() compiles them
+        self.compiled = False
 
     @classmethod
     def from_pretrained(cls, spec: str, num_tokens: int = 4, schedule: str = "constant", dtype=None, device=None,
@@ -87,6 +89,13 @@ class DraftModel:
         chunked loop, greedy, can capture it inside CUDA graphs); trees and the adaptive schedule
         are not."""
         return self.tree_width == 1 and self.schedule == "constant"
+
+    def compile_forwards(self) -> None:
+        """``torch.compile`` the draft's per-step forwards (not its prefill). The engine's chunked
+        loop calls this when it compiles the target's forward (``wrap(..., compile=True)``)."""
+        if not self.compiled:
+            self._forward = torch.compile(self.runner.forward, dynamic=False)
+            self.compiled = True
 
     @property
     def forwards_per_step(self) -> int:
@@ -134,9 +143,9 @@ class DraftModel:
         slots = ctx.seq_len.unsqueeze(1) - w + torch.arange(w, device=dev)
         self.cache.lengths.copy_(ctx.seq_len - w)
         among = torch.ones(w, w, dtype=torch.bool, device=dev).tril().expand(b, w, w)
-        out = self.runner.forward(self.cache, ctx.tokens.gather(1, slots), (slots - ctx.start.unsqueeze(1)).clamp(min=0),
-                                  slots, among, view_len=ctx.max_seq_len,
-                                  logits_at=torch.full((b, 1), w - 1, dtype=torch.long, device=dev))
+        out = self._forward(self.cache, ctx.tokens.gather(1, slots), (slots - ctx.start.unsqueeze(1)).clamp(min=0),
+                            slots, among, view_len=ctx.max_seq_len,
+                            logits_at=torch.full((b, 1), w - 1, dtype=torch.long, device=dev))
         self.forwards += 1
         self.cache.lengths.copy_(ctx.seq_len)
         return out.logits[:, 0]
@@ -256,8 +265,8 @@ class DraftModel:
             if i:  # feed the previous draft token at the next slot; logits for the one after
                 slot = (ctx.seq_len + i - 1).unsqueeze(1)
                 self.cache.lengths.copy_(ctx.seq_len + i - 1)
-                logits = self.runner.forward(self.cache, drafted[-1].unsqueeze(1), slot - ctx.start.unsqueeze(1),
-                                             slot, one, view_len=ctx.max_seq_len + i).logits[:, -1]
+                logits = self._forward(self.cache, drafted[-1].unsqueeze(1), slot - ctx.start.unsqueeze(1),
+                                       slot, one, view_len=ctx.max_seq_len + i).logits[:, -1]
                 self.forwards += 1
             if ctx.params.do_sample:
                 dists.append(warp_probs(logits, ctx.params))

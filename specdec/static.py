@@ -133,6 +133,8 @@ class ChunkedLoop:
             if hasattr(dynamo, "accumulated_cache_size_limit"):
                 dynamo.accumulated_cache_size_limit = max(dynamo.accumulated_cache_size_limit, 1024)
         self.forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        if compile and hasattr(drafter, "compile_forwards"):  # a model drafter compiles its steps too
+            drafter.compile_forwards()
         self.compiled = compile
 
     def _forward(self, tokens: Tensor, positions: Tensor, slots: Tensor, among: Tensor, view: int) -> Tensor:

@@ -45,6 +45,10 @@ def test_model_drafters_inside_captured_chunks_equal_hf():
             return_dict_in_generate=True)
         assert torch.equal(out.sequences, ref), type(drafter).__name__
         assert out.spec_stats.num_steps % 8 == 0   # whole captured chunks
+    drafter = DraftModel(cuda_tiny("qwen2", seed=3), num_tokens=3)
+    out = specdec.wrap(model, drafter=drafter, cuda_graphs=True, compile=True).generate(
+        ids, attention_mask=mask, max_new_tokens=30, pad_token_id=0, eos_token_id=None)
+    assert drafter.compiled and torch.equal(out, ref)   # the draft's steps compiled along with the target
 
 
 def test_per_step_graphs_pad_queries_to_buckets():
