@@ -1,18 +1,20 @@
 """specdec-bench: prompt sources, row arithmetic, and a CPU sweep through the real engine."""
 import json
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from tiny import make_tiny
 from transformers import AutoTokenizer
 
 from specdec.bench import builtin, humaneval, hydra_main, run_bench, select, specbench
-from specdec.bench.measure import Decoded, divergence_gap, first_divergence, resolution
+from specdec.bench.measure import Decoded, Generated, decode, divergence_gap, first_divergence, resolution
 from specdec.bench.prompts import Prompt, read_jsonl, render
-from specdec.bench.report import aggregate, by_turn, collect, divergence_lines, sweep_markdown
+from specdec.bench.report import (aggregate, below_baseline_line, by_turn, collect, divergence_lines, run_markdown,
+                                  sweep_markdown)
 from specdec.loading import dense_zoo_dir
-from tiny import make_tiny
 
 CATEGORIES = {"coding", "editing", "summarization", "math", "qa", "chat"}
 ROW_KEYS = {"model", "dtype", "device", "drafter", "params", "batch_size", "max_new_tokens", "max_draft_batch", "mode",
@@ -21,7 +23,7 @@ ROW_KEYS = {"model", "dtype", "device", "drafter", "params", "batch_size", "max_
             "tokens_per_s", "times", "lossless", "baseline", "hf", "speedup", "speedup_hf",
             "matches_baseline", "first_divergence", "turn_new_tokens", "turn_steps", "turn_tau", "turn_wall_time",
             "turn_tokens_per_s", "turn_speedup", "undrafted_steps", "divergence", "hf_lookup", "hf_assisted",
-            "speedup_hf_lookup", "speedup_hf_assisted"}
+            "speedup_hf_lookup", "speedup_hf_assisted", "hf_matches_baseline"}
 TURN_KEYS = {"turn_new_tokens", "turn_steps", "turn_tau", "turn_wall_time", "turn_tokens_per_s", "turn_speedup"}
 
 
@@ -127,6 +129,27 @@ def test_by_turn_pools_each_turn_over_the_prompts_that_have_it():
     assert turns[0]["speedup"] == pytest.approx(1.0) and turns[1]["speedup"] == pytest.approx(4.0)   # 16 vs 4 tok/s
 
 
+def test_undrafted_steps_are_each_rows_own(smollm2_tokenizer):
+    """The batch policy's undrafted steps are a call's first steps (rows only finish), so a row that
+    ran 3 steps of a call with 5 undrafted ones ran all 3 undrafted, and a 7-step row ran 5."""
+    calls = [SimpleNamespace(accepted_lengths=[[1, 1, 1], [1, 1, 1, 1, 1, 3, 3]], new_tokens=[3, 11],
+                             proposed=[[0, 0, 0], [0, 0, 0, 0, 0, 2, 2]], undrafted_steps=5, times={}, lossless=True),
+             SimpleNamespace(accepted_lengths=[[2, 2]], new_tokens=[4], proposed=[[2, 2]], undrafted_steps=0,
+                             times={}, lossless=True)]   # turn 2: the second prompt alone, drafted
+
+    def method(input_ids, attention_mask):
+        stats = calls.pop(0)
+        width = max(stats.new_tokens)
+        new = torch.tensor([[7] * n + [0] * (width - n) for n in stats.new_tokens])
+        return Generated(torch.cat([input_ids, new], dim=1), stats.new_tokens, stats)
+
+    prompts = [Prompt(1, "qa", ("Hi.",)), Prompt(2, "editing", ("Write.", "Shorter."))]
+    short, long = decode(method, prompts, smollm2_tokenizer, torch.device("cpu"))
+    assert (short.steps, short.undrafted_steps) == (3, 3)
+    assert (long.turn_steps, long.undrafted_steps) == ([7, 2], 5)
+    assert long.new_tokens == 15 and long.draft_tokens == 8
+
+
 def test_resolution_is_one_ulp_of_the_dtype():
     assert resolution(1.0, torch.bfloat16) == 2 ** -7
     assert resolution(3.0, torch.bfloat16) == 2 ** -6 and resolution(-3.0, torch.bfloat16) == 2 ** -6
@@ -161,6 +184,11 @@ def test_divergence_gap_reads_the_targets_logits_where_outputs_part(smollm2_toke
     assert not d["near_tie"]
     other = Decoded(output_ids=[base_ids[:2] + [int(logits.argmin())]], answers=[""])   # not a top-2 token
     assert not divergence_gap(model, tok, prompt, base, other, where, torch.device("cpu"))["top2"]
+    model.to(torch.bfloat16)   # in bf16 the gap is measured in bf16 ulps of the top logit
+    d = divergence_gap(model, tok, prompt, base, drafted, where, torch.device("cpu"))
+    with torch.no_grad():
+        top1 = float(model(torch.tensor([ids + base_ids[:2]])).logits[0, -1].float().max())
+    assert d["ulp"] == resolution(top1, torch.bfloat16) and d["gap_ulps"] == pytest.approx(d["gap"] / d["ulp"])
 
 
 def test_divergence_section_flags_anything_but_a_near_tie():
@@ -176,16 +204,60 @@ def test_divergence_section_flags_anything_but_a_near_tie():
 
 
 def test_sweep_table_marks_runs_below_their_baseline():
-    def run(batch, speedup):
+    def run(batch, speedup, policy=None, undrafted=0, lookup=None):
         agg = {"tau": 1.5, "alpha": 0.4, "tokens_per_s": 10 * speedup, "baseline_tokens_per_s": 10.0,
-               "speedup": speedup, "speedup_hf": 2.0, "matches_baseline": "2/2"}
+               "speedup": speedup, "speedup_hf": 2.0, "speedup_hf_lookup": lookup, "speedup_hf_assisted": None,
+               "matches_baseline": "2/2", "steps": 40, "undrafted_steps": undrafted}
         return {"model": "m", "dtype": "float32", "device": "cpu", "drafter": "lookup", "params": {"num_tokens": 4},
-                "batch_size": batch, "max_draft_batch": None, "max_new_tokens": 8, "mode": "greedy",
+                "batch_size": batch, "max_draft_batch": policy, "max_new_tokens": 8, "mode": "greedy",
                 "temperature": None, "top_p": None, "top_k": None, "categories": {"coding": agg}} | agg
     table = sweep_markdown([run(1, 1.4), run(16, 0.8)])
     fast, slow = [line for line in table.splitlines() if line.startswith("| lookup")]
     assert "| 1 |" in fast and "**below**" not in fast
     assert "| 16 |" in slow and "0.80 **below**" in slow and "| 8.0 | 10.0 |" in slow   # both throughputs shown
+    assert "1 run(s) slower than their no-drafter baseline:** lookup num_tokens=4 greedy batch_size=16 (×0.80)" in table
+    assert "undrafted" not in table and "HF lookup" not in table   # nothing measured them
+
+    # A batch sweep with the policy: both varying settings get a column, and the undrafted share shows.
+    table = sweep_markdown([run(16, 0.8), run(16, 1.1, policy=4, undrafted=30, lookup=1.2)])
+    header = next(line for line in table.splitlines() if line.startswith("| drafter"))
+    assert "| max_draft_batch |" in header and "| × HF lookup | undrafted |" in header
+    assert "batch_size 16" in table.splitlines()[2]   # the same for both runs: above the table
+    policy = next(line for line in table.splitlines() if "| 4 |" in line)
+    assert "| 1.10 | 2.00 | 1.20 | 75% |" in policy and "below" not in policy
+    assert len(table.splitlines()[4].split("|")) == len(policy.split("|"))   # every line has every column
+
+
+def _row(mode="greedy", drafter="lookup", batch=1, policy=None, wall=1.0, base_wall=1.0, undrafted=0, hf_same=None):
+    """A row as ``make_row`` writes it, with 8 tokens in 4 steps (τ 2) and a baseline of 8 tokens."""
+    timing = {"new_tokens": 8, "steps": 8, "wall_time": base_wall, "times": {}, "turn_new_tokens": [8],
+              "turn_wall_time": [base_wall]}
+    return {"model": "m", "dtype": "bfloat16", "device": "cpu", "drafter": drafter, "params": {},
+            "batch_size": batch, "max_draft_batch": policy, "max_new_tokens": 8, "mode": mode, "temperature": None,
+            "top_p": None, "top_k": None, "question_id": 1, "category": "coding", "num_turns": 1,
+            "new_tokens": 8, "steps": 4, "accept_hist": [0, 2, 0, 2], "draft_tokens": 8, "wall_time": wall,
+            "times": {}, "undrafted_steps": undrafted, "turn_new_tokens": [8], "turn_steps": [4],
+            "turn_wall_time": [wall], "baseline": timing, "hf": None, "hf_lookup": None, "hf_assisted": None,
+            "matches_baseline": True, "first_divergence": None, "divergence": None, "hf_matches_baseline": hf_same}
+
+
+def test_run_summary_warns_when_drafting_is_slower_than_the_baseline():
+    slow = run_markdown([_row(batch=16, wall=1.25, base_wall=1.0, policy=None)], "t")   # 6.4 vs 8.0 tok/s
+    assert "**Drafting is slower than the baseline here (×0.80)**; consider max_draft_batch=8" in slow
+    assert "`-m max_draft_batch=8,4,2,1`" in slow
+    fast = run_markdown([_row(batch=16, wall=0.5, base_wall=1.0)], "t")
+    assert "slower than the baseline" not in fast
+    alone = run_markdown([_row(drafter="none", wall=1.25, base_wall=1.0)], "t")   # no drafter: noise, not a loss
+    assert "slower than the baseline" not in alone
+    # At batch 1, or with the policy already at 1, there is no batch to cut: draft less instead.
+    assert below_baseline_line(0.9, 1, None).endswith("consider fewer draft tokens, or none.")
+    assert below_baseline_line(0.9, 16, 1).endswith("consider fewer draft tokens, or none.")
+    assert "max_draft_batch=2 " in below_baseline_line(0.9, 16, 4)   # halves the policy in force
+    policy = run_markdown([_row(batch=4, policy=2, undrafted=3), _row(batch=4, policy=2, undrafted=1)], "t")
+    assert "Batch policy `max_draft_batch=2`: 4 of 8 row-steps ran without a draft." in policy
+    same = run_markdown([_row(hf_same={"hf": True, "hf_lookup": True}),
+                         _row(hf_same={"hf": False, "hf_lookup": True})], "t")
+    assert "HF greedy outputs equal to the baseline's: HF greedy 1/2, HF lookup 2/2" in same
 
 
 # ---------------------------------------------------------------- the CLI on CPU
@@ -247,15 +319,25 @@ def test_hf_lookup_and_assisted_references_and_the_batch_policy(tiny_folder, tmp
             assert r[name]["new_tokens"] > 0 and r[f"speedup_{name}"] > 0
         assert r["speedup_hf_lookup"] == pytest.approx(r["tokens_per_s"] / r["hf_lookup"]["tokens_per_s"])
         assert r["undrafted_steps"] == 0 and r["max_draft_batch"] is None
+        # fp32: HF's greedy methods give the engine baseline's tokens, prompt lookup and assisted included
+        assert r["hf_matches_baseline"] == {"hf": True, "hf_lookup": True, "hf_assisted": True}
     assert "| × HF lookup | × HF assisted |" in summary
     assert "Divergences: none" in summary   # fp32: the drafter's output is the baseline's
+    assert "HF greedy 2/2, HF lookup 2/2, HF assisted 2/2" in summary
 
     rows, summary = bench(tmp_path / "batch", "batch_size=2", "max_draft_batch=1")
-    assert "skipped: HF runs them at batch size 1 only" in summary
+    assert "HF lookup and HF assisted skipped (batch 2): HF runs them at batch size 1 only" in summary
+    assert "× HF lookup" not in summary
+    coding, editing = rows
     for r in rows:
         assert r["hf_lookup"] is None and r["hf_assisted"] is None and r["hf"]["new_tokens"] > 0
-        assert r["max_draft_batch"] == 1 and r["undrafted_steps"] > 0   # two rows > 1: drafting switched off
-        assert r["matches_baseline"]
+        assert r["max_draft_batch"] == 1 and r["matches_baseline"] and r["hf_matches_baseline"] == {"hf": True}
+    # Turn 1 of both prompts is one call: while both rows run (more than 1), no step drafts, so each
+    # row's undrafted steps are the shorter row's steps. Editing's turn 2 runs alone, and drafts.
+    both = min(coding["turn_steps"][0], editing["turn_steps"][0])
+    assert coding["undrafted_steps"] == editing["undrafted_steps"] == both > 0
+    assert editing["turn_steps"][1] > 0
+    assert f"{2 * both} of {coding['steps'] + editing['steps']} row-steps ran without a draft" in summary
 
 
 @pytest.mark.slow

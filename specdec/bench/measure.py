@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -214,8 +214,11 @@ def divergence_gap(model, tokenizer, prompt: Prompt, base: Decoded, drafted: Dec
     logits = model(torch.tensor([ids], device=device)).logits[0, -1]
     values, top = logits.float().topk(2)
     gap = float(values[0] - values[1])
-    ulp = resolution(float(values[0]), logits.dtype)
-    pick = lambda out: out[turn][index] if index < len(out[turn]) else None  # noqa: E731 (None: it stopped)
+    ulp = resolution(float(values[0]), model.dtype)   # the model's dtype, even if HF upcasts its logits
+
+    def pick(out: list[list[int]]) -> int | None:   # None: that output stopped before the index
+        return out[turn][index] if index < len(out[turn]) else None
+
     parted = {pick(base.output_ids), pick(drafted.output_ids)}
     top2 = parted <= set(top.tolist())
     return {"turn": turn, "index": index, "gap": gap, "ulp": ulp, "gap_ulps": gap / ulp,
@@ -229,7 +232,9 @@ def _add_engine_stats(res: Decoded, stats, row: int, rows: int) -> None:
     res.accepted_lengths = (res.accepted_lengths or []) + lengths
     res.turn_steps = (res.turn_steps or []) + [len(lengths)]
     res.draft_tokens += sum(int(n) for n in stats.proposed[row])
-    res.undrafted_steps += int(getattr(stats, "undrafted_steps", 0))
+    # The policy's undrafted steps are the call's first ones (active rows only decrease), so this
+    # row ran the first min(undrafted, its steps) of its steps without a draft.
+    res.undrafted_steps += min(int(stats.undrafted_steps), len(lengths))
     for phase, seconds in stats.times.items():
         res.times[phase] = res.times.get(phase, 0.0) + float(seconds) / rows
     res.lossless = bool(stats.lossless) if res.lossless is None else res.lossless and bool(stats.lossless)

@@ -8,15 +8,15 @@ tokens/s from the same run. This module reads rows only; it never runs a model.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from specdec.bench.measure import PHASES  # noqa: E402
+from specdec.bench.measure import NEAR_TIE_ULPS, PHASES
 
 HF_METHODS = ("hf", "hf_lookup", "hf_assisted")   # row keys of HF's own methods
 HF_LABELS = {"hf": "HF greedy", "hf_lookup": "HF lookup", "hf_assisted": "HF assisted"}
@@ -35,8 +35,7 @@ def read_rows(path: str | Path) -> list[dict]:
 
 def write_rows(rows: Iterable[dict], path: str | Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def aggregate(rows: Sequence[dict]) -> dict:
@@ -144,11 +143,12 @@ def run_markdown(rows: Sequence[dict], title: str, header: Sequence[str] = ()) -
         if others:
             lines += ["", "HF reference speeds, tok/s (all prompts): "
                       + ", ".join(f"{HF_LABELS[n]} {fmt(cats['all'][f'{n}_tokens_per_s'], 1)}" for n in others)]
-        slow = cats["all"]["speedup"]
-        if slow is not None and slow < 1.0 and mode_rows[0]["drafter"] != "none":
-            lines += ["", f"**Drafting is slower than the no-drafter baseline here (× {slow:.2f}).** "
-                      + ("Lower `max_draft_batch` (drafting switches off above that many active rows) or draft "
-                         "fewer tokens." if mode_rows[0]["batch_size"] > 1 else "Draft fewer tokens, or none.")]
+        if first.get("max_draft_batch") is not None:
+            agg = cats["all"]
+            lines += ["", (f"Batch policy `max_draft_batch={first['max_draft_batch']}`: {agg['undrafted_steps']} "
+                           f"of {agg['steps']} row-steps ran without a draft.")]
+        if below_baseline(first, cats["all"]["speedup"]):
+            lines += ["", below_baseline_line(cats["all"]["speedup"], first["batch_size"], first.get("max_draft_batch"))]
         if any(r["num_turns"] > 1 for r in mode_rows):
             lines += ["", "By turn (later turns see the earlier answers):", "",
                       "| turn | prompts | τ | tok/s | baseline tok/s | × baseline |", "|---|---|---|---|---|---|"]
@@ -158,8 +158,43 @@ def run_markdown(rows: Sequence[dict], title: str, header: Sequence[str] = ()) -
         lines += ["", "Step time, ms per step: " + _phases(overall["step_ms"]) + "; baseline: "
                   + _phases(overall["baseline_step_ms"]), ""]
         if mode == "greedy":
-            lines += divergence_lines(mode_rows)
+            lines += divergence_lines(mode_rows) + hf_equality_lines(mode_rows)
     return "\n".join(lines)
+
+
+def below_baseline(run: dict, speedup: float | None) -> bool:
+    """Is this drafter run slower than its no-drafter baseline? (A run with no drafter never is.)"""
+    return speedup is not None and speedup < 1.0 and run["drafter"] != "none"
+
+
+def below_baseline_line(speedup: float, batch_size: int, max_draft_batch: int | None) -> str:
+    """The summary's warning for a run whose drafter loses to the baseline, with what to try.
+
+    Example:
+        below_baseline_line(0.83, 16, None)
+        # "**Drafting is slower than the baseline here (×0.83)**; consider max_draft_batch=8 ..."
+    """
+    cap = batch_size if max_draft_batch is None else min(max_draft_batch, batch_size)
+    if cap > 1:   # drafting still runs while more than one row is active: halve that limit
+        halvings = [cap >> k for k in range(1, cap.bit_length())]   # 16 -> [8, 4, 2, 1]
+        advice = (f"consider max_draft_batch={halvings[0]} (steps with more active rows run without a "
+                  f"draft; sweep it with `-m max_draft_batch={','.join(map(str, halvings))}`) or fewer draft tokens.")
+    else:
+        advice = "consider fewer draft tokens, or none."
+    return f"**Drafting is slower than the baseline here (×{speedup:.2f})**; {advice}"
+
+
+def hf_equality_lines(rows: Sequence[dict]) -> list[str]:
+    """How many greedy outputs of each HF method equal the engine baseline's, token for token."""
+    counts: dict[str, list[bool]] = {}
+    for r in rows:
+        for name, same in (r.get("hf_matches_baseline") or {}).items():
+            counts.setdefault(name, []).append(same)
+    if not counts:
+        return []
+    return ["HF greedy outputs equal to the baseline's: "
+            + ", ".join(f"{HF_LABELS[n]} {sum(c)}/{len(c)}" for n, c in counts.items())
+            + " (in bf16 or fp16, other kernels may part at near-ties).", ""]
 
 
 def divergence_lines(rows: Sequence[dict]) -> list[str]:
@@ -188,8 +223,8 @@ def divergence_lines(rows: Sequence[dict]) -> list[str]:
     if bad:
         lines += [f"**NOT a near-tie: investigate (a bug), questions {', '.join(bad)}.**", ""]
     else:
-        lines += ["Every divergence starts at a near-tie (the two tokens are the target's top two, at most "
-                  "2 ulps of the model dtype apart): rounding, not a bug.", ""]
+        lines += [(f"Every divergence starts at a near-tie (the two tokens are the target's top two, at most "
+                   f"{NEAR_TIE_ULPS:g} ulps of the model dtype apart): rounding, not a bug."), ""]
     return lines
 
 
@@ -246,28 +281,41 @@ def sweep_markdown(runs: Sequence[dict]) -> str:
     """One table for the whole sweep: a line per run and mode, per-category speedups at the right.
 
     Settings that are the same for every run go in the line above the table; settings that vary
-    (say ``batch_size`` in a batch sweep) get a column each.
+    (say ``batch_size`` and ``max_draft_batch`` in a batch sweep) get a column each. "× HF lookup"
+    and "× HF assisted" appear when some run measured them, "undrafted" (the share of row-steps
+    the batch policy ran without a draft) when some run set ``max_draft_batch``. A run slower
+    than its own baseline is marked **below** and listed under the table.
     """
-    varying = [k for k in _SETTINGS if len({json.dumps(r[k]) for r in runs}) > 1]
-    fixed = ", ".join(f"{k} {runs[0][k]}" for k in _SETTINGS if k not in varying)
+    varying = [k for k in _SETTINGS if len({json.dumps(r.get(k)) for r in runs}) > 1]
+    fixed = ", ".join(f"{k} {runs[0].get(k)}" for k in _SETTINGS if k not in varying)
+    others = [n for n in HF_METHODS[1:] if any(r.get(f"speedup_{n}") is not None for r in runs)]
+    policy = any(r.get("max_draft_batch") is not None for r in runs)
     categories = list(dict.fromkeys(c for run in runs for c in run["categories"]))
-    lines = ["# specdec-bench sweep", "",
-             f"{fixed}. Speedups are tokens/s ratios against the no-drafter engine baseline measured in "
-             "the same run (× HF: against HF greedy `generate`); category columns give × baseline (τ). "
-             "**below** marks runs slower than their baseline.", "",
-             "| drafter | params | mode | " + "".join(f"{k} | " for k in varying)
-             + "τ | α | tok/s | baseline tok/s | × baseline | × HF | = baseline | " + " | ".join(categories) + " |",
-             "|---|---|---|" + "---|" * len(varying) + "---|---|---|---|---|---|---|" + "---|" * len(categories)]
+    columns = ["drafter", "params", "mode", *varying, "τ", "α", "tok/s", "baseline tok/s", "× baseline", "× HF",
+               *(f"× {HF_LABELS[n]}" for n in others), *(["undrafted"] if policy else []), "= baseline", *categories]
+    intro = (f"{fixed}. Speedups are tokens/s ratios against the no-drafter engine baseline measured in the "
+             "same run (× HF: against HF greedy `generate`); category columns give × baseline (τ). "
+             "**below** marks runs slower than their baseline.")
+    lines = ["# specdec-bench sweep", "", intro, "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    below = []
     for run in sorted(runs, key=lambda r: (r["drafter"].lower(), _numbers(r), r["mode"], str(r["temperature"]))):
-        cells = [f"{fmt(c['speedup'])} ({fmt(c['tau'])})" if (c := run["categories"].get(cat)) else "—"
-                 for cat in categories]
-        below = run["speedup"] is not None and run["speedup"] < 1.0 and run["drafter"] != "none"
-        lines.append(f"| {run['drafter']} | {format_params(run['params']) or '—'} | {_mode(run)} | "
-                     + "".join(f"{run.get(k)} | " for k in varying)
-                     + f"{fmt(run['tau'])} | {fmt(run['alpha'])} | {fmt(run['tokens_per_s'], 1)} "
-                     f"| {fmt(run['baseline_tokens_per_s'], 1)} "
-                     f"| {fmt(run['speedup'])}{' **below**' if below else ''} | {fmt(run['speedup_hf'])} "
-                     f"| {run['matches_baseline'] or '—'} | " + " | ".join(cells) + " |")
+        slow = below_baseline(run, run["speedup"])
+        name = [run["drafter"], format_params(run["params"]) or "—", _mode(run)]
+        cells = [*name, *(str(run.get(k)) for k in varying), fmt(run["tau"]), fmt(run["alpha"]),
+                 fmt(run["tokens_per_s"], 1), fmt(run["baseline_tokens_per_s"], 1),
+                 fmt(run["speedup"]) + (" **below**" if slow else ""), fmt(run["speedup_hf"]),
+                 *(fmt(run.get(f"speedup_{n}")) for n in others)]
+        if policy:
+            cells.append(f"{run.get('undrafted_steps', 0) / run['steps']:.0%}" if run["steps"] else "—")
+        cells.append(run["matches_baseline"] or "—")
+        cells += [f"{fmt(c['speedup'])} ({fmt(c['tau'])})" if (c := run["categories"].get(cat)) else "—"
+                  for cat in categories]
+        lines.append("| " + " | ".join(cells) + " |")
+        if slow:
+            below.append(" ".join([*name, *(f"{k}={run.get(k)}" for k in varying)]) + f" (×{run['speedup']:.2f})")
+    if below:
+        lines += ["", f"**{len(below)} run(s) slower than their no-drafter baseline:** " + "; ".join(below) + "."]
     return "\n".join(lines) + "\n"
 
 

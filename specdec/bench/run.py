@@ -1,4 +1,4 @@
-"""One benchmark run: baseline, drafter and HF greedy on the same prompts, then rows and reports.
+"""One benchmark run: baseline, drafter and HF's own methods on the same prompts, then rows and reports.
 
 ``run_bench(cfg, out_dir)`` is the plain function (tests call it); ``hydra_main`` is the thin
 ``specdec-bench`` entry point around it, and ``CollectCallback`` builds the sweep table when a
@@ -20,14 +20,13 @@ from tqdm.auto import tqdm
 import specdec
 from specdec.bench.measure import Decoded, decode, divergence_gap, engine_method, first_divergence, hf_method
 from specdec.bench.prompts import Prompt, render, select
-from specdec.bench.report import (aggregate, by_category, collect, fmt, format_params, plot_accepted_lengths,
-                                  run_markdown, write_rows)
+from specdec.bench.report import (HF_LABELS, HF_METHODS, aggregate, by_category, collect, fmt, format_params,
+                                  plot_accepted_lengths, run_markdown, write_rows)
 from specdec.cli import resolve_model_cfg
 from specdec.drafters import build_drafter
 from specdec.perf import step_floor
 
 MODES = ("greedy", "sample")
-HF_METHODS = ("hf", "hf_lookup", "hf_assisted")   # HF greedy, prompt lookup, assisted generation
 _LABEL_SKIP = ("_target_", "name", "dtype", "device")   # drafter keys that don't name a config
 _MODELS: dict[tuple, tuple] = {}   # (spec, dtype, device) -> (model, tokenizer), reused across a multirun
 
@@ -85,7 +84,8 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, dict[str, dict]]:
         hf_others["hf_assisted"] = {"assistant_model": load_cached(cfg.hf_assistant, cfg.model.dtype,
                                                                    cfg.model.device)[0]}
     if hf_others and cfg.batch_size > 1:
-        notes.append(f"HF {' and '.join(hf_others)} skipped: HF runs them at batch size 1 only.")
+        notes.append(f"{' and '.join(HF_LABELS[k] for k in hf_others)} skipped (batch {cfg.batch_size}): "
+                     "HF runs them at batch size 1 only.")
         hf_others = {}
 
     rows: list[dict] = []
@@ -138,11 +138,10 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, dict[str, dict]]:
         (out_dir / "step_profile.json").write_text(json.dumps(profiles, indent=1), encoding="utf-8")
 
     write_rows(rows, out_dir / "rows.jsonl")
-    header = [f"Model `{identity['model']}` ({identity['dtype']}, {identity['device']}"
-              f"{', ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}), "
-              f"{len(prompts)} prompts, batch {cfg.batch_size}, max_new_tokens {cfg.max_new_tokens}; "
-              f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads."]
-    header += notes
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    header = [(f"Model `{identity['model']}` ({identity['dtype']}, {identity['device']}{gpu}), "
+               f"{len(prompts)} prompts, batch {cfg.batch_size}, max_new_tokens {cfg.max_new_tokens}; "
+               f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads."), *notes]
     if profiles:
         header.append(step_profile_line(profiles))
     if cfg.batch_size > 1:
@@ -164,15 +163,17 @@ def make_row(identity: dict, prompt: Prompt, drafted: Decoded, base: Decoded, hf
     max_draft_batch mode temperature top_p top_k``); ``question_id category num_turns
     prompt_tokens``; the drafter's ``new_tokens steps tau draft_tokens acceptance_rate accept_hist
     wall_time tokens_per_s times lossless undrafted_steps``, where ``accept_hist[k]`` counts steps
-    that emitted k tokens and ``undrafted_steps`` the steps of this row's calls that the batch-size
+    that emitted k tokens and ``undrafted_steps`` this row's own steps that the batch-size
     policy ran without a draft; per turn (lists, one entry a turn) ``turn_new_tokens turn_steps
     turn_tau turn_wall_time turn_tokens_per_s turn_speedup``; ``baseline``, and ``hf``,
     ``hf_lookup``, ``hf_assisted`` (HF greedy, prompt lookup and assisted generation, each null
     when not run), with ``new_tokens steps wall_time tokens_per_s times turn_new_tokens
     turn_wall_time turn_tokens_per_s``; ``speedup``, ``speedup_hf``, ``speedup_hf_lookup`` and
     ``speedup_hf_assisted`` (tokens/s ratios); and, for greedy rows, ``matches_baseline``,
-    ``first_divergence`` (``{"turn", "index"}`` or null) and ``divergence`` (null, or the target's
-    top-2 logit gap there: see ``measure.divergence_gap``). Times are in seconds.
+    ``first_divergence`` (``{"turn", "index"}`` or null), ``divergence`` (null, or the target's
+    top-2 logit gap there: see ``measure.divergence_gap``) and ``hf_matches_baseline`` (``{HF
+    method: its output equals the baseline's}`` over the HF methods that ran, or null). Times are
+    in seconds.
     """
     greedy = identity["mode"] == "greedy"
     divergence = first_divergence(drafted.output_ids, base.output_ids) if greedy else None
@@ -192,6 +193,8 @@ def make_row(identity: dict, prompt: Prompt, drafted: Decoded, base: Decoded, hf
         "matches_baseline": divergence is None if greedy else None,
         "first_divergence": divergence,
         "divergence": None,
+        "hf_matches_baseline": {name: first_divergence(other.output_ids, base.output_ids) is None
+                                for name, other in hf.items()} if greedy and hf else None,
     }
     for name in HF_METHODS:
         other = hf.get(name)
@@ -271,7 +274,8 @@ def log_wandb(cfg: DictConfig, out_dir: Path, rows: list[dict], summary: dict, n
                      config=OmegaConf.to_container(cfg, resolve=True))
     for mode, cats in summary.items():
         for category, agg in cats.items():
-            for metric in ("tau", "alpha", "tokens_per_s", "baseline_tokens_per_s", "speedup", "speedup_hf"):
+            for metric in ("tau", "alpha", "tokens_per_s", "baseline_tokens_per_s", "speedup", "undrafted_steps",
+                           *(f"speedup_{name}" for name in HF_METHODS)):
                 if agg[metric] is not None:
                     run.summary[f"{mode}/{category}/{metric}"] = agg[metric]
     columns = ["mode", "question_id", "category", "new_tokens", "steps", "tau", "acceptance_rate",
