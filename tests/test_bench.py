@@ -12,8 +12,8 @@ from transformers import AutoTokenizer
 from specdec.bench import builtin, humaneval, hydra_main, run_bench, select, specbench
 from specdec.bench.measure import Decoded, Generated, decode, divergence_gap, first_divergence, resolution
 from specdec.bench.prompts import Prompt, read_jsonl, render
-from specdec.bench.report import (aggregate, below_baseline_line, by_turn, collect, divergence_lines, run_markdown,
-                                  sweep_markdown)
+from specdec.bench.report import (aggregate, below_baseline_line, by_turn, collect, divergence_lines, format_params,
+                                  run_markdown, sweep_markdown)
 from specdec.loading import dense_zoo_dir
 
 CATEGORIES = {"coding", "editing", "summarization", "math", "qa", "chat"}
@@ -95,6 +95,13 @@ def test_later_turns_see_earlier_answers(smollm2_tokenizer):
 
 
 # ---------------------------------------------------------------- row arithmetic
+
+def test_format_params_names_nested_drafters_by_class():
+    assert format_params({}) == ""
+    assert format_params({"gamma": 3, "fallback": {"_target_": "specdec.drafters.PromptLookup", "num_tokens": 4},
+                          "memory": False}) == "gamma=3, fallback=PromptLookup(num_tokens=4), memory=False"
+    assert format_params({"fallback": None}) == "fallback=None"
+
 
 def test_first_divergence():
     assert first_divergence([[5, 6, 7]], [[5, 6, 7]]) is None

@@ -383,8 +383,17 @@ def _turn_rate(rows: Sequence[dict], turn: int) -> float | None:
 
 
 def format_params(params: dict) -> str:
-    """``{"num_tokens": 4}`` -> ``"num_tokens=4"``; an empty dict gives an empty string."""
-    return ", ".join(f"{k}={v}" for k, v in params.items())
+    """``{"num_tokens": 4}`` -> ``"num_tokens=4"``; an empty dict gives an empty string. A nested
+    drafter config shows as its class and settings: ``fallback=PromptLookup(num_tokens=4)``."""
+    return ", ".join(f"{k}={_short(v)}" for k, v in params.items())
+
+
+def _short(value) -> str:
+    if isinstance(value, dict):
+        target = str(value.get("_target_", ""))
+        inner = format_params({k: v for k, v in value.items() if k != "_target_"})
+        return f"{target.rsplit('.', 1)[-1]}({inner})"
+    return str(value)
 
 
 def _phases(ms: dict[str, float] | None) -> str:
