@@ -252,17 +252,14 @@ def test_fallback_vocabulary_is_checked_at_wrap():
 
 @pytest.mark.parametrize("batch", [1, 4])
 def test_smollm2_greedy_equality(smollm2, batch):
-    from test_real_models import PROMPTS, chat_batch, first_layers
+    from test_real_models import PROMPTS, assert_equals_hf_greedy, chat_batch, first_layers
 
     model, tok = smollm2
     enc = chat_batch(tok, PROMPTS[:batch])
     kw = dict(attention_mask=enc.attention_mask, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
-    ref = model.generate(enc.input_ids, **kw)
     drafters = {"copy": CopySpec(), "copy+lookup": CopySpec(fallback=PromptLookup(num_tokens=4)),
                 "copy+draft": CopySpec(fallback=DraftModel(first_layers(model, 2), num_tokens=3))}
-    for name, drafter in drafters.items():
-        out = specdec.wrap(model, drafter=drafter).generate(enc.input_ids, return_dict_in_generate=True, **kw)
-        assert torch.equal(out.sequences, ref), f"{name} differs from HF greedy at batch {batch}"
+    assert_equals_hf_greedy(model, enc, kw, drafters)
 
 
 def test_smollm2_copies_an_earlier_answer_in_the_chat(smollm2):
