@@ -24,6 +24,7 @@ import torch
 
 import specdec
 from gpu_speed import timed  # scripts/ is on sys.path when a script runs
+from specdec.bench.measure import NEAR_TIE_ULPS
 from specdec.drafters import DraftModel, PromptLookup
 from specdec.perf import step_floor
 
@@ -40,13 +41,16 @@ def encode(tok, prompts):
     return tok(texts, return_tensors="pt", add_special_tokens=False, padding=True).to("cuda")
 
 
-def top2(model, prefix):
-    """The model's top-2 logit gap after ``prefix``, in bf16 ulps of the top logit, and the top-2 ids."""
+def tie(model, prefix, parted):
+    """HF's own logits after ``prefix``: the top-2 gap and how far the lower of the ``parted`` tokens
+    lies below the top logit, both in bf16 ulps of the top logit, and whether they are the top two."""
     with torch.no_grad():
         logits = model(prefix).logits[0, -1].float()
     vals, ids = logits.topk(2)
     ulp = 2.0 ** (math.floor(math.log2(abs(float(vals[0])))) - 7)
-    return float(vals[0] - vals[1]) / ulp, ids.tolist()
+    below = max(float(vals[0] - logits[t]) for t in parted) / ulp
+    return {"gap_ulps": float(vals[0] - vals[1]) / ulp, "parted_ulps": below,
+            "top2": sorted(ids.tolist()) == sorted(parted), "near_tie": below <= NEAR_TIE_ULPS}
 
 
 def fp32_check(name, assistant, n_tokens=96):
@@ -80,7 +84,8 @@ def per_prompt(args, model, tok, assistant):
         methods["compiled lookup"] = specdec.wrap(model, drafter=PromptLookup(8), cuda_graphs=True,
                                                   chunk_steps=steps, compile=True)
     if assistant is not None:
-        methods["draft model"] = specdec.wrap(model, drafter=DraftModel(assistant, num_tokens=4), cuda_graphs=True)
+        methods["draft model"] = specdec.wrap(model, drafter=DraftModel(assistant, num_tokens=4), cuda_graphs=True,
+                                              compile=compile_)
     base_name = "compiled" if compile_ else "graphed"
     hf = {"hf": {}, "hf lookup": {"prompt_lookup_num_tokens": 8}}
     if assistant is not None:
@@ -104,7 +109,8 @@ def per_prompt(args, model, tok, assistant):
             st = out.spec_stats
             outputs[name] = out.sequences[0, t0:]
             row[name] = {"tok_s": len(outputs[name]) / s, "tau": st.tau, "steps": st.num_steps,
-                         "ms_per_step": 1e3 * s / st.num_steps, "new": len(outputs[name])}
+                         "ms_per_step": 1e3 * s / st.num_steps, "new": len(outputs[name]),
+                         "tokens": outputs[name].tolist()}   # kept so a divergence can be re-examined later
         for name, new in outputs.items():  # first divergence from the same-engine no-drafter output
             if name == "graphed":
                 continue
@@ -114,11 +120,10 @@ def per_prompt(args, model, tok, assistant):
             if len(diff):
                 i = int(diff[0])
                 prefix = torch.cat([enc.input_ids[0], base[:i]]).unsqueeze(0)
-                gap, ids = top2(model, prefix)
-                row[name]["divergence"] = {"index": i, "gap_ulps": gap,
-                                           "top2": sorted(ids) == sorted([int(new[i]), int(base[i])])}
+                row[name]["divergence"] = {"index": i, **tie(model, prefix, sorted({int(new[i]), int(base[i])}))}
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: ({m: v for m, v in x.items() if m != "tokens"} if isinstance(x, dict) else x)
+                          for k, x in row.items()}), flush=True)
     profile = {}
     for name in (base_name, base_name + " lookup", "draft model"):
         if name in methods:
@@ -223,7 +228,8 @@ def main() -> None:
             if "divergence" in r[n]:
                 d = r[n]["divergence"]
                 print(f"divergence {r['category']}/{r['question_id']} {n}: token {d['index']}, top-2 gap "
-                      f"{d['gap_ulps']:.2f} bf16 ulps, tokens are the top two: {d['top2']}")
+                      f"{d['gap_ulps']:.2f} bf16 ulps, parted tokens at most {d['parted_ulps']:.2f} ulps below the "
+                      f"top, top two: {d['top2']}, near-tie: {'yes' if d['near_tie'] else 'NO (a bug)'}")
     for n in names:
         ms = sum(r[n]["ms_per_step"] for r in rows) / len(rows)
         print(f"{n}: {ms:.2f} ms per step (wall)")

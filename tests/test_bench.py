@@ -187,10 +187,16 @@ def test_divergence_gap_reads_the_targets_logits_where_outputs_part(smollm2_toke
     assert d["gap"] == pytest.approx(gap) and d["ulp"] == resolution(float(top.values[0]), torch.float32)
     assert d["gap_ulps"] == pytest.approx(gap / d["ulp"])
     assert d["baseline_token"] == base_ids[2] and d["drafter_token"] == second and d["top2"]
+    assert d["parted_ulps"] == pytest.approx(gap / d["ulp"])   # the runner-up is the lower of the two
     assert d["near_tie"] == (gap / d["ulp"] <= 2)   # fp32 ulps are tiny: a random model's gap is many of them
     assert not d["near_tie"]
-    other = Decoded(output_ids=[base_ids[:2] + [int(logits.argmin())]], answers=[""])   # not a top-2 token
-    assert not divergence_gap(model, tok, prompt, base, other, where, torch.device("cpu"))["top2"]
+    worst = int(logits.argmin())
+    other = Decoded(output_ids=[base_ids[:2] + [worst]], answers=[""])   # not a top-2 token
+    d = divergence_gap(model, tok, prompt, base, other, where, torch.device("cpu"))
+    assert not d["top2"] and not d["near_tie"]
+    assert d["parted_ulps"] == pytest.approx(float(top.values[0] - logits[worst]) / d["ulp"])
+    stopped = Decoded(output_ids=[base_ids[:2]], answers=[""])   # stopped before the index: only the baseline's
+    assert divergence_gap(model, tok, prompt, base, stopped, where, torch.device("cpu"))["parted_ulps"] == 0.0
     model.to(torch.bfloat16)   # in bf16 the gap is measured in bf16 ulps of the top logit
     d = divergence_gap(model, tok, prompt, base, drafted, where, torch.device("cpu"))
     with torch.no_grad():
@@ -202,12 +208,12 @@ def test_divergence_section_flags_anything_but_a_near_tie():
     def row(q, near):
         return {"question_id": q, "category": "coding", "first_divergence": {"turn": 0, "index": 5},
                 "divergence": {"turn": 0, "index": 5, "gap": 0.0625, "ulp": 0.0625, "gap_ulps": 1.0,
-                               "top2": True, "near_tie": near}}
+                               "top2": True, "parted_ulps": 1.0 if near else 9.0, "near_tie": near}}
     assert "none" in divergence_lines([{"first_divergence": None}])[0]
     ok = "\n".join(divergence_lines([row("a", True)]))
     assert "rounding, not a bug" in ok and "NOT a near-tie" not in ok
     bad = "\n".join(divergence_lines([row("a", True), row("b", False)]))
-    assert "NOT a near-tie: investigate (a bug), questions b" in bad and "| **NO** |" in bad
+    assert "NOT a near-tie: investigate (a bug), questions b" in bad and "| 9.00 | **NO** |" in bad
 
 
 def test_sweep_table_marks_runs_below_their_baseline():

@@ -204,27 +204,29 @@ def divergence_lines(rows: Sequence[dict]) -> list[str]:
     if not diverged:
         return ["Divergences: none; every greedy output equals the same-engine baseline token for token.", ""]
     lines = ["### Divergences from the baseline", "",
-             "| question | category | turn | token | top-2 gap | ulp | gap (ulps) | tokens are the top two | near-tie |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| question | category | turn | token | top-2 gap | ulp | gap (ulps) | tokens are the top two "
+             "| parted token below the top (ulps) | near-tie |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     bad = []
     for r in diverged:
         d = r.get("divergence")
         where = r["first_divergence"]
         if d is None:
             lines.append(f"| {r['question_id']} | {r['category']} | {where['turn'] + 1} | {where['index']} "
-                         "| — | — | — | — | not checked |")
+                         "| — | — | — | — | — | not checked |")
             continue
+        parted = f"{d['parted_ulps']:.2f}" if "parted_ulps" in d else "—"   # rows written before it was measured
         lines.append(f"| {r['question_id']} | {r['category']} | {d['turn'] + 1} | {d['index']} | {d['gap']:.4g} "
                      f"| {d['ulp']:.3g} | {d['gap_ulps']:.2f} | {'yes' if d['top2'] else 'no'} "
-                     f"| {'yes' if d['near_tie'] else '**NO**'} |")
+                     f"| {parted} | {'yes' if d['near_tie'] else '**NO**'} |")
         if not d["near_tie"]:
             bad.append(str(r["question_id"]))
     lines.append("")
     if bad:
         lines += [f"**NOT a near-tie: investigate (a bug), questions {', '.join(bad)}.**", ""]
     else:
-        lines += [(f"Every divergence starts at a near-tie (the two tokens are the target's top two, at most "
-                   f"{NEAR_TIE_ULPS:g} ulps of the model dtype apart): rounding, not a bug."), ""]
+        lines += [(f"Every divergence starts at a near-tie (both tokens that parted are at most {NEAR_TIE_ULPS:g} ulps "
+                   "of the model dtype below the target's top logit there): rounding, not a bug."), ""]
     return lines
 
 
