@@ -120,13 +120,28 @@ class DraftModel:
         self.cache.lengths.zero_()
         self.gamma = self.num_tokens if self.schedule == "constant" else max(1, self.num_tokens // 2)
         # Prefill everything except the last `lookback` committed tokens; propose() reads those.
-        n = ctx.max_seq_len - self.lookback
-        if n > 0:
-            slots = torch.arange(n, device=ctx.tokens.device).expand(b, n)
-            among = torch.ones(n, n, dtype=torch.bool, device=slots.device).tril().expand(b, n, n)
-            self.runner.forward(self.cache, ctx.tokens[:, :n], (slots - ctx.start[:, None]).clamp(min=0), slots,
-                                among, view_len=n, compute_logits=False)
+        self._prefill(ctx, 0)
         self.forwards = 0  # draft forwards of this generate call, prefill excluded
+
+    def _prefill(self, ctx: DecodeContext, lo: int) -> None:
+        """Feed committed slots ``lo .. max_seq_len - lookback`` of every row into the draft cache.
+        Slots past a shorter row's own committed length get whatever the buffer holds there; the
+        row's cache length hides them and later steps overwrite them."""
+        b, hi = ctx.tokens.shape[0], ctx.max_seq_len - self.lookback
+        if hi <= lo:
+            return
+        n, dev = hi - lo, ctx.tokens.device
+        slots = (lo + torch.arange(n, device=dev)).expand(b, n)
+        among = torch.ones(n, n, dtype=torch.bool, device=dev).tril().expand(b, n, n)
+        self.cache.lengths.fill_(lo)
+        self.runner.forward(self.cache, ctx.tokens[:, lo:hi], (slots - ctx.start[:, None]).clamp(min=0), slots,
+                            among, view_len=hi, compute_logits=False)
+
+    def resync(self, ctx: DecodeContext, since: int) -> None:
+        """Catch up after undrafted steps (a draft policy paused drafting when every row had at least
+        ``since`` committed tokens): the steps since then never fed this cache. One prefill-like
+        forward, not counted in ``forwards``."""
+        self._prefill(ctx, max(0, since - self.lookback))
 
     @property
     def lookback(self) -> int:

@@ -61,14 +61,15 @@ class SpecDecoder:
 
     def __init__(self, model, drafter=None, acceptance: str | None = None, attention: str = "auto",
                  max_draft_batch: int | None = None, cuda_graphs: bool = False, chunk_steps: int | None = None,
-                 compile: bool = False, fuse: bool | None = None):
+                 compile: bool = False, fuse: bool | None = None, min_tau: float | None = None):
         if isinstance(drafter, str):
             drafter = make_drafter(drafter)
         self.__dict__["model"] = model
         self.__dict__["drafter"] = drafter
         self.__dict__["engine"] = SpecEngine(model, drafter=drafter, acceptance=acceptance, attention=attention,
                                              max_draft_batch=max_draft_batch, cuda_graphs=cuda_graphs,
-                                             chunk_steps=chunk_steps, compile=compile, fuse=fuse)
+                                             chunk_steps=chunk_steps, compile=compile, fuse=fuse,
+                                             min_tau=min_tau)
 
     def __getattr__(self, name):
         return getattr(self.__dict__["model"], name)
@@ -174,7 +175,7 @@ class SpecDecoder:
 
 def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "auto",
          max_draft_batch: int | None = None, cuda_graphs: bool = False, chunk_steps: int | None = None,
-         compile: bool = False, fuse: bool | None = None) -> SpecDecoder:
+         compile: bool = False, fuse: bool | None = None, min_tau: float | None = None) -> SpecDecoder:
     """Wrap an HF causal LM for speculative decoding.
 
     ``drafter`` is a Drafter instance, a registered name (``"lookup"``), or None for plain
@@ -182,7 +183,10 @@ def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "a
     ``greedy`` when ``do_sample=False``, ``speculative`` sampling otherwise). ``attention``
     picks the verification attention: ``auto`` (Triton tree-attention kernel on CUDA, the torch
     reference on CPU), ``reference`` or ``triton``. ``max_draft_batch``: steps with more active
-    rows than this verify without a draft (a batch-size policy; None: always draft).
+    rows than this verify without a draft (a batch-size policy; None: always draft). ``min_tau``:
+    pause drafting, with a growing backoff, while drafted steps keep fewer than this many tokens
+    per row on average (``DraftGate``; e.g. 1.4 where a drafted step costs 1.4 plain ones; None:
+    never pause). Both policies stay lossless: an undrafted step is plain decoding.
     ``cuda_graphs``: replay the verification step as captured CUDA graphs (CUDA only); greedy
     decoding with no drafter or a graph-safe one (prompt lookup) then captures whole chunks of
     steps. ``chunk_steps``: steps decoded per host sync in that mode (default 8 with
@@ -200,4 +204,4 @@ def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "a
     """
     return SpecDecoder(model, drafter=drafter, acceptance=acceptance, attention=attention,
                        max_draft_batch=max_draft_batch, cuda_graphs=cuda_graphs, chunk_steps=chunk_steps,
-                       compile=compile, fuse=fuse)
+                       compile=compile, fuse=fuse, min_tau=min_tau)

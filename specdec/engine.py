@@ -98,6 +98,67 @@ class GraphedVerifier:
         return out[:, :n]
 
 
+class DraftGate:
+    """Whether the next step (or chunk) drafts: two policies, each off when its setting is None.
+
+    - ``max_draft_batch``: with more active rows than this, steps verify the root only (like
+      vLLM's ``disable_by_batch_size``: once the target's step is no longer launch-bound,
+      drafting rarely pays).
+    - ``min_tau``: drafting pays only while a drafted step keeps enough tokens. After each drafted
+      window of ``window`` steps the gate compares the tokens kept per active row and step (τ)
+      with ``min_tau``; below it, the next ``backoff`` steps run undrafted, then drafting is tried
+      again. The backoff doubles on every failed try (up to ``max_backoff``) and falls back to its
+      first value when a window pays. Pick ``min_tau`` from the step costs: on the H100 a lookup
+      step of γ = 8 costs 1.35-1.4× a plain one, so drafting below τ ≈ 1.4 loses time.
+
+    Lossless either way: an undrafted step is plain decoding through the same verification.
+
+    Example::
+
+        gate = DraftGate(max_draft_batch=None, min_tau=1.4, window=8)
+        if gate.want(n_active): ...      # then, after the step(s):
+        gate.record(drafted=True, steps=1, kept=5, row_steps=4)
+    """
+
+    def __init__(self, max_draft_batch: int | None = None, min_tau: float | None = None, window: int = 8,
+                 backoff: int = 16, max_backoff: int = 256):
+        if max_draft_batch is not None and max_draft_batch < 0:
+            raise ValueError(f"max_draft_batch must be >= 0 or None, got {max_draft_batch}")
+        if min_tau is not None and not 1.0 <= min_tau:
+            raise ValueError(f"min_tau must be >= 1 (a step always keeps at least one token) or None, got {min_tau}")
+        self.max_draft_batch, self.min_tau = max_draft_batch, min_tau
+        self.window, self.first_backoff, self.max_backoff = window, backoff, max_backoff
+        self.backoff, self.skip = backoff, 0
+        self.kept = self.row_steps = self.steps = 0  # the current drafted window
+        self.paused = 0  # drafting pauses the min_tau rule has made (a statistic)
+
+    def want(self, active: int) -> bool:
+        if self.max_draft_batch is not None and active > self.max_draft_batch:
+            return False
+        return self.skip <= 0
+
+    def record(self, drafted: bool, steps: int, kept: int, row_steps: int) -> None:
+        """After ``steps`` steps: ``kept`` tokens over ``row_steps`` (active row, step) pairs."""
+        if self.min_tau is None:
+            return
+        if not drafted:
+            self.skip -= steps
+            return
+        self.kept += kept
+        self.row_steps += row_steps
+        self.steps += steps
+        if self.steps < self.window:
+            return
+        tau = self.kept / max(self.row_steps, 1)
+        self.kept = self.row_steps = self.steps = 0
+        if tau < self.min_tau:
+            self.skip = self.backoff
+            self.backoff = min(2 * self.backoff, self.max_backoff)
+            self.paused += 1
+        else:
+            self.backoff = self.first_backoff
+
+
 class SpecEngine:
     """Speculative decoding over one target model.
 
@@ -110,7 +171,7 @@ class SpecEngine:
 
     def __init__(self, model, drafter: Drafter | None = None, acceptance: str | None = None, attention: str = "auto",
                  max_draft_batch: int | None = None, cuda_graphs: bool = False, chunk_steps: int | None = None,
-                 compile: bool = False, fuse: bool | None = None):
+                 compile: bool = False, fuse: bool | None = None, min_tau: float | None = None):
         # Fused q/k/v and gate/up projections (specdec.fused); None: wherever the layers allow.
         self.runner = ModelRunner(model, attention=attention, fuse=fuse)
         if cuda_graphs and self.runner.device.type != "cuda":
@@ -132,6 +193,10 @@ class SpecEngine:
         # Like vLLM's disable_by_batch_size: with more active rows than this, a step verifies the
         # root only (drafting rarely pays once the target's step is no longer launch-bound).
         self.max_draft_batch = max_draft_batch
+        # Drafting pauses (with a growing backoff) while drafted steps keep fewer than min_tau
+        # tokens per row: see DraftGate. Checked here so a bad value fails at wrap time.
+        self.min_tau = min_tau
+        DraftGate(max_draft_batch, min_tau)
         self.acceptance_name = acceptance
         if drafter is not None:
             for member in ("num_nodes", "begin", "propose", "observe"):
@@ -229,6 +294,8 @@ class SpecEngine:
         timer = PhaseTimer(dev)
         steps = drafts = undrafted = 0
         chunk_forwards = None
+        gate = DraftGate(self.max_draft_batch, self.min_tau, window=max(8, self.chunk_steps if chunked else 1))
+        undrafted_by_row = [0] * b
         if chunked:
             if self._loop is None or self._loop.cache is not cache or self._loop.drafter is not drafter:
                 self._loop = ChunkedLoop(runner, cache, drafter, rule, steps=self.chunk_steps,
@@ -240,11 +307,12 @@ class SpecEngine:
             if self._reserved is not None and self._reserved[0] == b:  # capture every view bucket up front
                 upper = capacity - self._loop.growth - n_nodes - 1
                 self._loop.prepare(upper, draft=True)
-                if drafter is not None and self.max_draft_batch is not None and self.max_draft_batch < b:
+                if drafter is not None and ((self.max_draft_batch is not None and self.max_draft_batch < b)
+                                            or self.min_tau is not None):
                     self._loop.prepare(upper, draft=False)
             steps, drafts, undrafted = self._run_chunks(
                 self._loop, width, max_new_tokens, eos_ids, stop_fn, on_tokens, prompts, generated, gained, offered,
-                active, timer, self.max_draft_batch)
+                active, timer, gate, undrafted_by_row)
             if drafter is None:
                 drafts = undrafted = 0
             elif self.cuda_graphs:  # replayed graphs run no Python: count the drafter's forwards here
@@ -253,9 +321,15 @@ class SpecEngine:
                             max_seq_len=width, capacity=capacity, cache=cache)
         if drafter is not None and not chunked:
             drafter.begin(ctx)
+        paused_at = None  # the shortest committed row when drafting last stopped
         while any(active):
             timer.start()
-            draft_now = drafter is not None and (self.max_draft_batch is None or sum(active) <= self.max_draft_batch)
+            draft_now = drafter is not None and gate.want(sum(active))
+            if draft_now and paused_at is not None:
+                resync(drafter, ctx, paused_at)
+                paused_at = None
+            elif drafter is not None and not draft_now and paused_at is None:
+                paused_at = min(s for s, a in zip(seq_host, active) if a)
             tree = drafter.propose(ctx) if draft_now else DraftTree.empty(b, dev)
             drafts += int(draft_now)
             undrafted += int(drafter is not None and not draft_now)
@@ -300,6 +374,10 @@ class SpecEngine:
                 if on_tokens is not None:
                     on_tokens(r, generated[r][-keep[r]:])
             outcome.accepted_host = [host[r][k + 1] - 1 for r in range(b) if keep[r]]
+            gate.record(draft_now, 1, sum(keep), sum(1 for r in range(b) if keep[r]))
+            if drafter is not None and not draft_now:
+                for r in range(b):
+                    undrafted_by_row[r] += int(keep[r] > 0)
             timer.start()
 
             # Commit: kept tokens into the buffer, accepted nodes' K/V next to the prefix.
@@ -320,22 +398,32 @@ class SpecEngine:
                           verify_forwards=steps, times=timer.result(wall - prefill_time), wall_time=wall,
                           lossless=rule.lossless, acceptance=rule.name,
                           drafter=type(drafter).__name__ if drafter is not None else "none",
-                          prefill_time=prefill_time, undrafted_steps=undrafted)
+                          prefill_time=prefill_time, undrafted_steps=undrafted,
+                          draft_pauses=gate.paused if drafter is not None else 0,
+                          undrafted_by_row=undrafted_by_row if drafter is not None else [0] * b)
         return EngineOutput(generated=generated, stats=stats)
 
     @staticmethod
     def _run_chunks(loop: ChunkedLoop, width, max_new_tokens, eos_ids, stop_fn, on_tokens, prompts, generated,
-                    gained, offered, active, timer, max_draft_batch) -> tuple[int, int, int]:
-        """Decode with ``loop`` until every row stops; the host reads once per chunk.
-        Returns (steps, drafted steps, undrafted steps)."""
+                    gained, offered, active, timer, gate: DraftGate, undrafted_by_row: list[int]
+                    ) -> tuple[int, int, int]:
+        """Decode with ``loop`` until every row stops; the host reads once per chunk, and ``gate``
+        decides per chunk whether it drafts. Returns (steps, drafted steps, undrafted steps)."""
         b, dev = len(active), loop.tokens.device
         grow = torch.arange(loop.growth, device=dev)
         seq_host, steps, drafted = [width] * b, 0, 0
+        paused_at = None
         while any(active):
             timer.start()
             before = loop.seq_len.clone()
-            draft = max_draft_batch is None or sum(active) <= max_draft_batch
-            result = loop.run_chunk(max(seq_host), draft=draft)
+            draft = loop.drafter is not None and gate.want(sum(active))
+            if draft and paused_at is not None:
+                loop.ctx.max_seq_len = max(seq_host)
+                resync(loop.drafter, loop.ctx, paused_at)
+                paused_at = None
+            elif loop.drafter is not None and not draft and paused_at is None:
+                paused_at = min(s for s, a in zip(seq_host, active) if a)
+            result = loop.run_chunk(max(seq_host), draft=draft or loop.drafter is None)
             timer.lap("verify")  # propose, verify, accept and commit all run inside the chunk
             new = loop.tokens.gather(1, (before.unsqueeze(1) + grow).clamp(max=loop.tokens.shape[1] - 1))
             host = torch.cat([result.gained.T, result.proposed.T, new], dim=1).tolist()
@@ -343,6 +431,7 @@ class SpecEngine:
             steps += s
             drafted += s if draft else 0
             stopped = False
+            kept = row_steps = 0
             for r in range(b):
                 if not active[r]:
                     continue
@@ -359,6 +448,9 @@ class SpecEngine:
                             active[r] = False
                             break
                     pos += cnt
+                    kept += keep
+                    row_steps += 1
+                    undrafted_by_row[r] += int(loop.drafter is not None and not draft)
                     gained[r].append(keep)
                     offered[r].append(prop)
                     if on_tokens is not None and keep:
@@ -366,6 +458,15 @@ class SpecEngine:
                     if not active[r]:
                         stopped = True
                         break
+            gate.record(draft, s, kept, row_steps)
             if stopped:
                 loop.active.copy_(torch.tensor(active, dtype=torch.long))
         return steps, drafted, steps - drafted
+
+
+def resync(drafter, ctx: DecodeContext, since: int) -> None:
+    """Drafting resumes after undrafted steps: a drafter with state of its own (a draft model's
+    KV cache) catches up on the tokens committed since ``since``. Stateless drafters, and those
+    that read new tokens from the buffer anyway (lookup, CopySpec), need nothing."""
+    if hasattr(drafter, "resync"):
+        drafter.resync(ctx, since)

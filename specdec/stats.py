@@ -29,7 +29,9 @@ class SpecStats:
     acceptance: str = "greedy"
     drafter: str = "none"
     prefill_time: float = 0.0
-    undrafted_steps: int = 0  # steps the batch-size policy ran without a draft
+    undrafted_steps: int = 0  # steps the draft policies (max_draft_batch, min_tau) ran without a draft
+    draft_pauses: int = 0  # times min_tau paused drafting after a window that did not pay
+    undrafted_by_row: list[int] | None = None  # [B]: each row's own steps that ran without a draft
 
     @property
     def tau(self) -> float:

@@ -17,8 +17,8 @@ from specdec.bench.report import (aggregate, below_baseline_line, by_turn, colle
 from specdec.loading import dense_zoo_dir
 
 CATEGORIES = {"coding", "editing", "summarization", "math", "qa", "chat"}
-ROW_KEYS = {"model", "dtype", "device", "drafter", "params", "batch_size", "max_new_tokens", "max_draft_batch", "mode",
-            "temperature", "top_p", "top_k", "question_id", "category", "num_turns", "prompt_tokens",
+ROW_KEYS = {"model", "dtype", "device", "drafter", "params", "batch_size", "max_new_tokens", "max_draft_batch",
+            "min_tau", "mode", "temperature", "top_p", "top_k", "question_id", "category", "num_turns", "prompt_tokens",
             "new_tokens", "steps", "tau", "draft_tokens", "acceptance_rate", "accept_hist", "wall_time",
             "tokens_per_s", "times", "lossless", "baseline", "hf", "speedup", "speedup_hf",
             "matches_baseline", "first_divergence", "turn_new_tokens", "turn_steps", "turn_tau", "turn_wall_time",
@@ -137,12 +137,13 @@ def test_by_turn_pools_each_turn_over_the_prompts_that_have_it():
 
 
 def test_undrafted_steps_are_each_rows_own(smollm2_tokenizer):
-    """The batch policy's undrafted steps are a call's first steps (rows only finish), so a row that
-    ran 3 steps of a call with 5 undrafted ones ran all 3 undrafted, and a 7-step row ran 5."""
-    calls = [SimpleNamespace(accepted_lengths=[[1, 1, 1], [1, 1, 1, 1, 1, 3, 3]], new_tokens=[3, 11],
-                             proposed=[[0, 0, 0], [0, 0, 0, 0, 0, 2, 2]], undrafted_steps=5, times={}, lossless=True),
+    """Each row counts the undrafted steps the engine attributes to it (``undrafted_by_row``), not
+    the call's total: the policies pause drafting anywhere in a call, not only at its start."""
+    calls = [SimpleNamespace(accepted_lengths=[[1, 1, 1], [3, 1, 1, 1, 3, 1, 3]], new_tokens=[3, 13],
+                             proposed=[[0, 0, 0], [2, 0, 0, 0, 2, 0, 2]], undrafted_steps=4,
+                             undrafted_by_row=[3, 4], times={}, lossless=True),
              SimpleNamespace(accepted_lengths=[[2, 2]], new_tokens=[4], proposed=[[2, 2]], undrafted_steps=0,
-                             times={}, lossless=True)]   # turn 2: the second prompt alone, drafted
+                             undrafted_by_row=[0], times={}, lossless=True)]   # turn 2: the second prompt alone
 
     def method(input_ids, attention_mask):
         stats = calls.pop(0)
@@ -153,8 +154,8 @@ def test_undrafted_steps_are_each_rows_own(smollm2_tokenizer):
     prompts = [Prompt(1, "qa", ("Hi.",)), Prompt(2, "editing", ("Write.", "Shorter."))]
     short, long = decode(method, prompts, smollm2_tokenizer, torch.device("cpu"))
     assert (short.steps, short.undrafted_steps) == (3, 3)
-    assert (long.turn_steps, long.undrafted_steps) == ([7, 2], 5)
-    assert long.new_tokens == 15 and long.draft_tokens == 8
+    assert (long.turn_steps, long.undrafted_steps) == ([7, 2], 4)
+    assert long.new_tokens == 17 and long.draft_tokens == 10
 
 
 def test_resolution_is_one_ulp_of_the_dtype():
@@ -267,7 +268,7 @@ def test_run_summary_warns_when_drafting_is_slower_than_the_baseline():
     assert below_baseline_line(0.9, 16, 1).endswith("consider fewer draft tokens, or none.")
     assert "max_draft_batch=2 " in below_baseline_line(0.9, 16, 4)   # halves the policy in force
     policy = run_markdown([_row(batch=4, policy=2, undrafted=3), _row(batch=4, policy=2, undrafted=1)], "t")
-    assert "Batch policy `max_draft_batch=2`: 4 of 8 row-steps ran without a draft." in policy
+    assert "Draft policy `max_draft_batch=2`: 4 of 8 row-steps ran without a draft." in policy
     same = run_markdown([_row(hf_same={"hf": True, "hf_lookup": True}),
                          _row(hf_same={"hf": False, "hf_lookup": True})], "t")
     assert "HF greedy outputs equal to the baseline's: HF greedy 1/2, HF lookup 2/2" in same

@@ -5,6 +5,7 @@ from tiny import ARCHS, char_tokenizer, hf_greedy, make_tiny, ragged_batch
 
 import specdec
 from specdec.drafters import DraftModel, PromptLookup
+from specdec.engine import DraftGate
 
 
 def drafters_for(model, arch):
@@ -148,6 +149,96 @@ def test_batch_size_policy_switches_drafting_off_and_stays_exact():
     assert stats.undrafted_steps == first_done and stats.draft_forwards > 0
     assert all(n == 1 for r in stats.accepted_lengths for n in r[:first_done])
     assert stats.num_steps < 20
+
+
+def test_draft_gate_pauses_with_a_doubling_backoff():
+    gate = DraftGate(min_tau=1.5, window=4, backoff=8, max_backoff=16)
+    assert gate.want(1)
+    gate.record(True, 4, kept=4 * 2 * 1, row_steps=4 * 2)   # τ 1.0 over the window: pause 8 steps
+    assert gate.paused == 1 and not gate.want(1)
+    for _ in range(7):
+        gate.record(False, 1, kept=2, row_steps=2)
+        assert not gate.want(1)
+    gate.record(False, 1, kept=2, row_steps=2)
+    assert gate.want(1)                                      # the 8 steps are over: try again
+    gate.record(True, 2, kept=2, row_steps=2)                # half a window: no verdict yet
+    assert gate.want(1)
+    gate.record(True, 2, kept=2, row_steps=2)                # τ 1.0 again: the backoff doubled
+    gate.record(False, 15, kept=15, row_steps=15)
+    assert not gate.want(1) and gate.paused == 2
+    gate.record(False, 1, kept=1, row_steps=1)
+    assert gate.want(1)
+    gate.record(True, 4, kept=4 * 3, row_steps=4)            # τ 3: pays, the backoff resets
+    assert gate.want(1) and gate.backoff == 8
+    gate.record(True, 4, kept=4, row_steps=4)
+    assert gate.skip == 8 and gate.backoff == 16
+    gate.record(True, 4, kept=4, row_steps=4)                # (a paused caller would not record this)
+    assert gate.backoff == 16                                # capped at max_backoff
+    # The batch cap applies on its own; with both off the gate always drafts.
+    assert not DraftGate(max_draft_batch=2).want(3) and DraftGate(max_draft_batch=2).want(2)
+    off = DraftGate()
+    off.record(True, 100, kept=100, row_steps=100)
+    assert off.want(64) and off.paused == 0
+    with pytest.raises(ValueError, match="min_tau must be >= 1"):
+        specdec.wrap(make_tiny("llama"), drafter=PromptLookup(3), min_tau=0.5)
+
+
+@pytest.mark.parametrize("chunk_steps", [None, 4])
+def test_min_tau_pauses_a_drafter_that_does_not_pay_and_stays_exact(chunk_steps):
+    # Prompt lookup on a random model's output: its copies are rarely accepted, so windows fall
+    # below min_tau=1.5 and drafting pauses; the tokens stay HF's. Same in the chunked loop.
+    model = make_tiny("llama", vocab_size=32, init_range=1.0, num_layers=1)
+    ids, mask = ragged_batch([6, 2, 11, 4], 32, seed=3)
+    ref = hf_greedy(model, ids, mask, max_new_tokens=60, eos_token_id=None)
+
+    def run(min_tau):
+        out = specdec.wrap(model, drafter=PromptLookup(num_tokens=4, max_ngram=2), chunk_steps=chunk_steps,
+                           min_tau=min_tau).generate(ids, attention_mask=mask, max_new_tokens=60, pad_token_id=0,
+                                                     eos_token_id=None, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, ref)
+        return out.spec_stats
+
+    free, gated = run(None), run(1.5)
+    assert free.undrafted_steps == free.draft_pauses == 0 and free.tau < 1.5
+    assert gated.draft_pauses >= 1 and 0 < gated.undrafted_steps < gated.num_steps
+    assert gated.draft_forwards == gated.num_steps - gated.undrafted_steps < free.draft_forwards
+    # Rows that reached 60 tokens sooner missed the last undrafted steps; none ran more than all.
+    assert max(gated.undrafted_by_row) == gated.undrafted_steps and min(gated.undrafted_by_row) > 0
+    if chunk_steps:
+        assert gated.undrafted_steps % chunk_steps == 0
+    # An undrafted step offers nothing and keeps one token.
+    for row in range(4):
+        idle = [(g, p) for g, p in zip(gated.accepted_lengths[row], gated.proposed[row]) if p == 0]
+        assert len(idle) >= gated.undrafted_by_row[row] and all(g == 1 for g, _ in idle)
+
+
+def test_min_tau_never_pauses_a_drafter_that_pays():
+    model = make_tiny("llama")
+    ids, mask = ragged_batch([3, 9], model.config.vocab_size, seed=4)
+    out = specdec.wrap(model, drafter=DraftModel(model, num_tokens=3), min_tau=2.0).generate(
+        ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, max_new_tokens=24, eos_token_id=None))
+    assert out.spec_stats.undrafted_steps == out.spec_stats.draft_pauses == 0 and out.spec_stats.tau == 4.0
+
+
+@pytest.mark.parametrize("chunk_steps", [None, 4])
+def test_draft_model_catches_up_after_undrafted_steps(chunk_steps):
+    # The target drafting for itself accepts every token, but only if its draft cache holds the
+    # tokens committed while drafting was off: resync() feeds them when drafting resumes.
+    model = make_tiny("llama")
+    ids, mask = ragged_batch([3, 9, 1, 6], model.config.vocab_size, seed=4)
+    eos = int(hf_greedy(model, ids, mask, max_new_tokens=4, eos_token_id=None)[1, -1])  # row 1 stops early
+    ref = hf_greedy(model, ids, mask, max_new_tokens=40, eos_token_id=eos)
+    out = specdec.wrap(model, drafter=DraftModel(model, num_tokens=3), max_draft_batch=3, chunk_steps=chunk_steps
+                       ).generate(
+        ids, attention_mask=mask, max_new_tokens=40, pad_token_id=0, eos_token_id=eos, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    stats = out.spec_stats
+    first = stats.undrafted_steps
+    assert first > 0
+    for row, (lengths, new) in enumerate(zip(stats.accepted_lengths, stats.new_tokens)):
+        drafted = lengths[first:-1]   # the last step may be cut by max_new_tokens or EOS
+        assert all(n == 4 for n in drafted), (row, lengths)
 
 
 @pytest.mark.parametrize("chunk_steps", [3, 8])

@@ -90,3 +90,20 @@ def test_policy_reserve_and_step_profile_on_cuda():
     assert set(phases) == {"draft", "verify", "accept", "commit"}
     assert all(ms >= 0 for ms in phases.values()) and phases["verify"] > 0
     assert torch.equal(loop.seq_len, before)  # profiling put the state back
+
+
+def test_min_tau_switches_captured_chunks_and_stays_exact():
+    """The acceptance policy inside the captured loop: chunks alternate between the drafted and the
+    undrafted graph, a draft model catches up (resync) when drafting resumes, tokens stay HF's."""
+    from specdec.drafters import DraftModel
+
+    model = cuda_tiny("llama", num_layers=2)
+    ids, mask = (t.cuda() for t in ragged_batch([6, 9, 4], 64, seed=4))
+    ref = hf_greedy(model, ids, mask, max_new_tokens=64, eos_token_id=None)
+    for drafter in (PromptLookup(num_tokens=4, max_ngram=2), DraftModel(cuda_tiny("llama", seed=3), num_tokens=3)):
+        out = specdec.wrap(model, drafter=drafter, cuda_graphs=True, min_tau=3.5).generate(
+            ids, attention_mask=mask, max_new_tokens=64, pad_token_id=0, eos_token_id=None,
+            return_dict_in_generate=True)
+        st = out.spec_stats
+        assert torch.equal(out.sequences, ref), type(drafter).__name__
+        assert st.draft_pauses >= 1 and 0 < st.undrafted_steps < st.num_steps and st.undrafted_steps % 8 == 0

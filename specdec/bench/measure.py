@@ -47,7 +47,7 @@ class Decoded:
     accepted_lengths: list[int] | None = None   # [steps] tokens emitted per step; None for HF
     turn_steps: list[int] | None = None         # [turns] engine steps per turn; None for HF
     draft_tokens: int = 0            # draft tokens offered to the target, over all steps
-    undrafted_steps: int = 0         # steps the batch-size policy ran without a draft (this row's)
+    undrafted_steps: int = 0         # this row's steps that the draft policies ran without a draft
     times: dict[str, float] = field(default_factory=dict)       # phase -> seconds (row share)
     lossless: bool | None = None
 
@@ -237,9 +237,7 @@ def _add_engine_stats(res: Decoded, stats, row: int, rows: int) -> None:
     res.accepted_lengths = (res.accepted_lengths or []) + lengths
     res.turn_steps = (res.turn_steps or []) + [len(lengths)]
     res.draft_tokens += sum(int(n) for n in stats.proposed[row])
-    # The policy's undrafted steps are the call's first ones (active rows only decrease), so this
-    # row ran the first min(undrafted, its steps) of its steps without a draft.
-    res.undrafted_steps += min(int(stats.undrafted_steps), len(lengths))
+    res.undrafted_steps += int(stats.undrafted_by_row[row])
     for phase, seconds in stats.times.items():
         res.times[phase] = res.times.get(phase, 0.0) + float(seconds) / rows
     res.lossless = bool(stats.lossless) if res.lossless is None else res.lossless and bool(stats.lossless)

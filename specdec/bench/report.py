@@ -24,8 +24,9 @@ HF_LABELS = {"hf": "HF greedy", "hf_lookup": "HF lookup", "hf_assisted": "HF ass
 AXIS_KEYS = ("num_tokens", "num_nodes", "tree_size", "depth")
 # Row keys that identify a run within a sweep; _SETTINGS are those not shown as their own column.
 RUN_FIELDS = ("model", "dtype", "device", "drafter", "params", "batch_size", "max_new_tokens", "max_draft_batch",
-              "mode", "temperature", "top_p", "top_k")
-_SETTINGS = ("model", "dtype", "device", "batch_size", "max_draft_batch", "max_new_tokens")
+              "min_tau", "mode", "temperature", "top_p", "top_k")
+_SETTINGS = ("model", "dtype", "device", "batch_size", "max_draft_batch", "min_tau", "max_new_tokens")
+POLICIES = ("max_draft_batch", "min_tau")   # settings that make some steps run without a draft
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -143,9 +144,10 @@ def run_markdown(rows: Sequence[dict], title: str, header: Sequence[str] = ()) -
         if others:
             lines += ["", "HF reference speeds, tok/s (all prompts): "
                       + ", ".join(f"{HF_LABELS[n]} {fmt(cats['all'][f'{n}_tokens_per_s'], 1)}" for n in others)]
-        if first.get("max_draft_batch") is not None:
+        set_policies = [f"`{k}={first[k]}`" for k in POLICIES if first.get(k) is not None]
+        if set_policies:
             agg = cats["all"]
-            lines += ["", (f"Batch policy `max_draft_batch={first['max_draft_batch']}`: {agg['undrafted_steps']} "
+            lines += ["", (f"Draft policy {' and '.join(set_policies)}: {agg['undrafted_steps']} "
                            f"of {agg['steps']} row-steps ran without a draft.")]
         if below_baseline(first, cats["all"]["speedup"]):
             lines += ["", below_baseline_line(cats["all"]["speedup"], first["batch_size"], first.get("max_draft_batch"))]
@@ -285,13 +287,13 @@ def sweep_markdown(runs: Sequence[dict]) -> str:
     Settings that are the same for every run go in the line above the table; settings that vary
     (say ``batch_size`` and ``max_draft_batch`` in a batch sweep) get a column each. "× HF lookup"
     and "× HF assisted" appear when some run measured them, "undrafted" (the share of row-steps
-    the batch policy ran without a draft) when some run set ``max_draft_batch``. A run slower
+    the draft policies ran without a draft) when some run set ``max_draft_batch`` or ``min_tau``. A run slower
     than its own baseline is marked **below** and listed under the table.
     """
     varying = [k for k in _SETTINGS if len({json.dumps(r.get(k)) for r in runs}) > 1]
     fixed = ", ".join(f"{k} {runs[0].get(k)}" for k in _SETTINGS if k not in varying)
     others = [n for n in HF_METHODS[1:] if any(r.get(f"speedup_{n}") is not None for r in runs)]
-    policy = any(r.get("max_draft_batch") is not None for r in runs)
+    policy = any(r.get(k) is not None for r in runs for k in POLICIES)
     categories = list(dict.fromkeys(c for run in runs for c in run["categories"]))
     columns = ["drafter", "params", "mode", *varying, "τ", "α", "tok/s", "baseline tok/s", "× baseline", "× HF",
                *(f"× {HF_LABELS[n]}" for n in others), *(["undrafted"] if policy else []), "= baseline", *categories]

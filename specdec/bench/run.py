@@ -59,13 +59,14 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, dict[str, dict]]:
     drafter = build_drafter(OmegaConf.to_container(cfg.drafter, resolve=True), target=model)
     fast = {"cuda_graphs": bool(cfg.get("cuda_graphs", False)), "compile": bool(cfg.get("compile", False))}
     baseline = specdec.wrap(model, drafter=None, **fast)
-    spec = (specdec.wrap(model, drafter=drafter, max_draft_batch=cfg.get("max_draft_batch"), **fast)
+    spec = (specdec.wrap(model, drafter=drafter, max_draft_batch=cfg.get("max_draft_batch"),
+                         min_tau=cfg.get("min_tau"), **fast)
             if drafter is not None else None)
 
     identity = {"model": cfg.model.spec, "dtype": str(model.dtype).removeprefix("torch."), "device": str(device),
                 "drafter": drafter_name(cfg.drafter), "params": drafter_params(cfg.drafter),
                 "batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens,
-                "max_draft_batch": cfg.get("max_draft_batch")}
+                "max_draft_batch": cfg.get("max_draft_batch"), "min_tau": cfg.get("min_tau")}
     label = " ".join(filter(None, (identity["drafter"], format_params(identity["params"]))))
     batches = [prompts[i: i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
     eos = model.generation_config.eos_token_id
@@ -160,11 +161,11 @@ def make_row(identity: dict, prompt: Prompt, drafted: Decoded, base: Decoded, hf
     """One JSONL row: a prompt's result under one mode, with its baseline (and HF) beside it.
 
     Keys: the run identity (``model dtype device drafter params batch_size max_new_tokens
-    max_draft_batch mode temperature top_p top_k``); ``question_id category num_turns
+    max_draft_batch min_tau mode temperature top_p top_k``); ``question_id category num_turns
     prompt_tokens``; the drafter's ``new_tokens steps tau draft_tokens acceptance_rate accept_hist
     wall_time tokens_per_s times lossless undrafted_steps``, where ``accept_hist[k]`` counts steps
-    that emitted k tokens and ``undrafted_steps`` this row's own steps that the batch-size
-    policy ran without a draft; per turn (lists, one entry a turn) ``turn_new_tokens turn_steps
+    that emitted k tokens and ``undrafted_steps`` this row's own steps that the draft policies
+    (``max_draft_batch``, ``min_tau``) ran without a draft; per turn (lists, one entry a turn) ``turn_new_tokens turn_steps
     turn_tau turn_wall_time turn_tokens_per_s turn_speedup``; ``baseline``, and ``hf``,
     ``hf_lookup``, ``hf_assisted`` (HF greedy, prompt lookup and assisted generation, each null
     when not run), with ``new_tokens steps wall_time tokens_per_s times turn_new_tokens
