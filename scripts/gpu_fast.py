@@ -83,6 +83,9 @@ def per_prompt(args, model, tok, assistant):
         methods["compiled"] = specdec.wrap(model, cuda_graphs=True, chunk_steps=steps, compile=True)
         methods["compiled lookup"] = specdec.wrap(model, drafter=PromptLookup(8), cuda_graphs=True,
                                                   chunk_steps=steps, compile=True)
+    if args.min_tau is not None:   # the acceptance policy: lookup pauses where it does not pay
+        methods["lookup min_tau"] = specdec.wrap(model, drafter=PromptLookup(8), cuda_graphs=True, chunk_steps=steps,
+                                                 compile=compile_, min_tau=args.min_tau)
     if assistant is not None:
         methods["draft model"] = specdec.wrap(model, drafter=DraftModel(assistant, num_tokens=4), cuda_graphs=True,
                                               compile=compile_)
@@ -110,11 +113,11 @@ def per_prompt(args, model, tok, assistant):
             outputs[name] = out.sequences[0, t0:]
             row[name] = {"tok_s": len(outputs[name]) / s, "tau": st.tau, "steps": st.num_steps,
                          "ms_per_step": 1e3 * s / st.num_steps, "new": len(outputs[name]),
-                         "tokens": outputs[name].tolist()}   # kept so a divergence can be re-examined later
+                         "undrafted": st.undrafted_steps, "tokens": outputs[name].tolist()}   # kept so a divergence can be re-examined later
         for name, new in outputs.items():  # first divergence from the same-engine no-drafter output
             if name == "graphed":
                 continue
-            base = outputs["compiled" if name == "compiled lookup" else "graphed"]
+            base = outputs["compiled" if name in ("compiled lookup", "lookup min_tau") and compile_ else "graphed"]
             m = min(len(new), len(base))
             diff = (new[:m] != base[:m]).nonzero()
             if len(diff):
@@ -161,6 +164,9 @@ def batch_sweep(args, model, tok):
                    f"lookup max_draft_batch={args.policy}": specdec.wrap(
                        model, drafter=PromptLookup(8), cuda_graphs=True, chunk_steps=args.chunk_steps,
                        max_draft_batch=args.policy)}
+        if args.min_tau is not None:
+            methods[f"lookup min_tau={args.min_tau}"] = specdec.wrap(
+                model, drafter=PromptLookup(8), cuda_graphs=True, chunk_steps=args.chunk_steps, min_tau=args.min_tau)
         row = {"batch": b}
         model.generate(enc.input_ids, **kw)
         ref, s = timed(lambda: model.generate(enc.input_ids, **kw))
@@ -189,6 +195,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="*", default=[])
     ap.add_argument("--batch-tokens", type=int, default=128)
     ap.add_argument("--policy", type=int, default=4, help="max_draft_batch for the batch sweep's policy run")
+    ap.add_argument("--min-tau", type=float, default=None,
+                    help="also run lookup with the acceptance policy min_tau (per prompt and in the batch sweep)")
     ap.add_argument("--out", default="fast.json")
     args = ap.parse_args()
     report = {"model": args.model, "assistant": args.assistant, "max_new_tokens": args.max_new_tokens,
