@@ -131,11 +131,28 @@ class DraftGate:
         self.backoff, self.skip = backoff, 0
         self.kept = self.row_steps = self.steps = 0  # the current drafted window
         self.paused = 0  # drafting pauses the min_tau rule has made (a statistic)
+        self.paused_at: int | None = None  # while undrafted: the committed length the pause began at
 
     def want(self, active: int) -> bool:
         if self.max_draft_batch is not None and active > self.max_draft_batch:
             return False
         return self.skip <= 0
+
+    def decide(self, drafter, ctx: DecodeContext, active: list[bool], seq_host: list[int]) -> bool:
+        """Whether the next step (or chunk) drafts. When drafting resumes after undrafted steps, a
+        drafter with state of its own (a draft model's KV cache) first catches up, through its
+        ``resync(ctx, since)``, on the tokens committed since the pause began; stateless drafters,
+        and those that read new tokens from the buffer anyway (lookup, CopySpec), need nothing."""
+        if drafter is None:
+            return False
+        draft = self.want(sum(active))
+        if draft and self.paused_at is not None:
+            if hasattr(drafter, "resync"):
+                drafter.resync(ctx, self.paused_at)
+            self.paused_at = None
+        elif not draft and self.paused_at is None:   # the shortest live row's length when it began
+            self.paused_at = min(n for n, a in zip(seq_host, active) if a)
+        return draft
 
     def record(self, drafted: bool, steps: int, kept: int, row_steps: int) -> None:
         """After ``steps`` steps: ``kept`` tokens over ``row_steps`` (active row, step) pairs."""
@@ -321,15 +338,9 @@ class SpecEngine:
                             max_seq_len=width, capacity=capacity, cache=cache)
         if drafter is not None and not chunked:
             drafter.begin(ctx)
-        paused_at = None  # the shortest committed row when drafting last stopped
         while any(active):
             timer.start()
-            draft_now = drafter is not None and gate.want(sum(active))
-            if draft_now and paused_at is not None:
-                resync(drafter, ctx, paused_at)
-                paused_at = None
-            elif drafter is not None and not draft_now and paused_at is None:
-                paused_at = min(s for s, a in zip(seq_host, active) if a)
+            draft_now = gate.decide(drafter, ctx, active, seq_host)
             tree = drafter.propose(ctx) if draft_now else DraftTree.empty(b, dev)
             drafts += int(draft_now)
             undrafted += int(drafter is not None and not draft_now)
@@ -412,17 +423,11 @@ class SpecEngine:
         b, dev = len(active), loop.tokens.device
         grow = torch.arange(loop.growth, device=dev)
         seq_host, steps, drafted = [width] * b, 0, 0
-        paused_at = None
         while any(active):
             timer.start()
             before = loop.seq_len.clone()
-            draft = loop.drafter is not None and gate.want(sum(active))
-            if draft and paused_at is not None:
-                loop.ctx.max_seq_len = max(seq_host)
-                resync(loop.drafter, loop.ctx, paused_at)
-                paused_at = None
-            elif loop.drafter is not None and not draft and paused_at is None:
-                paused_at = min(s for s, a in zip(seq_host, active) if a)
+            loop.ctx.max_seq_len = max(seq_host)   # what a resync reads up to; chunks set their own
+            draft = gate.decide(loop.drafter, loop.ctx, active, seq_host)
             result = loop.run_chunk(max(seq_host), draft=draft or loop.drafter is None)
             timer.lap("verify")  # propose, verify, accept and commit all run inside the chunk
             new = loop.tokens.gather(1, (before.unsqueeze(1) + grow).clamp(max=loop.tokens.shape[1] - 1))
@@ -463,10 +468,3 @@ class SpecEngine:
                 loop.active.copy_(torch.tensor(active, dtype=torch.long))
         return steps, drafted, steps - drafted
 
-
-def resync(drafter, ctx: DecodeContext, since: int) -> None:
-    """Drafting resumes after undrafted steps: a drafter with state of its own (a draft model's
-    KV cache) catches up on the tokens committed since ``since``. Stateless drafters, and those
-    that read new tokens from the buffer anyway (lookup, CopySpec), need nothing."""
-    if hasattr(drafter, "resync"):
-        drafter.resync(ctx, since)
