@@ -467,4 +467,3 @@ class SpecEngine:
             if stopped:
                 loop.active.copy_(torch.tensor(active, dtype=torch.long))
         return steps, drafted, steps - drafted
-
