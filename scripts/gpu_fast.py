@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import torch
 
 import specdec
 from gpu_speed import timed  # scripts/ is on sys.path when a script runs
-from specdec.bench.measure import NEAR_TIE_ULPS
+from specdec.bench.measure import NEAR_TIE_ULPS, resolution
 from specdec.drafters import DraftModel, PromptLookup
 from specdec.perf import step_floor
 
@@ -47,7 +46,7 @@ def tie(model, prefix, parted):
     with torch.no_grad():
         logits = model(prefix).logits[0, -1].float()
     vals, ids = logits.topk(2)
-    ulp = 2.0 ** (math.floor(math.log2(abs(float(vals[0])))) - 7)
+    ulp = resolution(float(vals[0]), torch.bfloat16)
     below = max(float(vals[0] - logits[t]) for t in parted) / ulp
     return {"gap_ulps": float(vals[0] - vals[1]) / ulp, "parted_ulps": below,
             "top2": sorted(ids.tolist()) == sorted(parted), "near_tie": below <= NEAR_TIE_ULPS}
