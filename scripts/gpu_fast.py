@@ -24,6 +24,7 @@ import torch
 import specdec
 from gpu_speed import timed  # scripts/ is on sys.path when a script runs
 from specdec.bench.measure import NEAR_TIE_ULPS, resolution
+from specdec.bench.prompts import render
 from specdec.drafters import DraftModel, PromptLookup
 from specdec.perf import step_floor
 
@@ -74,12 +75,17 @@ def fp32_check(name, assistant, n_tokens=96):
     return out
 
 
-def per_prompt(args, model, tok, assistant):
+def make_methods(args, model, assistant):
     steps, compile_ = args.chunk_steps, not args.no_compile
-    methods = {"graphed": specdec.wrap(model, cuda_graphs=True, chunk_steps=steps),
-               "graphed lookup": specdec.wrap(model, drafter=PromptLookup(8), cuda_graphs=True, chunk_steps=steps)}
+    methods = {}
+    if not args.no_graphed:
+        methods["graphed"] = specdec.wrap(model, cuda_graphs=True, chunk_steps=steps)
+        methods["graphed lookup"] = specdec.wrap(model, drafter=PromptLookup(8), cuda_graphs=True, chunk_steps=steps)
     if compile_:
         methods["compiled"] = specdec.wrap(model, cuda_graphs=True, chunk_steps=steps, compile=True)
+        if args.sync_baseline:   # the same, reading each chunk back before queueing the next
+            methods["compiled, no pipeline"] = specdec.wrap(model, cuda_graphs=True, chunk_steps=steps, compile=True,
+                                                            pipeline=False)
         methods["compiled lookup"] = specdec.wrap(model, drafter=PromptLookup(8), cuda_graphs=True,
                                                   chunk_steps=steps, compile=True)
     if args.min_tau is not None:   # the acceptance policy: lookup pauses where it does not pay
@@ -88,44 +94,64 @@ def per_prompt(args, model, tok, assistant):
     if assistant is not None:
         methods["draft model"] = specdec.wrap(model, drafter=DraftModel(assistant, num_tokens=4), cuda_graphs=True,
                                               compile=compile_)
+    return methods
+
+
+def base_of(name: str, compile_: bool) -> str:
+    """The same-engine no-drafter method a method's output and speed are compared with."""
+    return "compiled" if compile_ and name != "graphed lookup" else "graphed"
+
+
+def per_prompt(args, model, tok, assistant):
+    """Every turn of every prompt; later turns see HF greedy's answers to the earlier ones (the
+    same input for every method), as Spec-Bench's multi-turn prompts do."""
+    compile_ = not args.no_compile
+    methods = make_methods(args, model, assistant)
     base_name = "compiled" if compile_ else "graphed"
     hf = {"hf": {}, "hf lookup": {"prompt_lookup_num_tokens": 8}}
     if assistant is not None:
         hf["hf assisted"] = {"assistant_model": assistant}
     rows, warm = [], False
     for p in builtin(args.categories, args.per_category):
-        enc = encode(tok, [p])
-        t0 = enc.input_ids.shape[1]
-        kw = dict(attention_mask=enc.attention_mask, max_new_tokens=args.max_new_tokens, do_sample=False)
-        row = {"category": p["category"], "question_id": p["question_id"], "prompt_tokens": t0}
-        for name, extra in hf.items():
-            if not warm:
-                model.generate(enc.input_ids, **kw, **extra)
-            out, s = timed(lambda: model.generate(enc.input_ids, **kw, **extra))
-            row[name] = {"tok_s": (out.shape[1] - t0) / s, "new": out.shape[1] - t0}
-        warm = True
-        outputs = {}
-        for name, spec in methods.items():
-            spec.generate(enc.input_ids, **kw)  # untimed: captures (and compiles) this prompt's view buckets
-            out, s = timed(lambda: spec.generate(enc.input_ids, return_dict_in_generate=True, **kw))
-            st = out.spec_stats
-            outputs[name] = out.sequences[0, t0:]
-            row[name] = {"tok_s": len(outputs[name]) / s, "tau": st.tau, "steps": st.num_steps,
-                         "ms_per_step": 1e3 * s / st.num_steps, "new": len(outputs[name]),
-                         "undrafted": st.undrafted_steps, "tokens": outputs[name].tolist()}   # kept so a divergence can be re-examined later
-        for name, new in outputs.items():  # first divergence from the same-engine no-drafter output
-            if name == "graphed":
-                continue
-            base = outputs["compiled" if name in ("compiled lookup", "lookup min_tau") and compile_ else "graphed"]
-            m = min(len(new), len(base))
-            diff = (new[:m] != base[:m]).nonzero()
-            if len(diff):
-                i = int(diff[0])
-                prefix = torch.cat([enc.input_ids[0], base[:i]]).unsqueeze(0)
-                row[name]["divergence"] = {"index": i, **tie(model, prefix, sorted({int(new[i]), int(base[i])}))}
-        rows.append(row)
-        print(json.dumps({k: ({m: v for m, v in x.items() if m != "tokens"} if isinstance(x, dict) else x)
-                          for k, x in row.items()}), flush=True)
+        answers = []
+        for turn in range(len(p["turns"])):
+            text = render(tok, p["turns"][: turn + 1], answers)
+            enc = tok([text], return_tensors="pt", add_special_tokens=False).to("cuda")
+            t0 = enc.input_ids.shape[1]
+            kw = dict(attention_mask=enc.attention_mask, max_new_tokens=args.max_new_tokens, do_sample=False)
+            row = {"category": p["category"], "question_id": p["question_id"], "turn": turn + 1,
+                   "prompt_tokens": t0}
+            for name, extra in hf.items():
+                if not warm:
+                    model.generate(enc.input_ids, **kw, **extra)
+                out, s = timed(lambda: model.generate(enc.input_ids, **kw, **extra))
+                row[name] = {"tok_s": (out.shape[1] - t0) / s, "new": out.shape[1] - t0}
+                if name == "hf":
+                    answers.append(tok.decode(out[0, t0:], skip_special_tokens=True))
+            warm = True
+            outputs = {}
+            for name, spec in methods.items():
+                spec.generate(enc.input_ids, **kw)  # untimed: captures (and compiles) this prompt's view buckets
+                out, s = timed(lambda: spec.generate(enc.input_ids, return_dict_in_generate=True, **kw))
+                st = out.spec_stats
+                outputs[name] = out.sequences[0, t0:]
+                row[name] = {"tok_s": len(outputs[name]) / s, "tau": st.tau, "steps": st.num_steps,
+                             "ms_per_step": 1e3 * s / st.num_steps, "new": len(outputs[name]),
+                             "undrafted": st.undrafted_steps,
+                             "tokens": outputs[name].tolist()}   # kept so a divergence can be re-examined later
+            for name, new in outputs.items():  # first divergence from the same-engine no-drafter output
+                base = outputs[base_of(name, compile_)]
+                if new is base:
+                    continue
+                m = min(len(new), len(base))
+                diff = (new[:m] != base[:m]).nonzero()
+                if len(diff):
+                    i = int(diff[0])
+                    prefix = torch.cat([enc.input_ids[0], base[:i]]).unsqueeze(0)
+                    row[name]["divergence"] = {"index": i, **tie(model, prefix, sorted({int(new[i]), int(base[i])}))}
+            rows.append(row)
+            print(json.dumps({k: ({m: v for m, v in x.items() if m != "tokens"} if isinstance(x, dict) else x)
+                              for k, x in row.items()}), flush=True)
     profile = {}
     for name in (base_name, base_name + " lookup", "draft model"):
         if name in methods:
@@ -133,6 +159,11 @@ def per_prompt(args, model, tok, assistant):
     ctx = max(r["prompt_tokens"] for r in rows) + args.max_new_tokens // 2
     floor = step_floor(model, batch=1, context=ctx)
     return rows, profile, floor, list(methods), list(hf), base_name
+
+
+def pooled(rows, name: str) -> float:
+    """tok/s over all ``rows`` together: total new tokens over total time."""
+    return sum(r[name]["new"] for r in rows) / sum(r[name]["new"] / r[name]["tok_s"] for r in rows)
 
 
 def eos_ids(model, tok) -> set[int]:
@@ -181,6 +212,41 @@ def batch_sweep(args, model, tok):
     return out
 
 
+def ratios(rows, base_name: str, names) -> dict[str, tuple[float, float | None]]:
+    """Pooled speed ratios over ``rows``: name -> (ratio, τ of the numerator where it has one)."""
+    def tau(n):
+        steps = sum(r[n]["steps"] for r in rows)
+        return sum(r[n]["tau"] * r[n]["steps"] for r in rows) / steps if steps else None
+    out = {f"{base_name} × HF": (pooled(rows, base_name) / pooled(rows, "hf"), None)}
+    for n in (base_name + " lookup", "lookup min_tau", "draft model"):
+        if n in names:
+            out[f"{n} × {base_name}"] = (pooled(rows, n) / pooled(rows, base_name), tau(n))
+    if base_name + " lookup" in names:
+        out["lookup × HF lookup"] = (pooled(rows, base_name + " lookup") / pooled(rows, "hf lookup"), None)
+    if "draft model" in names and "hf assisted" in names:
+        out["draft model × HF assisted"] = (pooled(rows, "draft model") / pooled(rows, "hf assisted"), None)
+    if f"{base_name}, no pipeline" in names:
+        out[f"pipeline × no pipeline"] = (pooled(rows, base_name) / pooled(rows, f"{base_name}, no pipeline"), None)
+    return out
+
+
+def table(rows, cols, base_name: str) -> str:
+    """Markdown: tok/s per turn, then pooled per category and over everything, with the ratios."""
+    names = [c for c in cols if not c.startswith("hf")]
+    groups = [(f"{r['category']} {r['question_id']} t{r['turn']}", [r]) for r in rows]
+    cats = sorted({r["category"] for r in rows}, key=[r["category"] for r in rows].index)
+    groups += [(f"**{c}**", [r for r in rows if r["category"] == c]) for c in cats]
+    groups.append(("**all**", rows))
+    heads = list(ratios(rows, base_name, names))
+    lines = ["| prompt | " + " | ".join(cols) + " | " + " | ".join(heads) + " |", "|---" * (1 + len(cols) + len(heads)) + "|"]
+    for label, rs in groups:
+        rat = ratios(rs, base_name, names)
+        cells = [f"{pooled(rs, c):.1f}" for c in cols]
+        cells += [f"{rat[h][0]:.2f}" + (f" (τ {rat[h][1]:.2f})" if rat[h][1] is not None else "") for h in heads]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="zoo:smollm2-135m-instruct")
@@ -191,6 +257,9 @@ def main() -> None:
     ap.add_argument("--chunk-steps", type=int, default=8)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-fp32", action="store_true")
+    ap.add_argument("--no-graphed", action="store_true", help="skip the uncompiled (graphed) methods")
+    ap.add_argument("--sync-baseline", action="store_true",
+                    help="also run the compiled baseline with pipeline=False (each chunk read back before the next)")
     ap.add_argument("--batches", type=int, nargs="*", default=[])
     ap.add_argument("--batch-tokens", type=int, default=128)
     ap.add_argument("--policy", type=int, default=4, help="max_draft_batch for the batch sweep's policy run")
@@ -212,29 +281,13 @@ def main() -> None:
         report["batch_sweep"] = batch_sweep(args, model, tok)
     Path(args.out).write_text(json.dumps(report, indent=1))
 
-    lk = base_name + " lookup"
-    print(f"\n{args.model}, bf16, batch 1, {args.max_new_tokens} new tokens, chunk {args.chunk_steps} steps")
-    cols = hf_names + names
-    print("| prompt | " + " | ".join(f"{n} tok/s" for n in cols)
-          + f" | {base_name} × HF | lookup × {base_name} (τ) | lookup × HF lookup |"
-          + (" draft model × HF assisted |" if "hf assisted" in hf_names else ""))
-    print("|---" * (len(cols) + 4 + ("hf assisted" in hf_names)) + "|")
-    for r in rows:
-        line = (f"| {r['category']} {r['question_id']} | " + " | ".join(f"{r[n]['tok_s']:.1f}" for n in cols)
-                + f" | {r[base_name]['tok_s'] / r['hf']['tok_s']:.1f} | {r[lk]['tok_s'] / r[base_name]['tok_s']:.2f} "
-                f"(τ {r[lk]['tau']:.2f}) | {r[lk]['tok_s'] / r['hf lookup']['tok_s']:.1f} |")
-        if "hf assisted" in hf_names:
-            line += f" {r['draft model']['tok_s'] / r['hf assisted']['tok_s']:.2f} (τ {r['draft model']['tau']:.2f}) |"
-        print(line)
-    pooled = {n: sum(r[n]["new"] for r in rows) / sum(r[n]["new"] / r[n]["tok_s"] for r in rows) for n in cols}
-    print("| **pooled** | " + " | ".join(f"{pooled[n]:.1f}" for n in cols)
-          + f" | {pooled[base_name] / pooled['hf']:.1f} | {pooled[lk] / pooled[base_name]:.2f} | "
-          f"{pooled[lk] / pooled['hf lookup']:.1f} |")
+    print(f"\n{args.model}, bf16, batch 1, {args.max_new_tokens} new tokens a turn, chunk {args.chunk_steps} steps")
+    print(table(rows, hf_names + names, base_name))
     for r in rows:
         for n in names:
             if "divergence" in r[n]:
                 d = r[n]["divergence"]
-                print(f"divergence {r['category']}/{r['question_id']} {n}: token {d['index']}, top-2 gap "
+                print(f"divergence {r['category']}/{r['question_id']} t{r['turn']} {n}: token {d['index']}, top-2 gap "
                       f"{d['gap_ulps']:.2f} bf16 ulps, parted tokens at most {d['parted_ulps']:.2f} ulps below the "
                       f"top, top two: {d['top2']}, near-tie: {'yes' if d['near_tie'] else 'NO (a bug)'}")
     for n in names:

@@ -188,7 +188,8 @@ class SpecEngine:
 
     def __init__(self, model, drafter: Drafter | None = None, acceptance: str | None = None, attention: str = "auto",
                  max_draft_batch: int | None = None, cuda_graphs: bool = False, chunk_steps: int | None = None,
-                 compile: bool = False, fuse: bool | None = None, min_tau: float | None = None):
+                 compile: bool = False, fuse: bool | None = None, min_tau: float | None = None,
+                 pipeline: bool | None = None):
         # Fused q/k/v and gate/up projections (specdec.fused); None: wherever the layers allow.
         self.runner = ModelRunner(model, attention=attention, fuse=fuse)
         if cuda_graphs and self.runner.device.type != "cuda":
@@ -202,6 +203,10 @@ class SpecEngine:
         # (``specdec.static``); default 8 with cuda_graphs, else 1 (the per-step loop).
         self.chunk_steps = chunk_steps if chunk_steps is not None else (8 if cuda_graphs else 1)
         self.compile = compile  # torch.compile the target forward inside captured chunks
+        # Chunked decoding launches the next chunk before reading the last one back, so the host's
+        # bookkeeping (and the graph launch) overlaps the device's work instead of idling it.
+        # Default: on with cuda_graphs. Costs one wasted chunk when a batch ends at EOS.
+        self.pipeline = cuda_graphs if pipeline is None else pipeline
         self._cache = None
         self._verifier = None
         self._loop: ChunkedLoop | None = None
@@ -240,7 +245,9 @@ class SpecEngine:
         n_nodes = getattr(self.drafter, "num_nodes", 0)
         queries = query_bucket(n_nodes + 1) if self.cuda_graphs else n_nodes + 1  # graphs pad the queries
         capacity = committed + max(queries - 1, getattr(self.drafter, "scratch_slots", 0)) + 1
-        return capacity + (self.chunk_steps * (n_nodes + 1) if chunked else 0)
+        # A row that stops inside a chunk runs on to its end; pipelined, through one more chunk.
+        chunks = (2 if self.pipeline else 1) if chunked else 0
+        return capacity + chunks * self.chunk_steps * (n_nodes + 1)
 
     def step_profile(self, reps: int = 50) -> dict[str, float] | None:
         """Device milliseconds per step, by phase (draft, verify, accept, commit), of the captured
@@ -329,7 +336,7 @@ class SpecEngine:
                     self._loop.prepare(upper, draft=False)
             steps, drafts, undrafted = self._run_chunks(
                 self._loop, width, max_new_tokens, eos_ids, stop_fn, on_tokens, prompts, generated, gained, offered,
-                active, timer, gate, undrafted_by_row)
+                active, timer, gate, undrafted_by_row, self.pipeline)
             if drafter is None:
                 drafts = undrafted = 0
             elif self.cuda_graphs:  # replayed graphs run no Python: count the drafter's forwards here
@@ -416,23 +423,51 @@ class SpecEngine:
 
     @staticmethod
     def _run_chunks(loop: ChunkedLoop, width, max_new_tokens, eos_ids, stop_fn, on_tokens, prompts, generated,
-                    gained, offered, active, timer, gate: DraftGate, undrafted_by_row: list[int]
-                    ) -> tuple[int, int, int]:
+                    gained, offered, active, timer, gate: DraftGate, undrafted_by_row: list[int],
+                    pipeline: bool = False) -> tuple[int, int, int]:
         """Decode with ``loop`` until every row stops; the host reads once per chunk, and ``gate``
-        decides per chunk whether it drafts. Returns (steps, drafted steps, undrafted steps)."""
+        decides per chunk whether it drafts. Returns (steps, drafted steps, undrafted steps).
+
+        With ``pipeline`` the next chunk is queued before the host reads the current one back (over
+        pinned memory, waiting on an event, not on the stream), so the device never idles on the
+        host. A row that stops in the chunk being read has already run through the queued one too;
+        its extra tokens are cut like any others and it is frozen from the chunk after. The queued
+        chunk always drafts as the one before it did: a change of the gate's decision (which may
+        need a drafter's ``resync``) waits until the host has read everything back. No chunk is
+        queued once every live row is sure to reach ``max_new_tokens`` in the one running."""
         b, dev = len(active), loop.tokens.device
         grow = torch.arange(loop.growth, device=dev)
-        seq_host, steps, drafted = [width] * b, 0, 0
-        while any(active):
+        seq_host, steps, drafted, s = [width] * b, 0, 0, loop.steps
+        queued: list[tuple[bool, Tensor, torch.cuda.Event | None]] = []   # (drafts, host copy, copy done)
+
+        def launch(draft: bool, upper: int) -> None:
             timer.start()
             before = loop.seq_len.clone()
-            loop.ctx.max_seq_len = max(seq_host)   # what a resync reads up to; chunks set their own
-            draft = gate.decide(loop.drafter, loop.ctx, active, seq_host)
-            result = loop.run_chunk(max(seq_host), draft=draft or loop.drafter is None)
+            result = loop.run_chunk(upper, draft=draft or loop.drafter is None)
             timer.lap("verify")  # propose, verify, accept and commit all run inside the chunk
             new = loop.tokens.gather(1, (before.unsqueeze(1) + grow).clamp(max=loop.tokens.shape[1] - 1))
-            host = torch.cat([result.gained.T, result.proposed.T, new], dim=1).tolist()
-            s = loop.steps
+            packed = torch.cat([result.gained.T, result.proposed.T, new], dim=1)
+            done = None
+            if packed.is_cuda:   # copy back without waiting on the stream (a queued chunk may follow)
+                host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+                host.copy_(packed, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+                packed = host
+            queued.append((draft, packed, done))
+
+        while any(active):
+            if not queued:
+                loop.ctx.max_seq_len = max(seq_host)   # what a resync reads up to; chunks set their own
+                launch(gate.decide(loop.drafter, loop.ctx, active, seq_host), max(seq_host))
+            if (pipeline and len(queued) == 1
+                    and any(a and len(g) + s < max_new_tokens for a, g in zip(active, generated))
+                    and (loop.drafter is None or gate.want(sum(active)) == queued[0][0])):
+                launch(queued[0][0], max(seq_host) + loop.growth)   # rows may grow by a chunk meanwhile
+            draft, packed, done = queued.pop(0)
+            if done is not None:
+                done.synchronize()
+            host = packed.tolist()
             steps += s
             drafted += s if draft else 0
             stopped = False
@@ -464,6 +499,7 @@ class SpecEngine:
                         stopped = True
                         break
             gate.record(draft, s, kept, row_steps)
-            if stopped:
-                loop.active.copy_(torch.tensor(active, dtype=torch.long))
+            if stopped:   # frozen from the next chunk launched; pinned, so the copy does not drain the queue
+                flags = torch.tensor(active, dtype=torch.long, pin_memory=loop.tokens.is_cuda)
+                loop.active.copy_(flags, non_blocking=True)
         return steps, drafted, steps - drafted

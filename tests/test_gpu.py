@@ -107,3 +107,20 @@ def test_min_tau_switches_captured_chunks_and_stays_exact():
         st = out.spec_stats
         assert torch.equal(out.sequences, ref), type(drafter).__name__
         assert st.draft_pauses >= 1 and 0 < st.undrafted_steps < st.num_steps and st.undrafted_steps % 8 == 0
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_pipelined_chunks_stop_at_eos_and_equal_hf(pipeline):
+    # The queued chunk reads back over pinned memory and an event: rows that stop at EOS inside a
+    # chunk (and run on through the queued one) are cut exactly where HF stops them.
+    model = cuda_tiny("llama", num_layers=2)
+    ids, mask = (t.cuda() for t in ragged_batch([5, 12, 3, 8], 64, seed=2))
+    free = hf_greedy(model, ids, mask, max_new_tokens=48, eos_token_id=None)[:, ids.shape[1]:].tolist()
+    eos = next(t for t in range(64) if sum(t in row[4:40] for row in free) >= 2)
+    ref = hf_greedy(model, ids, mask, max_new_tokens=48, eos_token_id=eos)
+    for drafter in (None, PromptLookup(num_tokens=4, max_ngram=2)):
+        spec = specdec.wrap(model, drafter=drafter, cuda_graphs=True, chunk_steps=4, pipeline=pipeline)
+        assert spec.engine.pipeline is pipeline
+        for _ in range(2):   # the second call reuses the cache and its graphs
+            out = spec.generate(ids, attention_mask=mask, max_new_tokens=48, pad_token_id=0, eos_token_id=eos)
+            assert torch.equal(out, ref), (pipeline, drafter)
