@@ -1,15 +1,18 @@
 """GPU decode speed of specdec's fast path against HF, side by side in one process (issue 6).
 
-Per prompt (batch 1, greedy, bf16, the same prompts for every method):
-  HF greedy ``generate``; HF prompt lookup (``prompt_lookup_num_tokens``); with ``--assistant``,
-  HF assisted generation; the engine's chunked loop as CUDA graphs ("graphed") and with
-  ``torch.compile`` ("compiled"), without a drafter and with prompt lookup; with ``--assistant``,
-  the engine with that model as a DraftModel drafter.
-Then: the compiled step's device time by phase beside the bandwidth floor; each bf16 output's
-first divergence from the same-engine no-drafter output with the top-2 logit gap there (in bf16
-ulps); fp32 exactness of the graphed paths against HF; and, with ``--batches``, a batch sweep.
+Per turn of each built-in prompt (batch 1, greedy, bf16, the same input for every method; a
+later turn sees HF greedy's answers to the earlier ones): HF greedy ``generate``; HF prompt
+lookup (``prompt_lookup_num_tokens``); with ``--assistant``, HF assisted generation; the engine's
+chunked loop as CUDA graphs ("graphed", unless ``--no-graphed``) and with ``torch.compile``
+("compiled"), without a drafter and with prompt lookup; with ``--sync-baseline``, the compiled
+baseline unpipelined; with ``--min-tau``, lookup under that acceptance policy; with
+``--assistant``, the engine with that model as a DraftModel drafter.
+Then: a table pooled per category; the compiled step's device time by phase beside the bandwidth
+floor; each bf16 output's first divergence from the same-engine no-drafter output with the top-2
+logit gap there (in bf16 ulps); fp32 exactness of the graphed paths against HF; and, with
+``--batches``, a batch sweep (first turns only).
 
-    SPECDEC_GGUF_DIR=/tmp/stage python scripts/gpu_fast.py --out $OUT/fast.json
+    SPECDEC_GGUF_DIR=/tmp/stage python scripts/gpu_fast.py --min-tau 1.4 --out $OUT/fast.json
     SPECDEC_GGUF_DIR=/tmp/stage python scripts/gpu_fast.py --model zoo:qwen2.5-coder-1.5b-instruct \
         --assistant zoo:qwen2.5-coder-0.5b-instruct --out $OUT/qwen.json
 """
