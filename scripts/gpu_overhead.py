@@ -1,5 +1,7 @@
 """Where a generate call's time goes beyond its decode steps (issue 6): per prompt length, the
-prefill, the chunks' device time and the rest, for the graphed no-drafter path at batch 1.
+prefill, the chunks' device time and the rest, for the graphed no-drafter path at batch 1, with
+``bucket_prefill`` off and on. Compare ``wall_ms``: with the prefill replayed as a graph,
+``prefill_ms`` (host time) no longer includes the device's share.
 
     SPECDEC_GGUF_DIR=/tmp/stage python scripts/gpu_overhead.py
 """
@@ -17,13 +19,19 @@ from specdec.bench.prompts import render
 
 def main() -> None:
     model, tok = specdec.load_model("zoo:smollm2-135m-instruct", dtype="bfloat16", device="cuda")
-    spec = specdec.wrap(model, cuda_graphs=True)
+    for bucket in (False, True):
+        print(f"bucket_prefill={bucket}", flush=True)
+        measure(specdec.wrap(model, cuda_graphs=True, bucket_prefill=bucket), tok)
+
+
+def measure(spec, tok) -> None:
     for p in builtin(["editing", "summarization"], 1):
         text = render(tok, p["turns"][:1], [])
         enc = tok([text], return_tensors="pt", add_special_tokens=False)
         ids, mask = enc.input_ids.cuda(), enc.attention_mask.cuda()
         for new in (1, 8, 256):
-            kw = dict(attention_mask=mask, max_new_tokens=new, eos_token_id=None, do_sample=False, return_dict_in_generate=True)
+            kw = dict(attention_mask=mask, max_new_tokens=new, eos_token_id=None, do_sample=False,
+                      return_dict_in_generate=True)
             spec.generate(ids, **kw)
             torch.cuda.synchronize()
             t = time.perf_counter()

@@ -62,7 +62,7 @@ class SpecDecoder:
     def __init__(self, model, drafter=None, acceptance: str | None = None, attention: str = "auto",
                  max_draft_batch: int | None = None, cuda_graphs: bool = False, chunk_steps: int | None = None,
                  compile: bool = False, fuse: bool | None = None, min_tau: float | None = None,
-                 pipeline: bool | None = None):
+                 pipeline: bool | None = None, bucket_prefill: bool = False):
         if isinstance(drafter, str):
             drafter = make_drafter(drafter)
         self.__dict__["model"] = model
@@ -70,7 +70,8 @@ class SpecDecoder:
         self.__dict__["engine"] = SpecEngine(model, drafter=drafter, acceptance=acceptance, attention=attention,
                                              max_draft_batch=max_draft_batch, cuda_graphs=cuda_graphs,
                                              chunk_steps=chunk_steps, compile=compile, fuse=fuse,
-                                             min_tau=min_tau, pipeline=pipeline)
+                                             min_tau=min_tau, pipeline=pipeline,
+                                             bucket_prefill=bucket_prefill)
 
     def __getattr__(self, name):
         return getattr(self.__dict__["model"], name)
@@ -177,7 +178,7 @@ class SpecDecoder:
 def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "auto",
          max_draft_batch: int | None = None, cuda_graphs: bool = False, chunk_steps: int | None = None,
          compile: bool = False, fuse: bool | None = None, min_tau: float | None = None,
-         pipeline: bool | None = None) -> SpecDecoder:
+         pipeline: bool | None = None, bucket_prefill: bool = False) -> SpecDecoder:
     """Wrap an HF causal LM for speculative decoding.
 
     ``drafter`` is a Drafter instance, a registered name (``"lookup"``), or None for plain
@@ -195,7 +196,9 @@ def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "a
     cuda_graphs, else 1); the host applies stopping rules after each chunk and cuts the rest.
     ``pipeline``: queue the next chunk before reading the last one back, so the host's work
     overlaps the device's (default: on with cuda_graphs; costs one wasted chunk when a batch ends
-    at EOS). ``compile``: also ``torch.compile`` the target's forward inside those chunks. ``fuse``: merge
+    at EOS). ``bucket_prefill``: pad the prompt's prefill to a power-of-two length and, with
+    ``cuda_graphs``, replay it as one captured graph per length bucket instead of launching it op
+    by op (experimental: not yet measured on a GPU). ``compile``: also ``torch.compile`` the target's forward inside those chunks. ``fuse``: merge
     each layer's q/k/v and gate/up projections into one matmul each (``specdec.fused``; the
     model's own modules then read views of the merged weights, so HF ``generate`` still works);
     default None: on unless a projection is not a plain ``nn.Linear`` (LoRA, quantised layers).
@@ -208,4 +211,5 @@ def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "a
     """
     return SpecDecoder(model, drafter=drafter, acceptance=acceptance, attention=attention,
                        max_draft_batch=max_draft_batch, cuda_graphs=cuda_graphs, chunk_steps=chunk_steps,
-                       compile=compile, fuse=fuse, min_tau=min_tau, pipeline=pipeline)
+                       compile=compile, fuse=fuse, min_tau=min_tau, pipeline=pipeline,
+                       bucket_prefill=bucket_prefill)

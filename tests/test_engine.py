@@ -448,3 +448,30 @@ def test_query_buckets_and_padding_leave_real_queries_alone():
     # Same numbers up to float rounding (a matmul over 8 rows may block differently from one over 4).
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     assert torch.equal(outs[0].argmax(-1), outs[1].argmax(-1))
+
+
+@pytest.mark.parametrize("chunk_steps", [None, 4])
+def test_bucketed_prefill_equals_hf(chunk_steps, monkeypatch):
+    # The prefill padded to a query bucket (what the captured prefill graph runs): padding queries
+    # write scratch K/V past the prompt that nothing reads, so the tokens stay HF's. A prompt
+    # whose bucket would overrun the cache falls back to the plain prefill.
+    from specdec.engine import GraphedVerifier
+
+    calls = []
+    real = GraphedVerifier.__call__
+
+    def spy(self, tokens, *args, **kw):
+        calls.append((tokens.shape[1], self.cache.max_len))
+        return real(self, tokens, *args, **kw)
+    monkeypatch.setattr(GraphedVerifier, "__call__", spy)
+    model = make_tiny("qwen2", vocab_size=32, init_range=1.0, num_layers=2)
+    spec = specdec.wrap(model, drafter=PromptLookup(num_tokens=3, max_ngram=2), chunk_steps=chunk_steps,
+                        bucket_prefill=True)
+    for lengths, new, padded in (([6, 2, 11], 30, True), ([40], 1, False)):
+        calls.clear()
+        ids, mask = ragged_batch(lengths, 32, seed=5)
+        ref = hf_greedy(model, ids, mask, max_new_tokens=new, eos_token_id=None)
+        out = spec.generate(ids, attention_mask=mask, max_new_tokens=new, pad_token_id=0, eos_token_id=None)
+        assert torch.equal(out, ref)
+        assert bool(calls) is padded, calls   # 40 prompt tokens pad to 64 slots; the cache has fewer
+        assert all(n < 16 and cap >= 16 for n, cap in calls)

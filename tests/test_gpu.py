@@ -124,3 +124,17 @@ def test_pipelined_chunks_stop_at_eos_and_equal_hf(pipeline):
         for _ in range(2):   # the second call reuses the cache and its graphs
             out = spec.generate(ids, attention_mask=mask, max_new_tokens=48, pad_token_id=0, eos_token_id=eos)
             assert torch.equal(out, ref), (pipeline, drafter)
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["graphed", "compiled"])
+def test_bucketed_prefill_replays_a_captured_graph_and_equals_hf(compile):
+    model = cuda_tiny("qwen2", num_layers=2)
+    ids, mask = (t.cuda() for t in ragged_batch([7, 19, 3], 64, seed=6))
+    ref = hf_greedy(model, ids, mask, max_new_tokens=40, eos_token_id=None)
+    spec = specdec.wrap(model, drafter=PromptLookup(num_tokens=4, max_ngram=2), cuda_graphs=True, compile=compile,
+                        bucket_prefill=True)
+    for _ in range(2):   # the second call replays the prefill graph the first one captured
+        out = spec.generate(ids, attention_mask=mask, max_new_tokens=40, pad_token_id=0, eos_token_id=None)
+        assert torch.equal(out, ref)
+    prefill_graphs = [k for k in spec.engine._verifier.graphs if k[2] is False]   # (view, q, logits, contiguous)
+    assert prefill_graphs and all(q == 32 for _, q, _, _ in prefill_graphs)
