@@ -229,7 +229,7 @@ def ratios(rows, base_name: str, names) -> dict[str, tuple[float, float | None]]
     if "draft model" in names and "hf assisted" in names:
         out["draft model × HF assisted"] = (pooled(rows, "draft model") / pooled(rows, "hf assisted"), None)
     if f"{base_name}, no pipeline" in names:
-        out[f"pipeline × no pipeline"] = (pooled(rows, base_name) / pooled(rows, f"{base_name}, no pipeline"), None)
+        out["pipeline × no pipeline"] = (pooled(rows, base_name) / pooled(rows, f"{base_name}, no pipeline"), None)
     return out
 
 
@@ -241,7 +241,7 @@ def table(rows, cols, base_name: str) -> str:
     groups += [(f"**{c}**", [r for r in rows if r["category"] == c]) for c in cats]
     groups.append(("**all**", rows))
     heads = list(ratios(rows, base_name, names))
-    lines = ["| prompt | " + " | ".join(cols) + " | " + " | ".join(heads) + " |", "|---" * (1 + len(cols) + len(heads)) + "|"]
+    lines = ["| prompt | " + " | ".join(cols + heads) + " |", "|---" * (1 + len(cols) + len(heads)) + "|"]
     for label, rs in groups:
         rat = ratios(rs, base_name, names)
         cells = [f"{pooled(rs, c):.1f}" for c in cols]

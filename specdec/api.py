@@ -198,10 +198,10 @@ def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "a
     overlaps the device's (default: on with cuda_graphs; costs one wasted chunk when a batch ends
     at EOS). ``bucket_prefill``: pad the prompt's prefill to a power-of-two length and, with
     ``cuda_graphs``, replay it as one captured graph per length bucket instead of launching it op
-    by op (experimental: not yet measured on a GPU). ``compile``: also ``torch.compile`` the target's forward inside those chunks. ``fuse``: merge
-    each layer's q/k/v and gate/up projections into one matmul each (``specdec.fused``; the
-    model's own modules then read views of the merged weights, so HF ``generate`` still works);
-    default None: on unless a projection is not a plain ``nn.Linear`` (LoRA, quantised layers).
+    by op (experimental: not yet measured on a GPU). ``compile``: also ``torch.compile`` the
+    target's forward inside those chunks. ``fuse``: merge each layer's q/k/v and gate/up
+    projections into one matmul each (``specdec.fused``; the model's own modules then read views
+    of the merged weights, so HF ``generate`` still works); default None: on unless a projection is not a plain ``nn.Linear`` (LoRA, quantised layers).
 
     Example::
 

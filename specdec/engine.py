@@ -325,10 +325,10 @@ class SpecEngine:
         slots = torch.arange(n, device=dev).expand(b, n)
         causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril().expand(b, n, n)
         positions = (slots - start[:, None]).clamp(min=0)
-        prefill = self._verifier if self._verifier is not None else (
-            GraphedVerifier(runner, cache, b, graphs=False) if self.bucket_prefill else None)
-        if self.bucket_prefill and prefill.fits(n):
-            prefill(tokens[:, :n], positions, slots, causal, view_len=n, logits=False, contiguous=False)
+        # Without cuda_graphs a bucketed prefill is the same padded forward, captured nowhere.
+        padded = (self._verifier or GraphedVerifier(runner, cache, b, graphs=False)) if self.bucket_prefill else None
+        if padded is not None and padded.fits(n):
+            padded(tokens[:, :n], positions, slots, causal, view_len=n, logits=False, contiguous=False)
         else:
             runner.forward(cache, tokens[:, :n], positions, slots, causal, view_len=n, compute_logits=False)
         cache.lengths.copy_(seq_len - 1)
