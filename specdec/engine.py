@@ -253,6 +253,8 @@ class SpecEngine:
         to that length then reuse the cache and never capture (or compile) while decoding.
         Benchmarks call this before timing."""
         capacity = self._capacity(max_length + self._pad(), chunked=True)
+        if self.bucket_prefill:
+            capacity = max(capacity, query_bucket(max_length + self._pad()))
         self._reserved = (batch, -(-capacity // 512) * 512 if self.cuda_graphs else capacity)
 
     def _pad(self) -> int:
@@ -300,6 +302,8 @@ class SpecEngine:
         n_nodes = drafter.num_nodes if drafter is not None else 0
         width = int(attention_mask.sum(dim=1).max()) + self._pad()
         capacity = self._capacity(width + max_new_tokens, chunked)
+        if self.bucket_prefill:   # room for the padded prefill's scratch slots
+            capacity = max(capacity, query_bucket(width - 1))
         if self._reserved is not None and self._reserved[0] == b:
             capacity = max(capacity, self._reserved[1])
         if self.cuda_graphs:  # round up so that later calls can reuse the cache and its graphs

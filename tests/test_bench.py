@@ -317,7 +317,7 @@ def test_sweep_on_tiny_model_writes_rows_tables_and_plots(tiny_folder, tmp_path,
         (2, "greedy"), (2, "sample"), (4, "greedy"), (4, "sample")]
 
 
-def test_hf_lookup_and_assisted_references_and_the_batch_policy(tiny_folder, tmp_path):
+def test_hf_lookup_and_assisted_references_and_the_batch_policy(tiny_folder, tmp_path, monkeypatch):
     def bench(out, *overrides):
         with initialize_config_module("specdec.conf", version_base=None):
             cfg = compose("bench", overrides=["drafter=lookup", f"model.spec={tiny_folder}", "num_prompts=2",
@@ -352,6 +352,18 @@ def test_hf_lookup_and_assisted_references_and_the_batch_policy(tiny_folder, tmp
     assert coding["undrafted_steps"] == editing["undrafted_steps"] == both > 0
     assert editing["turn_steps"][1] > 0
     assert f"{2 * both} of {coding['steps'] + editing['steps']} row-steps ran without a draft" in summary
+
+    # Engine options reach both engines: with bucket_prefill every prefill is the padded one, and
+    # HF's greedy methods still give the baseline's tokens.
+    from specdec.engine import GraphedVerifier
+
+    padded = []
+    real = GraphedVerifier.__call__
+    monkeypatch.setattr(GraphedVerifier, "__call__", lambda self, *a, **kw: padded.append(1) or real(self, *a, **kw))
+    rows, summary = bench(tmp_path / "bucketed", "bucket_prefill=true")
+    assert len(padded) >= 2 * sum(r["num_turns"] for r in rows)   # baseline and drafter, every turn
+    assert all(r["hf_matches_baseline"] == {"hf": True, "hf_lookup": True, "hf_assisted": True} for r in rows)
+    assert "Divergences: none" in summary
 
 
 @pytest.mark.slow
