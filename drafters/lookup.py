@@ -48,37 +48,34 @@ class PromptLookup:
         pass
 
     def propose(self, ctx: DecodeContext) -> DraftTree:
+        """One pass over the buffer for every n-gram length at once (a few dozen kernels: inside a
+        captured step on the GPU each one is a launch).
+
+        For each end position e of an earlier occurrence, ``run`` counts how many of the last
+        ``max_ngram`` committed tokens match going backwards from e; the match length at e is that
+        count, capped so the occurrence and the suffix stay inside the row's real text. Ranking:
+        longer match first, then a match with ``num_tokens`` tokens after it, then the most
+        recent. Each end position proposes its own continuation, so branches never repeat one."""
         tokens = ctx.tokens[:, : ctx.max_seq_len]  # [B, L]
         b, length = tokens.shape
-        k, m = self.num_tokens, self.num_branches
+        k, m, top_n = self.num_tokens, self.num_branches, self.max_ngram
         dev = tokens.device
-        seq, start = ctx.seq_len, ctx.start
-        scores, conts = [], []
-        for n in range(self.max_ngram, self.min_ngram - 1, -1):
-            if length < n + 1:
-                continue
-            suffix = tokens.gather(1, (seq - n).clamp(min=0).unsqueeze(1) + torch.arange(n, device=dev))
-            windows = tokens.unfold(1, n, 1)  # [B, L - n + 1, n]
-            w = torch.arange(windows.shape[1], device=dev).unsqueeze(0)  # window start
-            match = (windows == suffix.unsqueeze(1)).all(dim=-1)
-            match &= (w >= start.unsqueeze(1)) & (w + n < seq.unsqueeze(1))  # real, with a continuation
-            match &= (seq - n >= start).unsqueeze(1)  # the suffix itself is real text
-            # Rank: longer n-gram first, then matches with k tokens after them, then the most recent.
-            full = (w + n + k <= seq.unsqueeze(1)).long()
-            score = (n * 2 + full) * length + w
-            scores.append(torch.where(match, score, torch.full_like(score, -1)))
-            conts.append((w + n).expand(b, -1))
-        if not scores:
-            return DraftTree.branches(torch.zeros(b, m, k, dtype=torch.long, device=dev),
-                                      torch.zeros(b, m, k, dtype=torch.bool, device=dev))
-        score, cont = torch.cat(scores, dim=1), torch.cat(conts, dim=1)
-        top, pick = score.topk(min(m, score.shape[1]), dim=1)
-        cont = torch.where(top >= 0, cont.gather(1, pick), torch.full_like(pick, -1))  # [B, M']
+        seq, start = ctx.seq_len.unsqueeze(1), ctx.start.unsqueeze(1)  # [B, 1]
+        # suffix[:, i]: the committed token i places before the newest (i = 0 is the newest).
+        suffix = tokens.gather(1, (seq - 1 - torch.arange(top_n, device=dev)).clamp(min=0))  # [B, N]
+        # back[:, e, i]: the token i places before e (-1 before the buffer), newest first.
+        back = torch.nn.functional.pad(tokens, (top_n - 1, 0), value=-1).unfold(1, top_n, 1).flip(-1)  # [B, L, N]
+        run = (back == suffix.unsqueeze(1)).long().cumprod(dim=-1).sum(dim=-1)  # [B, L] matched length at e
+        end = torch.arange(length, device=dev).unsqueeze(0)  # [1, L]
+        # The occurrence starts at or after the row's first real token, as does the suffix itself.
+        n = torch.minimum(torch.minimum(run, end + 1 - start), (seq - start).clamp(max=length - 1))
+        ok = (n >= self.min_ngram) & (end + 1 < seq)  # a real match with at least one token after it
+        full = (end + 1 + k <= seq).long()
+        score = torch.where(ok, (2 * n + full) * length + (end + 1 - n), -1)
+        top, pick = score.topk(min(m, length), dim=1)
+        cont = torch.where(top >= 0, pick + 1, -1)  # [B, M'] where each chosen copy starts
         if cont.shape[1] < m:
             cont = torch.cat([cont, torch.full((b, m - cont.shape[1]), -1, dtype=torch.long, device=dev)], dim=1)
-        # Two n-grams can point at the same continuation; keep the first copy only.
-        same = (cont.unsqueeze(2) == cont.unsqueeze(1)).tril(diagonal=-1).any(dim=2)
-        cont = torch.where(same, torch.full_like(cont, -1), cont)
         idx = cont.unsqueeze(2) + torch.arange(k, device=dev)  # [B, M, K]
         valid = (cont >= 0).unsqueeze(2) & (idx < seq.view(b, 1, 1))
         draft = tokens.gather(1, idx.clamp(min=0, max=length - 1).view(b, m * k)).view(b, m, k)
