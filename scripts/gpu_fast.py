@@ -26,7 +26,7 @@ import torch
 
 import specdec
 from gpu_speed import timed  # scripts/ is on sys.path when a script runs
-from specdec.bench.measure import NEAR_TIE_ULPS, resolution
+from specdec.bench.measure import tie_measure
 from specdec.bench.prompts import render
 from specdec.drafters import DraftModel, PromptLookup
 from specdec.perf import step_floor
@@ -39,21 +39,16 @@ def builtin(categories, per_category):
 
 
 def encode(tok, prompts):
-    texts = [tok.apply_chat_template([{"role": "user", "content": p["turns"][0]}], add_generation_prompt=True,
-                                     tokenize=False) for p in prompts]
+    """Each prompt's first turn, chat-templated, as one left-padded batch."""
+    texts = [render(tok, p["turns"][:1], []) for p in prompts]
     return tok(texts, return_tensors="pt", add_special_tokens=False, padding=True).to("cuda")
 
 
 def tie(model, prefix, parted):
-    """HF's own logits after ``prefix``: the top-2 gap and how far the lower of the ``parted`` tokens
-    lies below the top logit, both in bf16 ulps of the top logit, and whether they are the top two."""
+    """HF's own logits after ``prefix``, measured as a tie in bf16 (``tie_measure``)."""
     with torch.no_grad():
-        logits = model(prefix).logits[0, -1].float()
-    vals, ids = logits.topk(2)
-    ulp = resolution(float(vals[0]), torch.bfloat16)
-    below = max(float(vals[0] - logits[t]) for t in parted) / ulp
-    return {"gap_ulps": float(vals[0] - vals[1]) / ulp, "parted_ulps": below,
-            "top2": sorted(ids.tolist()) == sorted(parted), "near_tie": below <= NEAR_TIE_ULPS}
+        logits = model(prefix).logits[0, -1]
+    return tie_measure(logits, parted, torch.bfloat16)
 
 
 def fp32_check(name, assistant, n_tokens=96):

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from specdec.bench.prompts import Prompt, render
 
@@ -196,6 +197,21 @@ def resolution(x: float, dtype: torch.dtype) -> float:
     return 2.0 ** (math.floor(math.log2(abs(x))) - _MANTISSA[dtype])
 
 
+def tie_measure(logits: Tensor, parted, dtype: torch.dtype) -> dict:
+    """Where two greedy outputs part, how close a tie it was in ``logits`` (the next-token logits):
+    the top-2 ``gap`` and the ``ulp`` of ``dtype`` at the top logit, ``gap_ulps``, whether the
+    ``parted`` tokens are the top two (``top2``), how far below the top logit the lower of them
+    lies (``parted_ulps``; a None token, an output that had already stopped, is skipped), and
+    ``near_tie``: that within ``NEAR_TIE_ULPS``."""
+    logits = logits.float()
+    values, top = logits.topk(2)
+    gap = float(values[0] - values[1])
+    ulp = resolution(float(values[0]), dtype)
+    below = max(float(values[0] - logits[t]) for t in parted if t is not None) / ulp
+    return {"gap": gap, "ulp": ulp, "gap_ulps": gap / ulp, "top2": set(parted) <= set(top.tolist()),
+            "parted_ulps": below, "near_tie": below <= NEAR_TIE_ULPS}
+
+
 @torch.no_grad()
 def divergence_gap(model, tokenizer, prompt: Prompt, base: Decoded, drafted: Decoded, divergence: dict,
                    device: torch.device) -> dict:
@@ -215,20 +231,14 @@ def divergence_gap(model, tokenizer, prompt: Prompt, base: Decoded, drafted: Dec
     text = render(tokenizer, prompt.turns[: turn + 1], base.answers[:turn])
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] + base.output_ids[turn][:index]
     logits = model(torch.tensor([ids], device=device)).logits[0, -1]
-    values, top = logits.float().topk(2)
-    gap = float(values[0] - values[1])
-    ulp = resolution(float(values[0]), model.dtype)   # the model's dtype, even if HF upcasts its logits
 
     def pick(out: list[list[int]]) -> int | None:   # None: that output stopped before the index
         return out[turn][index] if index < len(out[turn]) else None
 
     parted = {pick(base.output_ids), pick(drafted.output_ids)}
-    top2 = parted <= set(top.tolist())
-    # An output that stopped early has no token there: only the other one is measured.
-    below = max(float(values[0] - logits[t].float()) for t in parted if t is not None) / ulp
-    return {"turn": turn, "index": index, "gap": gap, "ulp": ulp, "gap_ulps": gap / ulp,
-            "baseline_token": pick(base.output_ids), "drafter_token": pick(drafted.output_ids), "top2": top2,
-            "parted_ulps": below, "near_tie": below <= NEAR_TIE_ULPS}
+    # In the model's dtype, even if HF upcasts its logits.
+    return {"turn": turn, "index": index, "baseline_token": pick(base.output_ids),
+            "drafter_token": pick(drafted.output_ids), **tie_measure(logits, parted, model.dtype)}
 
 
 def _add_engine_stats(res: Decoded, stats, row: int, rows: int) -> None:
