@@ -36,6 +36,7 @@ class PromptLookup:
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
         self.num_branches = num_branches
+        self._compiled_match = None
 
     @property
     def num_nodes(self) -> int:
@@ -56,11 +57,28 @@ class PromptLookup:
         count, capped so the occurrence and the suffix stay inside the row's real text. Ranking:
         longer match first, then a match with ``num_tokens`` tokens after it, then the most
         recent. Each end position proposes its own continuation, so branches never repeat one."""
-        tokens = ctx.tokens[:, : ctx.max_seq_len]  # [B, L]
+        draft, valid = self._match(ctx.tokens[:, : ctx.max_seq_len], ctx.seq_len, ctx.start)
+        return DraftTree.branches(draft, valid)
+
+    def compiled_propose(self):
+        """``propose`` with its tensor work under ``torch.compile`` (Inductor fuses the few dozen
+        ops into a handful of kernels). The engine's captured chunks use it with ``compile=True``;
+        there the buffer's length is one of a few view buckets, so it compiles once per bucket."""
+        if self._compiled_match is None:
+            self._compiled_match = torch.compile(self._match, dynamic=False)
+
+        def propose(ctx: DecodeContext) -> DraftTree:
+            draft, valid = self._compiled_match(ctx.tokens[:, : ctx.max_seq_len], ctx.seq_len, ctx.start)
+            return DraftTree.branches(draft, valid)
+
+        return propose
+
+    def _match(self, tokens: torch.Tensor, seq_len: torch.Tensor, start: torch.Tensor):
+        """``[B, L]`` committed tokens -> drafts ``[B, M, K]`` and their validity."""
         b, length = tokens.shape
         k, m, top_n = self.num_tokens, self.num_branches, self.max_ngram
         dev = tokens.device
-        seq, start = ctx.seq_len.unsqueeze(1), ctx.start.unsqueeze(1)  # [B, 1]
+        seq, start = seq_len.unsqueeze(1), start.unsqueeze(1)  # [B, 1]
         # suffix[:, i]: the committed token i places before the newest (i = 0 is the newest).
         suffix = tokens.gather(1, (seq - 1 - torch.arange(top_n, device=dev)).clamp(min=0))  # [B, N]
         # back[:, e, i]: the token i places before e (-1 before the buffer), newest first.
@@ -79,4 +97,4 @@ class PromptLookup:
         idx = cont.unsqueeze(2) + torch.arange(k, device=dev)  # [B, M, K]
         valid = (cont >= 0).unsqueeze(2) & (idx < seq.view(b, 1, 1))
         draft = tokens.gather(1, idx.clamp(min=0, max=length - 1).view(b, m * k)).view(b, m, k)
-        return DraftTree.branches(draft, valid)
+        return draft, valid

@@ -75,23 +75,24 @@ def fp32_check(name, assistant, n_tokens=96):
 
 def make_methods(args, model, assistant):
     steps, compile_ = args.chunk_steps, not args.no_compile
+    if compile_ and args.compile_options:   # Inductor options: compile= takes them as a dict
+        compile_ = json.loads(args.compile_options)
+    fast = dict(cuda_graphs=True, chunk_steps=steps, bucket_prefill=args.bucket_prefill)
     methods = {}
     if not args.no_graphed:
-        methods["graphed"] = specdec.wrap(model, cuda_graphs=True, chunk_steps=steps)
-        methods["graphed lookup"] = specdec.wrap(model, drafter=PromptLookup(8), cuda_graphs=True, chunk_steps=steps)
+        methods["graphed"] = specdec.wrap(model, **fast)
+        methods["graphed lookup"] = specdec.wrap(model, drafter=PromptLookup(8), **fast)
     if compile_:
-        methods["compiled"] = specdec.wrap(model, cuda_graphs=True, chunk_steps=steps, compile=True)
+        methods["compiled"] = specdec.wrap(model, compile=compile_, **fast)
         if args.sync_baseline:   # the same, reading each chunk back before queueing the next
-            methods["compiled, no pipeline"] = specdec.wrap(model, cuda_graphs=True, chunk_steps=steps, compile=True,
-                                                            pipeline=False)
-        methods["compiled lookup"] = specdec.wrap(model, drafter=PromptLookup(8), cuda_graphs=True,
-                                                  chunk_steps=steps, compile=True)
+            methods["compiled, no pipeline"] = specdec.wrap(model, compile=compile_, pipeline=False, **fast)
+        methods["compiled lookup"] = specdec.wrap(model, drafter=PromptLookup(8), compile=compile_, **fast)
     if args.min_tau is not None:   # the acceptance policy: lookup pauses where it does not pay
-        methods["lookup min_tau"] = specdec.wrap(model, drafter=PromptLookup(8), cuda_graphs=True, chunk_steps=steps,
-                                                 compile=compile_, min_tau=args.min_tau)
+        methods["lookup min_tau"] = specdec.wrap(model, drafter=PromptLookup(8), compile=compile_,
+                                                 min_tau=args.min_tau, **fast)
     if assistant is not None:
-        methods["draft model"] = specdec.wrap(model, drafter=DraftModel(assistant, num_tokens=4), cuda_graphs=True,
-                                              compile=compile_)
+        methods["draft model"] = specdec.wrap(model, drafter=DraftModel(assistant, num_tokens=4), compile=compile_,
+                                              **fast)
     return methods
 
 
@@ -254,6 +255,9 @@ def main() -> None:
     ap.add_argument("--per-category", type=int, default=1)
     ap.add_argument("--chunk-steps", type=int, default=8)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compile-options", default=None,
+                    help='Inductor options for the compiled methods, as JSON, e.g. \'{"coordinate_descent_tuning": true}\'')
+    ap.add_argument("--bucket-prefill", action="store_true", help="bucket_prefill=True in every engine method")
     ap.add_argument("--no-fp32", action="store_true")
     ap.add_argument("--no-graphed", action="store_true", help="skip the uncompiled (graphed) methods")
     ap.add_argument("--sync-baseline", action="store_true",
@@ -266,6 +270,7 @@ def main() -> None:
     ap.add_argument("--out", default="fast.json")
     args = ap.parse_args()
     report = {"model": args.model, "assistant": args.assistant, "max_new_tokens": args.max_new_tokens,
+              "compile_options": args.compile_options, "bucket_prefill": args.bucket_prefill,
               "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     if not args.no_fp32:
         report["fp32_exact"] = fp32_check(args.model, args.assistant)

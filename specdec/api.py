@@ -61,7 +61,7 @@ class SpecDecoder:
 
     def __init__(self, model, drafter=None, acceptance: str | None = None, attention: str = "auto",
                  max_draft_batch: int | None = None, cuda_graphs: bool = False, chunk_steps: int | None = None,
-                 compile: bool = False, fuse: bool | None = None, min_tau: float | None = None,
+                 compile: bool | dict = False, fuse: bool | None = None, min_tau: float | None = None,
                  pipeline: bool | None = None, bucket_prefill: bool = False):
         if isinstance(drafter, str):
             drafter = make_drafter(drafter)
@@ -177,7 +177,7 @@ class SpecDecoder:
 
 def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "auto",
          max_draft_batch: int | None = None, cuda_graphs: bool = False, chunk_steps: int | None = None,
-         compile: bool = False, fuse: bool | None = None, min_tau: float | None = None,
+         compile: bool | dict = False, fuse: bool | None = None, min_tau: float | None = None,
          pipeline: bool | None = None, bucket_prefill: bool = False) -> SpecDecoder:
     """Wrap an HF causal LM for speculative decoding.
 
@@ -199,7 +199,8 @@ def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "a
     at EOS). ``bucket_prefill``: pad the prompt's prefill to a power-of-two length and, with
     ``cuda_graphs``, replay it as one captured graph per length bucket instead of launching it op
     by op (experimental: not yet measured on a GPU). ``compile``: also ``torch.compile`` the
-    target's forward inside those chunks. ``fuse``: merge each layer's q/k/v and gate/up
+    target's forward (and a graph-safe drafter's proposal) inside those chunks; a dict turns it on
+    with those Inductor options, e.g. ``{"coordinate_descent_tuning": True}``. ``fuse``: merge each layer's q/k/v and gate/up
     projections into one matmul each (``specdec.fused``; the model's own modules then read views
     of the merged weights, so HF ``generate`` still works); default None: on unless a projection is not a plain ``nn.Linear`` (LoRA, quantised layers).
 

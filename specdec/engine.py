@@ -24,7 +24,7 @@ from torch import Tensor
 
 from specdec.drafters.base import DecodeContext, Drafter
 from specdec.runner import ModelRunner
-from specdec.static import ChunkedLoop, commit_step, pad_queries, query_bucket, verify_inputs
+from specdec.static import ChunkedLoop, check_compile, commit_step, pad_queries, query_bucket, verify_inputs
 from specdec.stats import PhaseTimer, SpecStats
 from specdec.verifiers.acceptance import SamplingParams, make_acceptance
 from specdec.verifiers.tree import DraftTree
@@ -204,7 +204,7 @@ class SpecEngine:
 
     def __init__(self, model, drafter: Drafter | None = None, acceptance: str | None = None, attention: str = "auto",
                  max_draft_batch: int | None = None, cuda_graphs: bool = False, chunk_steps: int | None = None,
-                 compile: bool = False, fuse: bool | None = None, min_tau: float | None = None,
+                 compile: bool | dict = False, fuse: bool | None = None, min_tau: float | None = None,
                  pipeline: bool | None = None, bucket_prefill: bool = False):
         # Fused q/k/v and gate/up projections (specdec.fused); None: wherever the layers allow.
         self.runner = ModelRunner(model, attention=attention, fuse=fuse)
@@ -218,7 +218,9 @@ class SpecEngine:
         # Steps per host sync for greedy decoding with no drafter or a graph-safe one
         # (``specdec.static``); default 8 with cuda_graphs, else 1 (the per-step loop).
         self.chunk_steps = chunk_steps if chunk_steps is not None else (8 if cuda_graphs else 1)
-        self.compile = compile  # torch.compile the target forward inside captured chunks
+        # torch.compile the target forward inside captured chunks; a dict also names Inductor
+        # options for it (e.g. {"coordinate_descent_tuning": True}), checked here.
+        self.compile = check_compile(compile)
         # Chunked decoding launches the next chunk before reading the last one back, so the host's
         # bookkeeping (and the graph launch) overlaps the device's work instead of idling it.
         # Default: on with cuda_graphs. Costs one wasted chunk when a batch ends at EOS.

@@ -56,6 +56,24 @@ def query_bucket(n: int) -> int:
     return 1 if n <= 1 else max(8, 1 << (n - 1).bit_length())
 
 
+def check_compile(compile: bool | dict) -> bool | dict:
+    """``wrap(compile=...)``: a bool, or a dict of Inductor options (``torch._inductor.config``
+    names, e.g. ``{"coordinate_descent_tuning": True}``), which also turns compiling on. An
+    unknown option fails here, at wrap time, not at the first captured chunk."""
+    if isinstance(compile, bool):
+        return compile
+    if not isinstance(compile, dict):
+        raise TypeError(f"compile must be a bool or a dict of Inductor options, got {type(compile).__name__}")
+    from torch._inductor import config as inductor
+
+    known = set(inductor.get_config_copy())
+    unknown = sorted(k for k in compile if k not in known)
+    if unknown:
+        raise ValueError(f"compile: unknown Inductor option(s) {unknown}; valid names are the attributes of "
+                         "torch._inductor.config, e.g. 'coordinate_descent_tuning' or 'max_autotune'")
+    return dict(compile)
+
+
 def pad_queries(tokens: Tensor, positions: Tensor, slots: Tensor, among: Tensor, q: int):
     """Pad one step's ``[B, N]`` verification inputs to ``q`` queries. Padding queries take the
     next slots (so the slots stay contiguous), see only themselves and are seen by no real
@@ -105,7 +123,7 @@ class ChunkedLoop:
     """
 
     def __init__(self, runner, cache, drafter, rule, steps: int = 8, graphs: bool = True, bucket: int = 256,
-                 compile: bool = False):
+                 compile: bool | dict = False):
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         b, capacity = cache.batch, cache.max_len
@@ -132,10 +150,14 @@ class ChunkedLoop:
             dynamo.cache_size_limit = max(dynamo.cache_size_limit, 128)
             if hasattr(dynamo, "accumulated_cache_size_limit"):
                 dynamo.accumulated_cache_size_limit = max(dynamo.accumulated_cache_size_limit, 1024)
-        self.forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
-        if compile and hasattr(drafter, "compile_forwards"):  # a model drafter compiles its steps too
+        options = compile if isinstance(compile, dict) and compile else None
+        self.forward = torch.compile(self._forward, dynamic=False, options=options) if compile else self._forward
+        if compile and hasattr(drafter, "compile_forwards"):  # the drafter compiles its step work too
             drafter.compile_forwards()
-        self.compiled = compile
+        self._propose = drafter.propose if drafter is not None else None
+        if compile and callable(getattr(drafter, "compiled_propose", None)):
+            self._propose = drafter.compiled_propose()
+        self.compiled = bool(compile)
 
     def _forward(self, tokens: Tensor, positions: Tensor, slots: Tensor, among: Tensor, view: int) -> Tensor:
         return self.runner.forward(self.cache, tokens, positions, slots, among, view_len=view,
@@ -214,7 +236,7 @@ class ChunkedLoop:
     def _draft(self, view: int, draft: bool) -> DraftTree:
         self.ctx.max_seq_len = view - self.k  # static: drafters slice the token buffer to this
         if draft:
-            return self.drafter.propose(self.ctx)
+            return self._propose(self.ctx)
         return DraftTree.empty(self.tokens.shape[0], self.tokens.device)
 
     def _verify(self, view: int, tree: DraftTree) -> tuple[DraftTree, VerifyInputs, Tensor]:

@@ -140,3 +140,13 @@ def test_bad_input_loses_nothing(model):
 def test_cuda_graphs_need_a_cuda_model(model):
     with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device"):
         specdec.wrap(model, cuda_graphs=True)
+
+
+def test_compile_options_are_checked_at_wrap_time(model):
+    """``compile`` takes Inductor options as a dict; a misspelt one fails at wrap, naming it."""
+    with pytest.raises(ValueError, match=r"unknown Inductor option\(s\) \['coordinate_decent_tuning'\]"):
+        specdec.wrap(model, compile={"coordinate_decent_tuning": True})
+    with pytest.raises(TypeError, match="compile must be a bool or a dict"):
+        specdec.wrap(model, compile="max-autotune")
+    spec = specdec.wrap(model, compile={"coordinate_descent_tuning": True})
+    assert spec.engine.compile == {"coordinate_descent_tuning": True}

@@ -19,7 +19,8 @@ def cuda_tiny(arch, **kw):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("compile", [False, True], ids=["graphed", "compiled"])
+@pytest.mark.parametrize("compile", [False, True, {"coordinate_descent_tuning": True}],
+                         ids=["graphed", "compiled", "compiled-cdt"])
 def test_chunked_cuda_paths_equal_hf(arch, compile):
     model = cuda_tiny(arch)
     ids, mask = (t.cuda() for t in ragged_batch([5, 12, 3], 64, seed=1))
@@ -29,6 +30,8 @@ def test_chunked_cuda_paths_equal_hf(arch, compile):
         assert spec.engine.runner.fused is not None  # fused projections are on with cuda_graphs
         out = spec.generate(ids, attention_mask=mask, max_new_tokens=40, pad_token_id=0, eos_token_id=None)
         assert torch.equal(out, ref), (arch, compile, drafter)
+        if drafter is not None:   # with compile, the chunks ran the lookup's compiled proposal
+            assert (drafter._compiled_match is not None) == bool(compile)
     assert torch.equal(hf_greedy(model, ids, mask, max_new_tokens=40, eos_token_id=None), ref)  # HF still sees the same weights
 
 

@@ -54,3 +54,24 @@ def test_drafts_follow_the_ranking_rule(k, max_n, min_n, m):
                 if toks is not None:
                     assert [t for t, v in zip(got_tokens[r, j].tolist(), chain) if v] == \
                            [t for t, v in zip(toks, chain) if v], (trial, r, j)
+
+
+def test_compiled_propose_equals_eager():
+    """``compiled_propose`` (what captured chunks use with ``compile=True``) is the same function
+    under Inductor: identical drafts on random contexts of one static width."""
+    rng = random.Random(7)
+    drafter = PromptLookup(num_tokens=4, max_ngram=3, num_branches=2)
+    compiled = drafter.compiled_propose()
+    b, width, drafted = 3, 32, 0
+    for trial in range(6):
+        tokens = torch.tensor([[rng.randrange(5) for _ in range(width + 8)] for _ in range(b)])
+        seq = torch.tensor([rng.randint(2, width) for _ in range(b)])
+        start = torch.tensor([rng.randint(0, int(s) - 1) for s in seq])
+        ctx = DecodeContext(target=None, tokens=tokens, seq_len=seq, start=start, params=None, max_seq_len=width,
+                            capacity=tokens.shape[1], cache=None)
+        want, got = drafter.propose(ctx), compiled(ctx)
+        drafted += int(want.valid.sum())
+        assert torch.equal(got.valid, want.valid), trial
+        assert torch.equal(got.tokens[got.valid], want.tokens[want.valid]), trial
+        assert torch.equal(got.parents, want.parents), trial
+    assert drafted > 0   # the contexts did produce drafts to compare

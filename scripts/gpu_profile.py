@@ -1,0 +1,119 @@
+"""Which compile settings make the captured decode step fastest, and where its device time goes
+(issue 6). One process, one model, bf16, batch 1, greedy:
+
+- an A/B of engine variants on the same prompts: the compiled baseline, the same with Inductor's
+  ``coordinate_descent_tuning``, and prompt lookup with its proposal eager or compiled (each
+  with and without that tuning). Per variant: pooled tokens/s over the prompts (best of
+  ``--reps`` timed calls each), and the step's device time by phase (``engine.step_profile()``);
+- a kernel table (torch profiler, CUDA activity) of one generate call for the compiled baseline
+  and for compiled lookup: the kernels that take the most device time, with counts per step.
+
+    SPECDEC_GGUF_DIR=/tmp/stage python scripts/gpu_profile.py --out $OUT/profile.json
+    SPECDEC_GGUF_DIR=/tmp/stage python scripts/gpu_profile.py --model zoo:qwen2.5-coder-1.5b-instruct
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+import specdec
+from gpu_fast import builtin   # scripts/ is on sys.path when a script runs
+from gpu_speed import timed
+from specdec.bench.prompts import render
+from specdec.drafters import PromptLookup
+
+TUNED = {"coordinate_descent_tuning": True}
+
+
+class EagerProposeLookup(PromptLookup):
+    """Prompt lookup whose proposal stays eager inside compiled chunks (the A/B's control)."""
+
+    compiled_propose = None
+
+
+def variants(model, bucket_prefill: bool) -> dict:
+    kw = dict(cuda_graphs=True, bucket_prefill=bucket_prefill)
+    return {
+        "compiled": specdec.wrap(model, compile=True, **kw),
+        "compiled cdt": specdec.wrap(model, compile=TUNED, **kw),
+        "lookup eager propose": specdec.wrap(model, drafter=EagerProposeLookup(8), compile=True, **kw),
+        "lookup": specdec.wrap(model, drafter=PromptLookup(8), compile=True, **kw),
+        "lookup cdt": specdec.wrap(model, drafter=PromptLookup(8), compile=TUNED, **kw),
+    }
+
+
+def kernel_table(spec, enc, new: int, top: int = 18) -> dict:
+    """Device time by kernel name over one generate call, and per decode step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kw = dict(attention_mask=enc.attention_mask, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
+    spec.generate(enc.input_ids, **kw)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = spec.generate(enc.input_ids, **kw)
+        torch.cuda.synchronize()
+    steps = out.spec_stats.num_steps
+    total, count = defaultdict(float), defaultdict(int)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            total[ev.name] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            count[ev.name] += 1
+    all_us = sum(total.values())
+    rows = sorted(total, key=total.get, reverse=True)[:top]
+    return {"steps": steps, "device_ms": all_us / 1e3, "device_ms_per_step": all_us / 1e3 / steps,
+            "kernels_per_step": sum(count.values()) / steps,
+            "top": [{"name": n[:110], "ms_per_step": total[n] / 1e3 / steps, "per_step": count[n] / steps,
+                     "share": total[n] / all_us} for n in rows]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="zoo:smollm2-135m-instruct")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--bucket-prefill", action="store_true", help="bucket_prefill=True in every variant")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    model, tok = specdec.load_model(args.model, dtype="bfloat16", device="cuda")
+    prompts = builtin(["summarization", "coding"], 1)
+    encs = [tok([render(tok, p["turns"][:1], [])], return_tensors="pt", add_special_tokens=False).to("cuda")
+            for p in prompts]
+    result = {"model": args.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "bucket_prefill": args.bucket_prefill, "variants": {}}
+    specs = variants(model, args.bucket_prefill)
+    for name, spec in specs.items():
+        tokens = seconds = steps = 0
+        for enc in encs:
+            kw = dict(attention_mask=enc.attention_mask, max_new_tokens=args.max_new_tokens, do_sample=False,
+                      return_dict_in_generate=True)
+            spec.generate(enc.input_ids, **kw)   # untimed: compiles and captures
+            best = None
+            for _ in range(args.reps):
+                out, s = timed(lambda: spec.generate(enc.input_ids, **kw))
+                best = s if best is None else min(best, s)
+            tokens += out.sequences.shape[1] - enc.input_ids.shape[1]
+            seconds += best
+            steps += out.spec_stats.num_steps
+        row = {"tok_s": tokens / seconds, "tau": tokens / steps, "step_ms": spec.engine.step_profile()}
+        result["variants"][name] = row
+        print(name, json.dumps(row), flush=True)
+    base = result["variants"]["compiled"]["tok_s"]
+    for name, row in result["variants"].items():
+        print(f"{name:22s} {row['tok_s']:8.1f} tok/s  × compiled {row['tok_s'] / base:5.3f}  τ {row['tau']:.2f}  "
+              f"step {sum(row['step_ms'].values()):.3f} ms {json.dumps({k: round(v, 3) for k, v in row['step_ms'].items()})}")
+    for name in ("compiled", "lookup"):
+        table = kernel_table(specs[name], encs[0], 64)
+        result[f"kernels {name}"] = table
+        print(f"\n{name}: {table['device_ms_per_step']:.3f} device ms per step, "
+              f"{table['kernels_per_step']:.0f} kernels per step")
+        for k in table["top"]:
+            print(f"  {k['ms_per_step']:7.4f} ms  {k['per_step']:6.1f}/step  {100 * k['share']:5.1f}%  {k['name']}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
