@@ -77,7 +77,7 @@ def make_methods(args, model, assistant):
     steps, compile_ = args.chunk_steps, not args.no_compile
     if compile_ and args.compile_options:   # Inductor options: compile= takes them as a dict
         compile_ = json.loads(args.compile_options)
-    fast = dict(cuda_graphs=True, chunk_steps=steps, bucket_prefill=args.bucket_prefill)
+    fast = dict(cuda_graphs=True, chunk_steps=steps, bucket_prefill=False if args.no_bucket_prefill else None)
     methods = {}
     if not args.no_graphed:
         methods["graphed"] = specdec.wrap(model, **fast)
@@ -257,7 +257,8 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compile-options", default=None,
                     help='Inductor options for the compiled methods, as JSON, e.g. \'{"coordinate_descent_tuning": true}\'')
-    ap.add_argument("--bucket-prefill", action="store_true", help="bucket_prefill=True in every engine method")
+    ap.add_argument("--no-bucket-prefill", action="store_true",
+                    help="bucket_prefill=False in every engine method (the eager, launch-bound prefill)")
     ap.add_argument("--no-fp32", action="store_true")
     ap.add_argument("--no-graphed", action="store_true", help="skip the uncompiled (graphed) methods")
     ap.add_argument("--sync-baseline", action="store_true",
@@ -270,7 +271,7 @@ def main() -> None:
     ap.add_argument("--out", default="fast.json")
     args = ap.parse_args()
     report = {"model": args.model, "assistant": args.assistant, "max_new_tokens": args.max_new_tokens,
-              "compile_options": args.compile_options, "bucket_prefill": args.bucket_prefill,
+              "compile_options": args.compile_options, "bucket_prefill": not args.no_bucket_prefill,
               "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     if not args.no_fp32:
         report["fp32_exact"] = fp32_check(args.model, args.assistant)

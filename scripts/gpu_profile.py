@@ -35,7 +35,7 @@ class EagerProposeLookup(PromptLookup):
     compiled_propose = None
 
 
-def variants(model, bucket_prefill: bool) -> dict:
+def variants(model, bucket_prefill: bool | None) -> dict:
     kw = dict(cuda_graphs=True, bucket_prefill=bucket_prefill)
     return {
         "compiled": specdec.wrap(model, compile=True, **kw),
@@ -74,7 +74,9 @@ def main() -> None:
     ap.add_argument("--model", default="zoo:smollm2-135m-instruct")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--bucket-prefill", action="store_true", help="bucket_prefill=True in every variant")
+    ap.add_argument("--no-bucket-prefill", action="store_true", help="bucket_prefill=False in every variant")
+    ap.add_argument("--variants", nargs="+", default=None, help="run only these variants, in this order")
+    ap.add_argument("--kernels", nargs="*", default=["compiled", "lookup"], help="variants to profile by kernel")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     model, tok = specdec.load_model(args.model, dtype="bfloat16", device="cuda")
@@ -82,8 +84,9 @@ def main() -> None:
     encs = [tok([render(tok, p["turns"][:1], [])], return_tensors="pt", add_special_tokens=False).to("cuda")
             for p in prompts]
     result = {"model": args.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "bucket_prefill": args.bucket_prefill, "variants": {}}
-    specs = variants(model, args.bucket_prefill)
+              "bucket_prefill": not args.no_bucket_prefill, "variants": {}}
+    specs = variants(model, False if args.no_bucket_prefill else None)
+    specs = {n: specs[n] for n in (args.variants or specs)}
     for name, spec in specs.items():
         tokens = seconds = steps = 0
         for enc in encs:
@@ -100,11 +103,11 @@ def main() -> None:
         row = {"tok_s": tokens / seconds, "tau": tokens / steps, "step_ms": spec.engine.step_profile()}
         result["variants"][name] = row
         print(name, json.dumps(row), flush=True)
-    base = result["variants"]["compiled"]["tok_s"]
+    base = result["variants"].get("compiled", next(iter(result["variants"].values())))["tok_s"]
     for name, row in result["variants"].items():
         print(f"{name:22s} {row['tok_s']:8.1f} tok/s  × compiled {row['tok_s'] / base:5.3f}  τ {row['tau']:.2f}  "
               f"step {sum(row['step_ms'].values()):.3f} ms {json.dumps({k: round(v, 3) for k, v in row['step_ms'].items()})}")
-    for name in ("compiled", "lookup"):
+    for name in args.kernels:
         table = kernel_table(specs[name], encs[0], 64)
         result[f"kernels {name}"] = table
         print(f"\n{name}: {table['device_ms_per_step']:.3f} device ms per step, "

