@@ -200,9 +200,9 @@ def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "a
     ``cuda_graphs``, replay it as one captured graph per length bucket instead of launching it op
     by op (default: on with cuda_graphs; on the H100 it takes SmolLM2's prefill from 25-35 ms to
     about 1 ms). ``compile``: also ``torch.compile`` the
-    target's forward (and a graph-safe drafter's proposal) inside those chunks; True uses
-    Inductor's ``coordinate_descent_tuning`` (1.15x on SmolLM2 on the H100); a dict turns it on
-    with exactly those Inductor options (``{}``: Inductor's defaults). ``fuse``: merge each layer's q/k/v and gate/up
+    target's forward (and a graph-safe drafter's proposal) inside those chunks; a dict turns it on
+    with those Inductor options, e.g. ``{"coordinate_descent_tuning": True}`` (1.15x on SmolLM2
+    on the H100, but minutes of tuning per cache-view bucket on a 1.5B model). ``fuse``: merge each layer's q/k/v and gate/up
     projections into one matmul each (``specdec.fused``; the model's own modules then read views
     of the merged weights, so HF ``generate`` still works); default None: on unless a projection is not a plain ``nn.Linear`` (LoRA, quantised layers).
 

@@ -56,14 +56,15 @@ def query_bucket(n: int) -> int:
     return 1 if n <= 1 else max(8, 1 << (n - 1).bit_length())
 
 
-# ``compile=True`` means these Inductor options (as gpt-fast sets them). On the H100 coordinate
-# descent tuning turns SmolLM2's one-token matmuls into fused Triton reductions: the compiled
-# step went from 1.32 to 1.12 ms, 1.15x the tokens/s (docs/RESULTS.md, session 5).
-COMPILE_DEFAULTS = {"coordinate_descent_tuning": True}
+# ``compile=True`` means Inductor's own defaults. ``{"coordinate_descent_tuning": True}`` (as
+# gpt-fast sets it) is opt-in: on the H100 it took SmolLM2's compiled step from 1.32 to 1.12 ms
+# (1.15x the tokens/s), but on Qwen2.5-Coder-1.5B its tuning took minutes per view bucket and the
+# one turn measured was not faster (docs/RESULTS.md, "Issue 6 on the H100, session 5").
+COMPILE_DEFAULTS: dict = {}
 
 
 def check_compile(compile: bool | dict) -> bool | dict:
-    """``wrap(compile=...)``: a bool (True: Inductor with ``COMPILE_DEFAULTS``), or a dict of
+    """``wrap(compile=...)``: a bool (True: Inductor's defaults), or a dict of
     Inductor options (``torch._inductor.config`` names), which turns compiling on with exactly
     those (``{}``: Inductor's own defaults). An unknown option fails here, at wrap time, not at
     the first captured chunk."""

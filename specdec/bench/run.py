@@ -57,7 +57,9 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, dict[str, dict]]:
     model, tok = load_cached(cfg.model.spec, cfg.model.dtype, cfg.model.device)
     device = next(model.parameters()).device
     drafter = build_drafter(OmegaConf.to_container(cfg.drafter, resolve=True), target=model)
-    fast = {"cuda_graphs": bool(cfg.get("cuda_graphs", False)), "compile": bool(cfg.get("compile", False)),
+    compile_ = cfg.get("compile", False)   # a bool, or a mapping of Inductor options
+    compile_ = OmegaConf.to_container(compile_) if OmegaConf.is_dict(compile_) else bool(compile_)
+    fast = {"cuda_graphs": bool(cfg.get("cuda_graphs", False)), "compile": compile_,
             "pipeline": cfg.get("pipeline"), "bucket_prefill": cfg.get("bucket_prefill")}
     baseline = specdec.wrap(model, drafter=None, **fast)
     spec = (specdec.wrap(model, drafter=drafter, max_draft_batch=cfg.get("max_draft_batch"),
