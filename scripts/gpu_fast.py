@@ -125,8 +125,9 @@ def per_prompt(args, model, tok, assistant):
                     model.generate(enc.input_ids, **kw, **extra)
                 out, s = timed(lambda: model.generate(enc.input_ids, **kw, **extra))
                 row[name] = {"tok_s": (out.shape[1] - t0) / s, "new": out.shape[1] - t0}
-                if name == "hf":
+                if name == "hf":   # its tokens let scripts/replay_lookup.py rebuild the next turn's prompt
                     answers.append(tok.decode(out[0, t0:], skip_special_tokens=True))
+                    row[name]["tokens"] = out[0, t0:].tolist()
             warm = True
             outputs = {}
             for name, spec in methods.items():
