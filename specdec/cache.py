@@ -27,6 +27,9 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # [B] committed slots
+        # Row and head indices for ``update``'s index_put_ (made once: no kernels per layer).
+        self._rows = torch.arange(batch, device=device).view(batch, 1, 1)
+        self._heads = torch.arange(num_kv_heads, device=device).view(1, num_kv_heads, 1)
         self.start = torch.zeros(batch, dtype=torch.long, device=device)  # [B] first real slot
         self.max_len = max_len
         self.write_slots: Tensor | None = None  # [B, Q] set for each forward
@@ -49,10 +52,13 @@ class KVCache:
     def update(self, key: Tensor, value: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """Write ``key``/``value`` ``[B, H, Q, D]`` at ``write_slots``; return ``[B, H, view_len, D]``."""
         b, h, q, d = key.shape
-        idx = self.write_slots.view(b, 1, q, 1).expand(b, h, q, d)
+        # index_put_, not scatter_: under torch.compile Inductor writes index_put_ in place, while
+        # a scatter_ into the buffer becomes a copy of the whole buffer, scattered, then copied back
+        # (two full-size kernels per buffer per layer; tests/test_engine.py checks the bytes).
+        where = (self._rows[:b], self._heads, self.write_slots.view(b, 1, q))
         kb, vb = self.k[layer_idx], self.v[layer_idx]
-        kb.scatter_(2, idx, key.to(kb.dtype))
-        vb.scatter_(2, idx, value.to(vb.dtype))
+        kb.index_put_(where, key.to(kb.dtype))
+        vb.index_put_(where, value.to(vb.dtype))
         return kb[:, :, : self.view_len], vb[:, :, : self.view_len]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

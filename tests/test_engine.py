@@ -1,4 +1,6 @@
 """Greedy speculative decoding must equal plain HF greedy decoding, token for token (fp32)."""
+import re
+
 import pytest
 import torch
 from tiny import ARCHS, char_tokenizer, hf_greedy, make_tiny, ragged_batch
@@ -476,3 +478,32 @@ def test_bucketed_prefill_equals_hf(chunk_steps, monkeypatch):
         assert torch.equal(out, ref)
         # the prefill (all but the root) is padded to its bucket; 40 + 1 tokens alone need fewer slots
         assert len(calls) == 1 and bucket // 2 < calls[0][0] < bucket <= calls[0][1], calls
+
+
+def test_compiled_cache_write_touches_only_the_written_slots():
+    """Under torch.compile, ``KVCache.update`` writes in place: no generated kernel runs over the
+    whole buffer (a ``scatter_`` there became a full copy, a scatter and a full copy back)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from specdec.cache import KVCache
+
+    batch, heads, slots_total, dim = 2, 2, 4096, 16
+    cache = KVCache(num_layers=1, batch=batch, num_kv_heads=heads, head_dim=dim, max_len=slots_total,
+                    dtype=torch.float32, device="cpu")
+
+    def write(k, v, slots):
+        cache.write_slots = slots
+        kb, _ = cache.update(k, v, 0)
+        return kb[:, :, :1].sum()
+
+    torch._dynamo.reset()
+    k = torch.randn(batch, heads, 3, dim)
+    slots = torch.tensor([[4, 5, 6], [9, 10, 11]])
+    _, code = run_and_get_code(torch.compile(write, dynamic=False), k, k + 1, slots)
+    assert torch.equal(cache.k[0][1, :, 9:12], k[1]) and torch.equal(cache.v[0][0, :, 4:7], k[0] + 1)
+    # Loop extents of the generated kernels (C++ loops on CPU, xnumel/rnumel in Triton).
+    text = "\n".join(code)
+    extents = {int(n) for n in re.findall(r"<static_cast<int64_t>\((\d+)L\)", text)}
+    extents |= {int(n) for n in re.findall(r"[xr]numel = (\d+)", text)}
+    assert extents, "no generated loops found: the check below would be empty"
+    assert max(extents) <= batch * heads * 3 * dim, sorted(extents)   # the written slots, not the buffer
