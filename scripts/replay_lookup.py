@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from pathlib import Path
 
 from gpu_fast import builtin   # scripts/ is on sys.path when a script runs
 
@@ -36,7 +37,7 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=["8,3,1,1", "8,3,1,2", "8,3,1,4", "16,3,1,1", "4,3,1,1",
                                                       "8,8,1,1", "8,3,2,1"])
     args = ap.parse_args()
-    run = json.load(open(args.run))
+    run = json.loads(Path(args.run).read_text())
     tok = load_tokenizer(args.model or run["model"])
     rows = {(r["question_id"], r["turn"]): r for r in run["rows"]}
     settings = [tuple(int(x) for x in s.split(",")) for s in args.settings]

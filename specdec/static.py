@@ -56,18 +56,14 @@ def query_bucket(n: int) -> int:
     return 1 if n <= 1 else max(8, 1 << (n - 1).bit_length())
 
 
-# ``compile=True`` means Inductor's own defaults. ``{"coordinate_descent_tuning": True}`` (as
-# gpt-fast sets it) is opt-in: on the H100 it took SmolLM2's compiled step from 1.32 to 1.12 ms
-# (1.15x the tokens/s), but on Qwen2.5-Coder-1.5B its tuning took minutes per view bucket and the
-# one turn measured was not faster (docs/RESULTS.md, "Issue 6 on the H100, session 5").
-COMPILE_DEFAULTS: dict = {}
-
-
 def check_compile(compile: bool | dict) -> bool | dict:
-    """``wrap(compile=...)``: a bool (True: Inductor's defaults), or a dict of
-    Inductor options (``torch._inductor.config`` names), which turns compiling on with exactly
-    those (``{}``: Inductor's own defaults). An unknown option fails here, at wrap time, not at
-    the first captured chunk."""
+    """``wrap(compile=...)``: a bool (True: Inductor's defaults), or a dict of Inductor options
+    (``torch._inductor.config`` names), which turns compiling on with exactly those. An unknown
+    option fails here, at wrap time, not at the first captured chunk.
+
+    ``{"coordinate_descent_tuning": True}`` (as gpt-fast sets it) is opt-in: on the H100 it took
+    SmolLM2's compiled step from 1.32 to 1.12 ms, but on Qwen2.5-Coder-1.5B its tuning ran for
+    minutes per view bucket (docs/RESULTS.md, "Issue 6 on the H100, session 5")."""
     if isinstance(compile, bool):
         return compile
     if not isinstance(compile, dict):
@@ -159,8 +155,8 @@ class ChunkedLoop:
             dynamo.cache_size_limit = max(dynamo.cache_size_limit, 128)
             if hasattr(dynamo, "accumulated_cache_size_limit"):
                 dynamo.accumulated_cache_size_limit = max(dynamo.accumulated_cache_size_limit, 1024)
-            options = compile if isinstance(compile, dict) else COMPILE_DEFAULTS
-            self.forward = torch.compile(self._forward, dynamic=False, options=dict(options))
+            options = dict(compile) if isinstance(compile, dict) else None
+            self.forward = torch.compile(self._forward, dynamic=False, options=options)
         else:
             self.forward = self._forward
         if self.compiled and hasattr(drafter, "compile_forwards"):  # the drafter compiles its step work too
