@@ -153,6 +153,13 @@ class CopySpec:
 
     # ------------------------------------------------------------------ the protocol
     @property
+    def replayable(self) -> bool:
+        """Its proposals follow from this call's committed tokens alone (its index reads nothing
+        else), unless it remembers earlier calls or a fallback keeps state of its own:
+        ``specdec.bench.replay`` can then reproduce them."""
+        return not self.memory and (self.fallback is None or bool(getattr(self.fallback, "stateless", False)))
+
+    @property
     def num_nodes(self) -> int:
         return max(self.num_tokens, self.fallback.num_nodes if self.fallback is not None else 0)
 

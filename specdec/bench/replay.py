@@ -39,24 +39,37 @@ def accepted_length(tokens: Sequence[int], parents: Sequence[int], valid: Sequen
     return best
 
 
+def replayable(drafter) -> bool:
+    """Whether a drafter's proposals follow from the committed tokens alone: a stateless one
+    (prompt lookup), or one that says so (``replayable = True``: CopySpec, whose index only reads
+    the tokens, with no fallback or a stateless one)."""
+    return bool(getattr(drafter, "stateless", False) or getattr(drafter, "replayable", False))
+
+
 def replay_steps(drafter, prompt: Sequence[int], output: Sequence[int]) -> int:
-    """Steps a stateless, deterministic drafter (prompt lookup and its kin) takes to emit
-    ``output`` after ``prompt`` under greedy verification, one row at a time."""
-    if not getattr(drafter, "stateless", False):
-        raise ValueError(f"{type(drafter).__name__} keeps state between steps; replay needs a stateless drafter "
-                         "(e.g. PromptLookup), whose proposal depends on the committed tokens alone")
+    """Steps a deterministic drafter whose proposals follow from the committed tokens alone
+    (``replayable``) takes to emit ``output`` after ``prompt`` under greedy verification, one
+    row at a time. The drafter's ``begin`` sees the prompt, as in the engine."""
+    if not replayable(drafter):
+        raise ValueError(f"{type(drafter).__name__} keeps state that the tokens do not fix (a draft model's "
+                         "cache, a learned head); replay needs a drafter whose proposal depends on the committed "
+                         "tokens alone, e.g. PromptLookup or CopySpec")
     if not prompt:
         raise ValueError("replay needs a non-empty prompt")
     full = list(prompt) + list(output)
     width = len(full) + 1
+
+    def context(seq: int) -> DecodeContext:
+        tokens = torch.zeros(1, width, dtype=torch.long)
+        tokens[0, :seq] = torch.tensor(full[:seq])
+        return DecodeContext(target=None, tokens=tokens, seq_len=torch.tensor([seq]), start=torch.tensor([0]),
+                             params=None, max_seq_len=width, capacity=width)
+
+    drafter.begin(context(len(prompt)))
     done, steps = 0, 0
     while done < len(output):
         seq = len(prompt) + done
-        tokens = torch.zeros(1, width, dtype=torch.long)
-        tokens[0, :seq] = torch.tensor(full[:seq])
-        ctx = DecodeContext(target=None, tokens=tokens, seq_len=torch.tensor([seq]), start=torch.tensor([0]),
-                            params=None, max_seq_len=width, capacity=width)
-        tree = drafter.propose(ctx)
+        tree = drafter.propose(context(seq))
         kept = accepted_length(tree.tokens[0].tolist(), tree.parents[0].tolist(), tree.valid[0].tolist(),
                                full[seq:])
         done += min(kept + 1, len(output) - done)
