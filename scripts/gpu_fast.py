@@ -73,6 +73,16 @@ def fp32_check(name, assistant, n_tokens=96):
     return out
 
 
+def best_of(reps: int, fn):
+    """The output and the shortest time of ``reps`` timed calls (one slow call, a clock ramp or
+    a host hiccup, then does not set a per-turn ratio)."""
+    best = None
+    for _ in range(reps):
+        out, s = timed(fn)
+        best = (out, s) if best is None or s < best[1] else best
+    return best
+
+
 def make_methods(args, model, assistant):
     steps, compile_ = args.chunk_steps, not args.no_compile
     if compile_ and args.compile_options:   # Inductor options: compile= takes them as a dict
@@ -123,7 +133,7 @@ def per_prompt(args, model, tok, assistant):
             for name, extra in hf.items():
                 if not warm:
                     model.generate(enc.input_ids, **kw, **extra)
-                out, s = timed(lambda: model.generate(enc.input_ids, **kw, **extra))
+                out, s = best_of(args.reps, lambda: model.generate(enc.input_ids, **kw, **extra))
                 row[name] = {"tok_s": (out.shape[1] - t0) / s, "new": out.shape[1] - t0}
                 if name == "hf":   # its tokens let scripts/replay_lookup.py rebuild the next turn's prompt
                     answers.append(tok.decode(out[0, t0:], skip_special_tokens=True))
@@ -132,7 +142,7 @@ def per_prompt(args, model, tok, assistant):
             outputs = {}
             for name, spec in methods.items():
                 spec.generate(enc.input_ids, **kw)  # untimed: captures (and compiles) this prompt's view buckets
-                out, s = timed(lambda: spec.generate(enc.input_ids, return_dict_in_generate=True, **kw))
+                out, s = best_of(args.reps, lambda: spec.generate(enc.input_ids, return_dict_in_generate=True, **kw))
                 st = out.spec_stats
                 outputs[name] = out.sequences[0, t0:]
                 row[name] = {"tok_s": len(outputs[name]) / s, "tau": st.tau, "steps": st.num_steps,
@@ -255,6 +265,8 @@ def main() -> None:
     ap.add_argument("--categories", nargs="+", default=["editing", "summarization", "coding", "qa"])
     ap.add_argument("--per-category", type=int, default=1)
     ap.add_argument("--chunk-steps", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=1,
+                    help="time each method this many times per turn and keep the fastest (HF included)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compile-options", default=None,
                     help='Inductor options for the compiled methods, as JSON, e.g. \'{"coordinate_descent_tuning": true}\'')
@@ -272,7 +284,7 @@ def main() -> None:
     ap.add_argument("--out", default="fast.json")
     args = ap.parse_args()
     report = {"model": args.model, "assistant": args.assistant, "max_new_tokens": args.max_new_tokens,
-              "compile_options": args.compile_options, "bucket_prefill": not args.no_bucket_prefill,
+              "compile_options": args.compile_options, "reps": args.reps, "bucket_prefill": not args.no_bucket_prefill,
               "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     if not args.no_fp32:
         report["fp32_exact"] = fp32_check(args.model, args.assistant)
