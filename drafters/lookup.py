@@ -57,8 +57,7 @@ class PromptLookup:
         count, capped so the occurrence and the suffix stay inside the row's real text. Ranking:
         longer match first, then a match with ``num_tokens`` tokens after it, then the most
         recent. Each end position proposes its own continuation, so branches never repeat one."""
-        draft, valid = self._match(ctx.tokens[:, : ctx.max_seq_len], ctx.seq_len, ctx.start)
-        return DraftTree.branches(draft, valid)
+        return self._tree(self._match, ctx)
 
     def compiled_propose(self):
         """``propose`` with its tensor work under ``torch.compile`` (Inductor fuses the few dozen
@@ -67,11 +66,12 @@ class PromptLookup:
         if self._compiled_match is None:
             self._compiled_match = torch.compile(self._match, dynamic=False)
 
-        def propose(ctx: DecodeContext) -> DraftTree:
-            draft, valid = self._compiled_match(ctx.tokens[:, : ctx.max_seq_len], ctx.seq_len, ctx.start)
-            return DraftTree.branches(draft, valid)
+        return lambda ctx: self._tree(self._compiled_match, ctx)
 
-        return propose
+    @staticmethod
+    def _tree(match, ctx: DecodeContext) -> DraftTree:
+        draft, valid = match(ctx.tokens[:, : ctx.max_seq_len], ctx.seq_len, ctx.start)
+        return DraftTree.branches(draft, valid)
 
     def _match(self, tokens: torch.Tensor, seq_len: torch.Tensor, start: torch.Tensor):
         """``[B, L]`` committed tokens -> drafts ``[B, M, K]`` and their validity."""

@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 import specdec
-from gpu_fast import builtin   # scripts/ is on sys.path when a script runs
-from gpu_speed import timed
+from gpu_fast import best_of, builtin   # scripts/ is on sys.path when a script runs
 from specdec.bench.prompts import render
 from specdec.drafters import PromptLookup
 
@@ -36,13 +35,14 @@ class EagerProposeLookup(PromptLookup):
 
 
 def variants(model, bucket_prefill: bool | None) -> dict:
+    """Name -> a function that wraps the model that way (only the variants a run names get built)."""
     kw = dict(cuda_graphs=True, bucket_prefill=bucket_prefill)
     return {
-        "compiled": specdec.wrap(model, compile=True, **kw),
-        "compiled cdt": specdec.wrap(model, compile=TUNED, **kw),
-        "lookup eager propose": specdec.wrap(model, drafter=EagerProposeLookup(8), compile=True, **kw),
-        "lookup": specdec.wrap(model, drafter=PromptLookup(8), compile=True, **kw),
-        "lookup cdt": specdec.wrap(model, drafter=PromptLookup(8), compile=TUNED, **kw),
+        "compiled": lambda: specdec.wrap(model, compile=True, **kw),
+        "compiled cdt": lambda: specdec.wrap(model, compile=TUNED, **kw),
+        "lookup eager propose": lambda: specdec.wrap(model, drafter=EagerProposeLookup(8), compile=True, **kw),
+        "lookup": lambda: specdec.wrap(model, drafter=PromptLookup(8), compile=True, **kw),
+        "lookup cdt": lambda: specdec.wrap(model, drafter=PromptLookup(8), compile=TUNED, **kw),
     }
 
 
@@ -79,26 +79,28 @@ def main() -> None:
     ap.add_argument("--kernels", nargs="*", default=["compiled", "lookup"], help="variants to profile by kernel")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    names = variants(None, None)   # the names only: nothing is built until called
+    unknown = sorted((set(args.variants or []) | set(args.kernels)) - set(names))
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; choose from {sorted(names)}")
     model, tok = specdec.load_model(args.model, dtype="bfloat16", device="cuda")
     prompts = builtin(["summarization", "coding"], 1)
     encs = [tok([render(tok, p["turns"][:1], [])], return_tensors="pt", add_special_tokens=False).to("cuda")
             for p in prompts]
     result = {"model": args.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "bucket_prefill": not args.no_bucket_prefill, "variants": {}}
-    specs = variants(model, False if args.no_bucket_prefill else None)
-    specs = {n: specs[n] for n in (args.variants or specs)}
-    for name, spec in specs.items():
+    make = variants(model, False if args.no_bucket_prefill else None)
+    specs = {n: make[n]() for n in dict.fromkeys([*(args.variants or make), *args.kernels])}
+    for name in args.variants or make:
+        spec = specs[name]
         tokens = seconds = steps = 0
         for enc in encs:
             kw = dict(attention_mask=enc.attention_mask, max_new_tokens=args.max_new_tokens, do_sample=False,
                       return_dict_in_generate=True)
             spec.generate(enc.input_ids, **kw)   # untimed: compiles and captures
-            best = None
-            for _ in range(args.reps):
-                out, s = timed(lambda: spec.generate(enc.input_ids, **kw))
-                best = s if best is None else min(best, s)
+            out, s = best_of(args.reps, lambda: spec.generate(enc.input_ids, **kw))
             tokens += out.sequences.shape[1] - enc.input_ids.shape[1]
-            seconds += best
+            seconds += s
             steps += out.spec_stats.num_steps
         row = {"tok_s": tokens / seconds, "tau": tokens / steps, "step_ms": spec.engine.step_profile()}
         result["variants"][name] = row
