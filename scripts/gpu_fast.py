@@ -111,9 +111,10 @@ def base_of(name: str, compile_: bool) -> str:
     return "compiled" if compile_ and name != "graphed lookup" else "graphed"
 
 
-def per_prompt(args, model, tok, assistant):
+def per_prompt(args, model, tok, assistant, on_row=None):
     """Every turn of every prompt; later turns see HF greedy's answers to the earlier ones (the
-    same input for every method), as Spec-Bench's multi-turn prompts do."""
+    same input for every method), as Spec-Bench's multi-turn prompts do. ``on_row(rows)`` is
+    called after each turn (the caller saves what has been measured so far)."""
     compile_ = not args.no_compile
     methods = make_methods(args, model, assistant)
     base_name = "compiled" if compile_ else "graphed"
@@ -160,6 +161,8 @@ def per_prompt(args, model, tok, assistant):
                     prefix = torch.cat([enc.input_ids[0], base[:i]]).unsqueeze(0)
                     row[name]["divergence"] = {"index": i, **tie(model, prefix, sorted({int(new[i]), int(base[i])}))}
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
             print(json.dumps({k: ({m: v for m, v in x.items() if m != "tokens"} if isinstance(x, dict) else x)
                               for k, x in row.items()}), flush=True)
     profile = {}
@@ -282,7 +285,12 @@ def main() -> None:
     ap.add_argument("--min-tau", type=float, default=None,
                     help="also run lookup with the acceptance policy min_tau (per prompt and in the batch sweep)")
     ap.add_argument("--out", default="fast.json")
+    ap.add_argument("--tables", nargs="+", metavar="FILE",
+                    help="measure nothing: print one table over earlier runs' rows (their --out files or logs)")
     args = ap.parse_args()
+    if args.tables:
+        print(tables(args.tables))
+        return
     report = {"model": args.model, "assistant": args.assistant, "max_new_tokens": args.max_new_tokens,
               "compile_options": args.compile_options, "reps": args.reps, "bucket_prefill": not args.no_bucket_prefill,
               "device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -292,30 +300,70 @@ def main() -> None:
     model, tok = specdec.load_model(args.model, dtype="bfloat16", device="cuda")
     tok.padding_side = "left"
     assistant = specdec.load_model(args.assistant, dtype="bfloat16", device="cuda")[0] if args.assistant else None
-    rows, profile, floor, names, hf_names, base_name = per_prompt(args, model, tok, assistant)
+    out = Path(args.out)
+
+    def save(rows):   # after every turn, so a run cut short by a time limit keeps its rows
+        out.write_text(json.dumps({**report, "rows": rows, "partial": True}, indent=1))
+
+    rows, profile, floor, names, hf_names, base_name = per_prompt(args, model, tok, assistant, on_row=save)
     report.update(rows=rows, step_profile=profile, floor_ms=floor.ms, floor_bytes=floor.bytes)
     if args.batches:
         report["batch_sweep"] = batch_sweep(args, model, tok)
-    Path(args.out).write_text(json.dumps(report, indent=1))
+    out.write_text(json.dumps(report, indent=1))
 
     print(f"\n{args.model}, bf16, batch 1, {args.max_new_tokens} new tokens a turn, chunk {args.chunk_steps} steps")
-    print(table(rows, hf_names + names, base_name))
-    for r in rows:
-        for n in names:
-            if "divergence" in r[n]:
-                d = r[n]["divergence"]
-                print(f"divergence {r['category']}/{r['question_id']} t{r['turn']} {n}: token {d['index']}, top-2 gap "
-                      f"{d['gap_ulps']:.2f} bf16 ulps, parted tokens at most {d['parted_ulps']:.2f} ulps below the "
-                      f"top, top two: {d['top2']}, near-tie: {'yes' if d['near_tie'] else 'NO (a bug)'}")
-    for n in names:
-        ms = sum(r[n]["ms_per_step"] for r in rows) / len(rows)
-        print(f"{n}: {ms:.2f} ms per step (wall)")
+    print(summary(rows, hf_names + names, base_name))
     for n, ph in profile.items():
         if ph:
             print(f"{n} device ms per step: " + ", ".join(f"{k} {v:.3f}" for k, v in ph.items())
                   + f" = {sum(ph.values()):.3f}; bandwidth floor {floor.ms:.3f} ms ({floor.bytes / 1e6:.0f} MB)")
     for r in report.get("batch_sweep", []):
         print(json.dumps(r))
+
+
+def summary(rows, cols, base_name: str) -> str:
+    """The table, each bf16 divergence with its logit gap, and each method's wall ms per step."""
+    names = [c for c in cols if not c.startswith("hf")]
+    lines = [table(rows, cols, base_name)]
+    for r in rows:
+        for n in names:
+            if "divergence" in r[n]:
+                d = r[n]["divergence"]
+                lines.append(f"divergence {r['category']}/{r['question_id']} t{r['turn']} {n}: token {d['index']}, "
+                             f"top-2 gap {d['gap_ulps']:.2f} bf16 ulps, parted tokens at most {d['parted_ulps']:.2f} "
+                             f"ulps below the top, top two: {d['top2']}, near-tie: {'yes' if d['near_tie'] else 'NO (a bug)'}")
+    for n in names:
+        ms = sum(r[n]["ms_per_step"] for r in rows) / len(rows)
+        lines.append(f"{n}: {ms:.2f} ms per step (wall)")
+    return "\n".join(lines)
+
+
+def load_rows(paths) -> list[dict]:
+    """Rows from earlier runs: a report's ``rows`` (``--out``, partial or whole), or the per-turn
+    JSON lines a run prints (its log, for a run cut short before it saved anything)."""
+    rows = []
+    for path in map(Path, paths):
+        text = path.read_text()
+        if text.lstrip().startswith("{") and not text.lstrip().startswith('{"category"'):
+            rows += json.loads(text)["rows"]
+        else:
+            rows += [json.loads(line) for line in text.splitlines() if line.startswith('{"category"')]
+    if not rows:
+        raise SystemExit(f"no rows in {', '.join(map(str, paths))}")
+    return rows
+
+
+def tables(paths) -> str:
+    """``--tables``: one table over the rows of several runs (say, one per category, each run
+    inside a device call's time limit). Every run must have measured the same methods."""
+    rows = load_rows(paths)
+    cols = [k for k, v in rows[0].items() if isinstance(v, dict)]
+    missing = [f"{r['category']} {r['question_id']} t{r['turn']}: {sorted(set(cols) - set(r))}"
+               for r in rows if not set(cols) <= set(r)]
+    if missing:
+        raise SystemExit("these rows lack methods the first row has (runs of different methods?): " + "; ".join(missing))
+    base_name = "compiled" if "compiled" in cols else "graphed"
+    return summary(rows, cols, base_name)
 
 
 if __name__ == "__main__":
