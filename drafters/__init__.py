@@ -1,6 +1,6 @@
 """Drafters: everything that proposes tokens for the target to verify.
 
-All drafters follow one duck-typed protocol (``specdec.drafters.base.Drafter``). Build one
+Every drafter subclasses ``specdec.drafters.base.Drafter`` and declares a ``DraftSpec``. Build one
 directly, by registered name with ``make_drafter``, or from a Hydra-style mapping with
 ``build_drafter``.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 
-from .base import DecodeContext, Drafter, VocabularyMismatchError
+from .base import DecodeContext, DraftSpec, Drafter, NullDrafter, VocabularyMismatchError
 from .copyspec import CopySpec
 from .draft_model import DraftModel
 from .dynamic_exit import DynamicExit
@@ -68,6 +68,6 @@ def build_drafter(cfg: Mapping | None, target=None):
     return fn(**cfg)
 
 
-__all__ = ["CopySpec", "DecodeContext", "Drafter", "DraftModel", "RestDrafter", "DynamicExit", "LayerSkip", "PromptLookup", "Swift",
+__all__ = ["CopySpec", "DecodeContext", "DraftSpec", "Drafter", "NullDrafter", "DraftModel", "RestDrafter", "DynamicExit", "LayerSkip", "PromptLookup", "Swift",
            "VocabularyMismatchError",
            "build_drafter", "make_drafter", "DRAFTERS"]

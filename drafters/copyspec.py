@@ -39,7 +39,7 @@ import torch
 from specdec.verifiers.acceptance import StepOutcome
 from specdec.verifiers.tree import DraftTree
 
-from .base import DecodeContext
+from .base import DecodeContext, DraftSpec, Drafter
 
 MODULUS = (1 << 61) - 1  # a Mersenne prime: collisions between two γ-grams have probability ~ γ / 2^61
 BASE = 1_000_003
@@ -109,7 +109,7 @@ class GramIndex:
         return out
 
 
-class CopySpec:
+class CopySpec(Drafter):
     """Example::
 
         CopySpec(gamma=3, num_tokens=16)                                  # copy only
@@ -134,7 +134,7 @@ class CopySpec:
             from . import build_drafter  # here, not at import time: the package imports this module
 
             fallback = build_drafter(fallback)
-        if fallback is not None and not hasattr(fallback, "propose"):
+        if fallback is not None and not isinstance(fallback, Drafter):
             raise TypeError(f"fallback must be a Drafter, a drafter config or None; got {type(fallback).__name__}")
         self.gamma = gamma
         self.num_tokens = num_tokens
@@ -160,21 +160,25 @@ class CopySpec:
         return not self.memory and (self.fallback is None or bool(getattr(self.fallback, "stateless", False)))
 
     @property
+    def spec(self) -> DraftSpec:
+        """The index lives on the host and is read every step: one step per sync, eagerly. The
+        rest is the fallback's: its node budget (if larger), lookback, scratch, hidden states."""
+        fb = self.fallback.spec if self.fallback is not None else DraftSpec(num_nodes=0)
+        return DraftSpec(num_nodes=max(self.num_tokens, fb.num_nodes), lookback=fb.lookback,
+                         scratch_slots=fb.scratch_slots, device_only=False, hidden_layers=fb.hidden_layers,
+                         forwards_per_step=fb.forwards_per_step)
+
+    @property
     def num_nodes(self) -> int:
-        return max(self.num_tokens, self.fallback.num_nodes if self.fallback is not None else 0)
+        return self.spec.num_nodes
 
-    @property
-    def lookback(self) -> int:
-        return getattr(self.fallback, "lookback", 2)
+    def bind(self, target) -> None:
+        if self.fallback is not None:
+            self.fallback.bind(target)
 
-    @property
-    def forwards(self) -> int:
-        """Draft forwards of this call: the fallback's if it counts them, else the drafting steps."""
-        return getattr(self.fallback, "forwards", self._proposals)
-
-    def check_target(self, target) -> None:
-        if hasattr(self.fallback, "check_target"):
-            self.fallback.check_target(target)
+    def resync(self, ctx: DecodeContext, since: int) -> None:
+        if self.fallback is not None:
+            self.fallback.resync(ctx, since)
 
     def begin(self, ctx: DecodeContext) -> None:
         if self.memory and self._last is not None:
@@ -205,10 +209,10 @@ class CopySpec:
         self._fallback_called = ask
         return self._merge(copies, fallback_tree, ctx)
 
-    def observe(self, outcome: StepOutcome) -> None:
+    def observe(self, ctx: DecodeContext, outcome: StepOutcome) -> None:
         # The fallback sees the merged tree: its own nodes keep their indices there.
         if self._fallback_called:
-            self.fallback.observe(outcome)
+            self.fallback.observe(ctx, outcome)
 
     def forget(self) -> None:
         """Drop the cross-call memory."""

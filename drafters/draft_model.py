@@ -8,7 +8,8 @@ whose nodes were fed in scratch slots). That keeps the block shapes static.
 
 Schedules: ``constant`` drafts ``num_tokens`` every step; ``adaptive`` starts at half of that,
 grows by one after a step in which every row accepted everything, and shrinks by one after a
-step with a rejection (the node budget stays ``num_tokens``; unused nodes are padding).
+step with a rejection. The length γ lives on the device and masks the chain: the draft always
+runs ``num_tokens`` forwards (a static shape, capturable) and nodes past γ are padding.
 
 Trees (``tree_width`` > 1), in the manner of EAGLE-2's dynamic trees: the root's top
 ``tree_width`` tokens form level 1; each further level feeds the ``tree_width`` best frontier
@@ -26,12 +27,12 @@ from specdec.runner import ModelRunner
 from specdec.verifiers.acceptance import StepOutcome, sample, warp_probs
 from specdec.verifiers.tree import DraftTree
 
-from .base import DecodeContext, VocabularyMismatchError
+from .base import DecodeContext, DraftSpec, Drafter, VocabularyMismatchError
 
 SCHEDULES = ("constant", "adaptive")
 
 
-class DraftModel:
+class DraftModel(Drafter):
     """Example::
 
         draft, _ = specdec.load_model("zoo:qwen2.5-coder-0.5b-instruct")
@@ -48,18 +49,27 @@ class DraftModel:
             raise ValueError(f"tree_width must be >= 1, got {tree_width}")
         if tree_width > 1 and schedule != "constant":
             raise ValueError("the adaptive schedule applies to chains; use tree_width=1 with schedule='adaptive'")
+        if tree_depth is not None and tree_depth < 1 or tree_nodes is not None and tree_nodes < 1:
+            raise ValueError(f"tree_depth and tree_nodes must be >= 1, got {tree_depth} and {tree_nodes}")
         self.tree_width = tree_width
         self.tree_depth = tree_depth or num_tokens
-        self.tree_nodes = tree_nodes or (num_tokens if tree_width == 1 else 2 * tree_width * self.tree_depth)
+        # Candidates a tree can have: width children of the root, then width^2 per further level.
+        candidates = tree_width + (self.tree_depth - 1) * tree_width * tree_width
+        self.tree_nodes = min(tree_nodes or 2 * tree_width * self.tree_depth, candidates)
         self.model = model
         self.runner = ModelRunner(model, fuse=None)   # fused projections where the layers allow
         self.num_tokens = num_tokens
         self.schedule = schedule
-        self.gamma = num_tokens if schedule == "constant" else max(1, num_tokens // 2)
+        tree = tree_width > 1
+        # A chain re-reads the bonus token and the last draft token; a tree, its accepted path too.
+        # A tree explores (depth - 1) levels of width nodes in scratch slots past the root.
+        self.spec = DraftSpec(num_nodes=self.tree_nodes if tree else num_tokens,
+                              lookback=self.tree_depth + 1 if tree else 2,
+                              scratch_slots=(self.tree_depth - 1) * tree_width if tree else 0,
+                              forwards_per_step=self.tree_depth if tree else num_tokens)
+        self.gamma = None  # [] long on the device: the chain's current length (adaptive schedule)
         self.cache = None
-        self.forwards = 0
-        self._forward = self.runner.forward   # per-step forwards; compile_forwards() compiles them
-        self.compiled = False
+        self._forward = self.runner.forward   # per-step forwards; compile() compiles them
 
     @classmethod
     def from_pretrained(cls, spec: str, num_tokens: int = 4, schedule: str = "constant", dtype=None, device=None,
@@ -81,27 +91,16 @@ class DraftModel:
 
     @property
     def num_nodes(self) -> int:
-        return self.num_tokens if self.tree_width == 1 else self.tree_nodes
+        return self.spec.num_nodes
 
-    @property
-    def graph_safe(self) -> bool:
-        """A constant-length chain is static-shape device work with no host sync (the engine's
-        chunked loop, greedy, can capture it inside CUDA graphs); trees and the adaptive schedule
-        are not."""
-        return self.tree_width == 1 and self.schedule == "constant"
+    def compile(self, options: dict | None) -> None:
+        """``torch.compile`` the draft's per-step forwards (not its prefill), with the target's."""
+        from specdec.step import compiled
 
-    def compile_forwards(self) -> None:
-        """``torch.compile`` the draft's per-step forwards (not its prefill). The engine's chunked
-        loop calls this when it compiles the target's forward (``wrap(..., compile=True)``)."""
-        if not self.compiled:
-            self._forward = torch.compile(self.runner.forward, dynamic=False)
-            self.compiled = True
+        if self._forward == self.runner.forward:
+            self._forward = compiled(self.runner.forward, options or True)
 
-    @property
-    def forwards_per_step(self) -> int:
-        return self.gamma if self.tree_width == 1 else self.tree_depth
-
-    def check_target(self, target: ModelRunner) -> None:
+    def bind(self, target: ModelRunner) -> None:
         """Raise if the draft cannot stand in for ``target`` token for token."""
         if self.runner.vocab_size != target.vocab_size:
             raise VocabularyMismatchError(
@@ -118,10 +117,12 @@ class DraftModel:
             self.cache = self.runner.new_cache(b, cap)
         self.cache.start.copy_(ctx.start)
         self.cache.lengths.zero_()
-        self.gamma = self.num_tokens if self.schedule == "constant" else max(1, self.num_tokens // 2)
+        first = self.num_tokens if self.schedule == "constant" else max(1, self.num_tokens // 2)
+        if self.gamma is None or self.gamma.device != ctx.tokens.device:
+            self.gamma = torch.zeros((), dtype=torch.long, device=ctx.tokens.device)
+        self.gamma.fill_(first)  # in place: captured steps read this tensor
         # Prefill everything except the last `lookback` committed tokens; propose() reads those.
         self._prefill(ctx, 0)
-        self.forwards = 0  # draft forwards of this generate call, prefill excluded
 
     def _prefill(self, ctx: DecodeContext, lo: int) -> None:
         """Feed committed slots ``lo .. max_seq_len - lookback`` of every row into the draft cache.
@@ -140,17 +141,16 @@ class DraftModel:
     def resync(self, ctx: DecodeContext, since: int) -> None:
         """Catch up after undrafted steps (a draft policy paused drafting when every row had at least
         ``since`` committed tokens): the steps since then never fed this cache. One prefill-like
-        forward, not counted in ``forwards``."""
+        forward, not counted in the statistics' draft forwards."""
         self._prefill(ctx, max(0, since - self.lookback))
 
     @property
     def lookback(self) -> int:
-        """Committed tokens re-read at each step: the engine left-pads prompts so they exist.
-
-        A chain's accepted tokens were fed at their final slots, so only the last draft token and
-        the bonus token are new (2). A tree's nodes were fed in scratch slots, so the whole
-        accepted path plus the bonus token is re-read (depth + 1)."""
-        return 2 if self.tree_width == 1 else self.tree_depth + 1
+        """Committed tokens re-read at each step (``spec.lookback``): the engine left-pads prompts
+        so they exist. A chain's accepted tokens were fed at their final slots, so only the last
+        draft token and the bonus token are new (2). A tree's nodes were fed in scratch slots, so
+        the whole accepted path plus the bonus token is re-read (depth + 1)."""
+        return self.spec.lookback
 
     def _read_root(self, ctx: DecodeContext):
         """Roll back, re-read the last ``lookback`` committed tokens; return the root's logits."""
@@ -161,7 +161,6 @@ class DraftModel:
         out = self._forward(self.cache, ctx.tokens.gather(1, slots), (slots - ctx.start.unsqueeze(1)).clamp(min=0),
                             slots, among, view_len=ctx.max_seq_len,
                             logits_at=torch.full((b, 1), w - 1, dtype=torch.long, device=dev))
-        self.forwards += 1
         self.cache.lengths.copy_(ctx.seq_len)
         return out.logits[:, 0]
 
@@ -218,10 +217,8 @@ class DraftModel:
             mask.scatter_(2, cols, feed_rows)
             slots = ctx.seq_len.unsqueeze(1) + r
             pos = (ctx.seq_len - 1 - ctx.start).unsqueeze(1) + level
-            out = self.runner.forward(self.cache, flat_tok.gather(1, frontier), pos.expand(b, k), slots,
-                                      torch.eye(k, dtype=torch.bool, device=dev).expand(b, k, k),
-                                      view_len=view, mask=mask)
-            self.forwards += 1
+            out = self._forward(self.cache, flat_tok.gather(1, frontier), pos.expand(b, k), slots,
+                                torch.eye(k, dtype=torch.bool, device=dev).expand(b, k, k), view_len=view, mask=mask)
             tok, logq, key, q = self._children(out.logits, ctx, k)  # [B, K, K]
             parent_rank = flat_rank.gather(1, frontier)
             # Cumulative (perturbed, when sampling) log-probability, never above the parent's.
@@ -271,37 +268,29 @@ class DraftModel:
     def propose(self, ctx: DecodeContext) -> DraftTree:
         if self.tree_width > 1:
             return self._propose_tree(ctx)
-        b, dev = ctx.tokens.shape[0], ctx.tokens.device
-        gamma, k = self.gamma, self.num_tokens
+        b, dev, k = ctx.tokens.shape[0], ctx.tokens.device, self.num_tokens
         logits = self._read_root(ctx)
         one = torch.ones(b, 1, 1, dtype=torch.bool, device=dev)
         drafted, dists = [], []
-        for i in range(gamma):
+        for i in range(k):
             if i:  # feed the previous draft token at the next slot; logits for the one after
                 slot = (ctx.seq_len + i - 1).unsqueeze(1)
                 self.cache.lengths.copy_(ctx.seq_len + i - 1)
                 logits = self._forward(self.cache, drafted[-1].unsqueeze(1), slot - ctx.start.unsqueeze(1),
                                        slot, one, view_len=ctx.max_seq_len + i).logits[:, -1]
-                self.forwards += 1
             if ctx.params.do_sample:
                 dists.append(warp_probs(logits, ctx.params))
                 drafted.append(sample(dists[-1]))
             else:
                 drafted.append(logits.argmax(dim=-1))
-        tokens = torch.zeros(b, k, dtype=torch.long, device=dev)
-        tokens[:, :gamma] = torch.stack(drafted, dim=1)
-        valid = torch.zeros(b, k, dtype=torch.bool, device=dev)
-        valid[:, :gamma] = True
-        q = None
-        if dists:
-            q = torch.zeros(b, k, dists[0].shape[-1], device=dev)
-            q[:, :gamma] = torch.stack(dists, dim=1)
-        return DraftTree.chain(tokens, valid, q=q)
+        valid = (torch.arange(k, device=dev) < self.gamma).expand(b, k)  # the adaptive length masks the chain
+        q = torch.stack(dists, dim=1) if dists else None
+        return DraftTree.chain(torch.stack(drafted, dim=1), valid, q=q)
 
-    def observe(self, outcome: StepOutcome) -> None:
-        if self.schedule != "adaptive" or outcome.accepted_host is None:
+    def observe(self, ctx: DecodeContext, outcome: StepOutcome) -> None:
+        """Adaptive schedule, on the device: γ + 1 after a step where every live row accepted its
+        whole draft, else γ - 1 (within 1 .. num_tokens)."""
+        if self.schedule != "adaptive":
             return
-        if all(a >= self.gamma for a in outcome.accepted_host):
-            self.gamma = min(self.num_tokens, self.gamma + 1)
-        else:
-            self.gamma = max(1, self.gamma - 1)
+        full = ((outcome.accept_len >= self.gamma) | (ctx.active == 0)).all()
+        self.gamma.copy_(torch.where(full, self.gamma + 1, self.gamma - 1).clamp(1, self.num_tokens))

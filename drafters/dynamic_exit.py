@@ -27,7 +27,7 @@ import torch
 from specdec.verifiers.acceptance import StepOutcome
 from specdec.verifiers.tree import DraftTree
 
-from .base import DecodeContext
+from .base import DecodeContext, DraftSpec
 from .layerskip import LayerSkip
 
 
@@ -51,17 +51,20 @@ class DynamicExit(LayerSkip):
             raise ValueError(f"shadow_every must be >= 1, got {shadow_every}")
         self.decay, self.prior_weight, self.shadow_every = decay, prior_weight, shadow_every
         self.exit_points: list[int] = []
-        self.collect_hidden: list[int] | None = None  # what the engine returns hidden states for
         self.choices: list[tuple[int, int]] = []
 
-    def check_target(self, target) -> None:
+    def bind(self, target) -> None:
         n = target.num_layers
         exits = self.requested_exits or list(range(max(1, n // 8), n, max(1, n // 8)))
         bad = [e for e in exits if not 1 <= e < n]
         if bad or not exits:
             raise ValueError(f"exit_layers must lie in 1..{n - 1} for this {n}-layer target, got {exits}")
-        self.runner = target
+        super().bind(target)
         self.exit_points = sorted(set(exits))
+        # The choice of exit and length is made on the host every step: one step per sync. The
+        # verification exports the hidden states after every candidate exit (the shadow tokens).
+        self.spec = DraftSpec(num_nodes=self.num_tokens, device_only=False, hidden_layers=tuple(self.exit_points),
+                              forwards_per_step=self.num_tokens)
         # Prior: acceptance grows with depth, as if each exit had been seen prior_weight times.
         self.hits = [self.prior_weight * e / n for e in self.exit_points]
         self.seen = [self.prior_weight] * len(self.exit_points)
@@ -89,15 +92,15 @@ class DynamicExit(LayerSkip):
         exit_layer, gamma = self.choose()
         self.exit_layer = exit_layer
         self.choices.append((exit_layer, gamma))
-        # Shadows cost one LM-head pass per candidate exit and accepted token: not every step.
-        self.collect_hidden = self.exit_points if len(self.choices) % self.shadow_every == 1 % self.shadow_every else None
         return self.draft_chain(ctx, list(range(exit_layer)), gamma)
 
     @torch.no_grad()
-    def observe(self, outcome: StepOutcome) -> None:
-        """Update each exit's acceptance from its shadow tokens on this step's accepted path."""
-        hidden = outcome.layer_hidden  # [E, B, N + 1, H]
-        if hidden is None:
+    def observe(self, ctx: DecodeContext, outcome: StepOutcome) -> None:
+        """Update each exit's acceptance from its shadow tokens on this step's accepted path.
+        Shadows cost one LM-head pass per candidate exit and accepted token: every
+        ``shadow_every``-th step only."""
+        hidden = ctx.hidden  # [E, B, N + 1, H]
+        if hidden is None or (len(self.choices) - 1) % self.shadow_every:
             return
         e, b, q, h = hidden.shape
         emitted, count = outcome.emitted()  # [B, N + 1]: accepted tokens then the next root

@@ -29,13 +29,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from specdec.verifiers.acceptance import StepOutcome, sample, warp_probs
+from specdec.verifiers.acceptance import sample, warp_probs
 from specdec.verifiers.tree import DraftTree
 
-from .base import DecodeContext
+from .base import DecodeContext, DraftSpec, Drafter
 
 
-class LayerSkip:
+class LayerSkip(Drafter):
     """Draft with a subset of the target's layers.
 
     Example::
@@ -46,7 +46,8 @@ class LayerSkip:
 
     ``num_tokens`` is the longest draft per step (the static node budget). With
     ``stop_threshold`` set, a row's draft ends at the first token whose draft probability is
-    below it, and drafting stops once every row has ended (one host check per draft token).
+    below it: later nodes are masked (invalid) on the device, so the step stays static and
+    capturable, and the draft always runs ``num_tokens`` forwards.
     """
 
     def __init__(self, exit_layer: int | None = None, skip_layers: Sequence[int] | None = None, num_tokens: int = 4,
@@ -62,8 +63,8 @@ class LayerSkip:
         self.num_tokens = num_tokens
         self.stop_threshold = stop_threshold
         self.runner = None
-        self.forwards = 0
-        self.drafted = 0  # draft tokens fed through the draft layers (cost accounting)
+        self.spec = DraftSpec(num_nodes=num_tokens, forwards_per_step=num_tokens)
+        self._forward = None  # the target runner's forward, compiled by compile()
 
     @classmethod
     def kangaroo(cls, exit_layer: int, num_tokens: int = 6, stop_threshold: float = 0.6) -> "LayerSkip":
@@ -76,19 +77,15 @@ class LayerSkip:
     # ------------------------------------------------------------------ protocol
     @property
     def num_nodes(self) -> int:
-        return self.num_tokens
+        return self.spec.num_nodes
 
-    @property
-    def graph_safe(self) -> bool:
-        """Without Kangaroo halting (which asks the host whether every row stopped) a draft is
-        static-shape device work, so the engine's chunked loop can capture it."""
-        return self.stop_threshold is None and type(self).propose is LayerSkip.propose
+    def compile(self, options: dict | None) -> None:
+        """The draft layers' forwards under ``torch.compile`` too (``wrap(..., compile=True)``)."""
+        from specdec.step import compiled
 
-    @property
-    def forwards_per_step(self) -> int:
-        return self.num_tokens
+        self._forward = compiled(self.runner.forward, options or True)
 
-    def check_target(self, target) -> None:
+    def bind(self, target) -> None:
         """Bind to the target's runner and check the layer choice fits it."""
         n = target.num_layers
         if self.exit_layer is not None and not 1 <= self.exit_layer < n:
@@ -98,6 +95,8 @@ class LayerSkip:
             if bad or len(self.skip_layers) >= n:
                 raise ValueError(f"skip_layers must name some (not all) of the target's layers 0..{n - 1}; "
                                  f"got {self.skip_layers}")
+        if self.runner is not target:
+            self._forward = target.forward
         self.runner = target
 
     def layers(self) -> list[int]:
@@ -109,13 +108,8 @@ class LayerSkip:
         return [i for i in range(n) if i not in skip]
 
     def begin(self, ctx: DecodeContext) -> None:
-        if self.runner is None or self.runner is not ctx.target:
-            self.check_target(ctx.target)
-        self.forwards = 0
-        self.drafted = 0
-
-    def observe(self, outcome: StepOutcome) -> None:
-        pass
+        if self.runner is not ctx.target:
+            self.bind(ctx.target)
 
     def propose(self, ctx: DecodeContext) -> DraftTree:
         return self.draft_chain(ctx, self.layers(), self.num_tokens)
@@ -131,10 +125,8 @@ class LayerSkip:
         slot = (ctx.seq_len - 1 + offset).unsqueeze(1)
         cache.lengths.copy_(slot.squeeze(1))
         one = torch.ones(b, 1, 1, dtype=torch.bool, device=tokens.device)
-        out = self.runner.forward(cache, tokens.unsqueeze(1), slot - ctx.start.unsqueeze(1), slot, one,
-                                  view_len=ctx.max_seq_len + offset, layers=layers, contiguous=True)
-        self.forwards += 1
-        self.drafted += b
+        out = self._forward(cache, tokens.unsqueeze(1), slot - ctx.start.unsqueeze(1), slot, one,
+                            view_len=ctx.max_seq_len + offset, layers=layers, contiguous=True)
         return out.logits[:, -1]
 
     def draft_chain(self, ctx: DecodeContext, layers: list[int], length: int) -> DraftTree:
@@ -157,12 +149,10 @@ class LayerSkip:
                 else:
                     probs = logits.softmax(dim=-1)
                     current = logits.argmax(dim=-1)
-                if self.stop_threshold is not None:
-                    alive &= probs.max(dim=-1).values >= self.stop_threshold
+                if self.stop_threshold is not None:  # Kangaroo halting, by masking: no host check
+                    alive = alive & (probs.max(dim=-1).values >= self.stop_threshold)
                 tokens[:, i] = current
                 valid[:, i] = alive
-                if self.stop_threshold is not None and i + 1 < length and not bool(alive.any()):
-                    break  # Kangaroo halting: every row's draft has ended
         finally:
             ctx.cache.lengths.copy_(ctx.seq_len - 1)
         return DraftTree.chain(tokens, valid, q=q)

@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import torch
 
-from specdec.verifiers.acceptance import StepOutcome
 from specdec.verifiers.tree import DraftTree
 
-from .base import DecodeContext
+from .base import DecodeContext, DraftSpec, Drafter
 
 
-class PromptLookup:
+class PromptLookup(Drafter):
     """Example: ``PromptLookup(num_tokens=8, max_ngram=3)`` copies up to 8 tokens per step.
 
     With ``num_branches`` > 1 the best distinct matches become sibling branches of a tree
     (``num_tokens`` each), so the target can take whichever continuation is right.
     """
 
-    graph_safe = True  # propose() is static-shape device work: it can run inside a captured chunk
     stateless = True  # keeps nothing between steps: a combining drafter may skip calling it
 
     def __init__(self, num_tokens: int = 8, max_ngram: int = 3, min_ngram: int = 1, num_branches: int = 1):
@@ -36,17 +34,12 @@ class PromptLookup:
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
         self.num_branches = num_branches
-        self._compiled_match = None
+        self.spec = DraftSpec(num_nodes=num_tokens * num_branches)  # device work only, no forwards
+        self._match_fn = self._match
 
     @property
     def num_nodes(self) -> int:
-        return self.num_tokens * self.num_branches
-
-    def begin(self, ctx: DecodeContext) -> None:
-        pass
-
-    def observe(self, outcome: StepOutcome) -> None:
-        pass
+        return self.spec.num_nodes
 
     def propose(self, ctx: DecodeContext) -> DraftTree:
         """One pass over the buffer for every n-gram length at once (a few dozen kernels: inside a
@@ -57,16 +50,15 @@ class PromptLookup:
         count, capped so the occurrence and the suffix stay inside the row's real text. Ranking:
         longer match first, then a match with ``num_tokens`` tokens after it, then the most
         recent. Each end position proposes its own continuation, so branches never repeat one."""
-        return self._tree(self._match, ctx)
+        return self._tree(self._match_fn, ctx)
 
-    def compiled_propose(self):
-        """``propose`` with its tensor work under ``torch.compile`` (Inductor fuses the few dozen
-        ops into a handful of kernels). The engine's captured chunks use it with ``compile=True``;
-        there the buffer's length is one of a few view buckets, so it compiles once per bucket."""
-        if self._compiled_match is None:
-            self._compiled_match = torch.compile(self._match, dynamic=False)
+    def compile(self, options: dict | None) -> None:
+        """Put the match under ``torch.compile`` (Inductor fuses its few dozen ops into a handful of
+        kernels). With compile on, the engine's cache view is fixed, so it compiles once."""
+        from specdec.step import compiled
 
-        return lambda ctx: self._tree(self._compiled_match, ctx)
+        if self._match_fn is self._match:
+            self._match_fn = compiled(self._match, options or True)
 
     @staticmethod
     def _tree(match, ctx: DecodeContext) -> DraftTree:

@@ -38,10 +38,9 @@ import numpy as np
 import torch
 
 from specdec.datastore import Datastore, ensure_index, load_tokenizer, vocab_fingerprint
-from specdec.verifiers.acceptance import StepOutcome
 from specdec.verifiers.tree import DraftTree
 
-from .base import DecodeContext, VocabularyMismatchError
+from .base import DecodeContext, DraftSpec, Drafter, VocabularyMismatchError
 
 # Embedding tables are often padded past the tokenizer (Qwen2.5: 151,665 tokens, 151,936 rows);
 # a target with more extra rows than this (or than 1/8 of the vocabulary) has another tokenizer.
@@ -138,7 +137,7 @@ def context_continuations(context: Sequence[int], min_len: int, max_len: int, de
     return np.where(pos < n, c[np.minimum(pos, n - 1)], -1)
 
 
-class RestDrafter:
+class RestDrafter(Drafter):
     """Draft a trie of the continuations of the longest matching suffix, from the datastore and
     (``context_weight`` > 0) from the row's own text.
 
@@ -166,6 +165,8 @@ class RestDrafter:
             raise ValueError(f"need 1 <= min_suffix <= max_suffix, got min_suffix={min_suffix}, max_suffix={max_suffix}")
         self.datastore = datastore
         self.num_nodes = num_nodes
+        # The suffix-array search runs on the host every step: one step per sync, eagerly.
+        self.spec = DraftSpec(num_nodes=num_nodes, device_only=False)
         self.max_depth = max_depth
         self.max_suffix = max_suffix
         self.min_suffix = min_suffix
@@ -201,7 +202,7 @@ class RestDrafter:
         return (f"RestDrafter({self.datastore!r}, num_nodes={self.num_nodes}, max_depth={self.max_depth}, "
                 f"suffix={self.min_suffix}..{self.max_suffix}, context_weight={self.context_weight})")
 
-    def check_target(self, target) -> None:
+    def bind(self, target) -> None:
         """Raise if the datastore's token ids do not belong to the target's vocabulary."""
         ours, theirs = self.datastore.vocab_size, target.vocab_size
         if ours > theirs or theirs - ours > min(VOCAB_SLACK, ours // 8):
@@ -209,12 +210,6 @@ class RestDrafter:
                 f"the datastore holds token ids of a {ours}-token vocabulary (tokenizer "
                 f"{self.datastore.meta.get('tokenizer')!r}) but the target has {theirs}; rebuild the index with the "
                 "target's tokenizer: `specdec-datastore build --tokenizer <target model spec> ...`")
-
-    def begin(self, ctx: DecodeContext) -> None:
-        pass
-
-    def observe(self, outcome: StepOutcome) -> None:
-        pass
 
     def draft_row(self, context: Sequence[int]) -> Trie:
         """The draft trie for one row whose committed tokens end with ``context`` (root last).

@@ -30,7 +30,7 @@ import torch
 
 from specdec.verifiers.tree import DraftTree
 
-from .base import DecodeContext
+from .base import DecodeContext, DraftSpec
 from .layerskip import LayerSkip
 
 
@@ -64,14 +64,14 @@ class Swift(LayerSkip):
         if self.cache_path is not None and self.cache_path.is_file():
             self.skip_sets = {k: list(v) for k, v in json.loads(self.cache_path.read_text()).items()}
         self.evals = 0  # score forwards in the current generate call
+        # The search scores skip sets on the host between steps: one step per sync, eagerly. Each
+        # score writes its window's K/V into scratch slots past the root.
+        self.spec = DraftSpec(num_nodes=num_tokens, scratch_slots=window, device_only=False,
+                              forwards_per_step=num_tokens)
 
     # ------------------------------------------------------------------ protocol
-    @property
-    def scratch_slots(self) -> int:
-        return self.window
-
-    def check_target(self, target) -> None:
-        self.runner = target
+    def bind(self, target) -> None:
+        super().bind(target)
         n = target.num_layers
         self.candidates = list(range(1, n - 1)) if self.protect_ends and n > 3 else list(range(n))
         self.n_skip = max(1, min(len(self.candidates) - 1, round(self.skip_ratio * n)))
@@ -205,8 +205,6 @@ class Swift(LayerSkip):
         mask.scatter_(2, write.unsqueeze(1).expand(b, w, w), causal)
         out = self.runner.forward(ctx.cache, inputs, (inp - start.unsqueeze(1)).clamp(min=0), write, causal,
                                   view_len=view, layers=layers, mask=mask)
-        self.forwards += 1
-        self.drafted += b * w
         hits = ((out.logits.argmax(dim=-1) == targets) & real).sum()
         return float(hits) / max(1, int(real.sum()))
 

@@ -62,7 +62,7 @@ class SpecDecoder:
     def __init__(self, model, drafter=None, acceptance: str | None = None, attention: str = "auto",
                  max_draft_batch: int | None = None, cuda_graphs: bool = False, chunk_steps: int | None = None,
                  compile: bool | dict = False, fuse: bool | None = None, min_tau: float | None = None,
-                 pipeline: bool | None = None, bucket_prefill: bool | None = None):
+                 pipeline: bool | None = None, cache_len: int | None = None):
         if isinstance(drafter, str):
             drafter = make_drafter(drafter)
         self.__dict__["model"] = model
@@ -71,7 +71,7 @@ class SpecDecoder:
                                              max_draft_batch=max_draft_batch, cuda_graphs=cuda_graphs,
                                              chunk_steps=chunk_steps, compile=compile, fuse=fuse,
                                              min_tau=min_tau, pipeline=pipeline,
-                                             bucket_prefill=bucket_prefill)
+                                             cache_len=cache_len)
 
     def __getattr__(self, name):
         return getattr(self.__dict__["model"], name)
@@ -178,7 +178,7 @@ class SpecDecoder:
 def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "auto",
          max_draft_batch: int | None = None, cuda_graphs: bool = False, chunk_steps: int | None = None,
          compile: bool | dict = False, fuse: bool | None = None, min_tau: float | None = None,
-         pipeline: bool | None = None, bucket_prefill: bool | None = None) -> SpecDecoder:
+         pipeline: bool | None = None, cache_len: int | None = None) -> SpecDecoder:
     """Wrap an HF causal LM for speculative decoding.
 
     ``drafter`` is a Drafter instance, a registered name (``"lookup"``), or None for plain
@@ -190,19 +190,21 @@ def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "a
     pause drafting, with a growing backoff, while drafted steps keep fewer than this many tokens
     per row on average (``DraftGate``; e.g. 1.4 where a drafted step costs 1.4 plain ones; None:
     never pause). Both policies stay lossless: an undrafted step is plain decoding.
-    ``cuda_graphs``: replay the verification step as captured CUDA graphs (CUDA only); greedy
-    decoding with no drafter or a graph-safe one (prompt lookup) then captures whole chunks of
-    steps. ``chunk_steps``: steps decoded per host sync in that mode (default 8 with
-    cuda_graphs, else 1); the host applies stopping rules after each chunk and cuts the rest.
-    ``pipeline``: queue the next chunk before reading the last one back, so the host's work
-    overlaps the device's (default: on with cuda_graphs; costs one wasted chunk when a batch ends
-    at EOS). ``bucket_prefill``: pad the prompt's prefill to a power-of-two length and, with
-    ``cuda_graphs``, replay it as one captured graph per length bucket instead of launching it op
-    by op (default: on with cuda_graphs; on the H100 it takes SmolLM2's prefill from 25-35 ms to
-    about 1 ms). ``compile``: also ``torch.compile`` the
-    target's forward (and a graph-safe drafter's proposal) inside those chunks; a dict turns it on
-    with those Inductor options, e.g. ``{"coordinate_descent_tuning": True}`` (1.15x on SmolLM2
-    on the H100, but minutes of tuning per cache-view bucket on a 1.5B model). ``fuse``: merge each layer's q/k/v and gate/up
+    ``cuda_graphs`` (CUDA only): run ``chunk_steps`` whole steps (propose, verify, accept, commit)
+    per host sync, replayed as one captured CUDA graph, greedy or sampling, for every drafter whose
+    ``spec.device_only`` is True; others (REST, CopySpec, SWIFT's search, DEL) refuse it. The prefill
+    runs in fixed chunks replayed from one graph. ``chunk_steps``: steps per host sync (default 8
+    with cuda_graphs, else 1; more than 1 needs a device-only drafter); the host applies stopping
+    rules after each run and cuts the rest. ``pipeline``: queue the next run before reading the last
+    one back, so the host's work overlaps the device's (default: on with cuda_graphs; costs one
+    wasted run when a batch ends at EOS). ``compile``: also ``torch.compile`` the target's forward
+    and the drafter's own work (its ``compile`` method: a draft model's or LayerSkip's forwards,
+    lookup's match); a dict turns it on with those Inductor options, e.g.
+    ``{"coordinate_descent_tuning": True}``. With cuda_graphs or compile, steps attend over the
+    whole cache, so graphs and kernels depend on the batch size and ``cache_len`` only:
+    ``cache_len`` slots per row (default 2048, raised when a call needs more; a call that needs
+    more than the current cache builds a bigger one, which captures and compiles again, as does
+    ``engine.reserve(batch, max_length)`` ahead of time). ``fuse``: merge each layer's q/k/v and gate/up
     projections into one matmul each (``specdec.fused``; the model's own modules then read views
     of the merged weights, so HF ``generate`` still works); default None: on unless a projection is not a plain ``nn.Linear`` (LoRA, quantised layers).
 
@@ -214,5 +216,4 @@ def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "a
     """
     return SpecDecoder(model, drafter=drafter, acceptance=acceptance, attention=attention,
                        max_draft_batch=max_draft_batch, cuda_graphs=cuda_graphs, chunk_steps=chunk_steps,
-                       compile=compile, fuse=fuse, min_tau=min_tau, pipeline=pipeline,
-                       bucket_prefill=bucket_prefill)
+                       compile=compile, fuse=fuse, min_tau=min_tau, pipeline=pipeline, cache_len=cache_len)

@@ -105,6 +105,27 @@ class FusedLayers:
         return hidden + mlp.down_proj(mlp.act_fn(h[..., :inter]) * h[..., inter:])
 
 
+def run_layer(layer, rotary, hidden: Tensor, rope: tuple[Tensor, Tensor], cache, mask: Tensor | None, attend,
+              tree=None) -> Tensor:
+    """Decoder layer ``layer`` over ``hidden`` ``[B, Q, H]`` without fused weights: the same
+    written-out forward as ``FusedLayers.run``, calling each projection module (a LoRA or a
+    quantised linear included). The runner uses it for layers it cannot fuse, so it never goes
+    through HF's attention dispatch (``config._attn_implementation``), which HF's own forward reads."""
+    attn = layer.self_attn
+    b, q = hidden.shape[:2]
+    d = attn.head_dim
+    x = layer.input_layernorm(hidden)
+    query, key, value = (p(x).view(b, q, -1, d) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    if hasattr(attn, "q_norm"):
+        query, key = attn.q_norm(query), attn.k_norm(key)
+    query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    query, key = rotary(query, key, *rope)
+    key, value = cache.update(key, value, attn.layer_idx)
+    out, _ = attend(attn, query, key, value, mask, scaling=attn.scaling, specdec_tree=tree)
+    hidden = hidden + attn.o_proj(out.reshape(b, q, -1))
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
 def _fuse(tensors) -> Tensor:
     return torch.cat([t.detach() for t in tensors], dim=0)
 

@@ -14,28 +14,26 @@ The runner knows models and masks. It does not know trees, drafters or acceptanc
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+import importlib
 from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 from torch import Tensor
-from transformers import AttentionInterface
 
 from specdec.cache import KVCache
-from specdec.fused import FusedLayers, unfusable
+from specdec.fused import FusedLayers, run_layer, unfusable
 from specdec.kernels import masked_attention_reference, tree_attention
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
 # "auto": the Triton tree-attention kernel for verification steps on CUDA, the torch reference
 # elsewhere; "reference" and "triton" force one (triton on CPU needs TRITON_INTERPRET=1).
 ATTENTION_BACKENDS = ("auto", "reference", "triton")
-ATTENTION_NAME = "specdec"
 
 
 def _specdec_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, specdec_tree=None,
                        **kwargs):
-    """HF attention-interface function.
+    """The attention of every layer the runner drives (same signature as HF's attention functions).
 
     ``attention_mask`` is our dense ``[B, Q, S]`` boolean mask (the reference path). When the
     runner passes ``specdec_tree = (start, lengths, tree_mask)`` the Triton tree-attention kernel
@@ -48,8 +46,6 @@ def _specdec_attention(module, query, key, value, attention_mask, scaling=None, 
         out = masked_attention_reference(query, key, value, attention_mask, scale)
     return out.transpose(1, 2).contiguous(), None
 
-
-AttentionInterface.register(ATTENTION_NAME, _specdec_attention)
 
 
 class UnsupportedModelError(ValueError):
@@ -98,6 +94,8 @@ class ModelRunner:
         self.lm_head = model.get_output_embeddings()
         self.num_layers = len(self.layers)
         self.windows = [self._window(layer) for layer in self.layers]
+        self.rotary = [importlib.import_module(type(layer.self_attn).__module__).apply_rotary_pos_emb
+                       for layer in self.layers]
         self.attention = attention
         # Merge the q/k/v and gate/up projections of every layer (specdec.fused): fewer kernel
         # launches per step; HF's modules keep working on views of the merged weights.
@@ -134,15 +132,6 @@ class ModelRunner:
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache.for_model(self.config, batch, max_len, self.dtype, self.device)
-
-    @contextmanager
-    def _our_attention(self):
-        previous = self.config._attn_implementation
-        self.config._attn_implementation = ATTENTION_NAME
-        try:
-            yield
-        finally:
-            self.config._attn_implementation = previous
 
     @torch.no_grad()
     def forward(self, cache: KVCache, tokens: Tensor, positions: Tensor, slots: Tensor, among: Tensor, *,
@@ -183,17 +172,15 @@ class ModelRunner:
         rope = self.base.rotary_emb(hidden, position_ids=positions)
         wanted = {e: n for n, e in enumerate(collect or ())}
         kept: list[Tensor | None] = [None] * len(wanted)
-        with self._our_attention():
-            for run, i in enumerate(layer_ids, start=1):
-                tree, mask_i = (kernel if self.windows[i] is None else None), masks.get(self.windows[i])
-                if self.fused is not None:
-                    hidden = self.fused.run(i, hidden, rope, cache, mask_i, _specdec_attention, tree=tree)
-                else:
-                    extra = {"specdec_tree": tree} if tree is not None else {}
-                    hidden = self.layers[i](hidden, attention_mask=mask_i, position_ids=positions,
-                                            past_key_values=cache, use_cache=True, position_embeddings=rope, **extra)
-                if run in wanted:
-                    kept[wanted[run]] = hidden
+        for run, i in enumerate(layer_ids, start=1):
+            tree, mask_i = (kernel if self.windows[i] is None else None), masks.get(self.windows[i])
+            if self.fused is not None:
+                hidden = self.fused.run(i, hidden, rope, cache, mask_i, _specdec_attention, tree=tree)
+            else:
+                hidden = run_layer(self.layers[i], self.rotary[i], hidden, rope, cache, mask_i, _specdec_attention,
+                                   tree=tree)
+            if run in wanted:
+                kept[wanted[run]] = hidden
         if any(h is None for h in kept):
             raise ValueError(f"collect={list(collect)} asks for layer counts outside 1..{len(layer_ids)}")
         logits = None

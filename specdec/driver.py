@@ -1,0 +1,144 @@
+"""The host driver: runs the Decoder ``n`` steps per sync and applies the stopping rules.
+
+The one piece of host code of a decode. Per run of steps it reads back, in a single copy, what
+each row gained, what it was offered and the new tokens; then it applies EOS, ``max_new_tokens``
+and stop strings row by row, streams, and records statistics. A row that stopped is frozen on
+the device from the next run on.
+
+With ``pipeline`` the next run is queued before the host reads the current one back (over
+pinned memory, waiting on an event, not the stream), so the device never idles on the host. A
+row that stops in the run being read has already gone through the queued one too; its extra
+tokens are cut like any others. The queued run drafts as the one before it did: a change of the
+gate's decision (which may need a drafter's ``resync``) waits until everything is read back. No
+run is queued once every live row is sure to reach ``max_new_tokens`` in the one running.
+
+It knows the Decoder's buffers and host lists; not models, drafters' insides or tokenizers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from specdec.gate import DraftGate
+from specdec.stats import PhaseTimer
+
+
+@dataclass
+class Rows:
+    """Host records of every row, and the rules that stop it."""
+
+    prompts: list[list[int]]  # [B][real prompt tokens]
+    max_new_tokens: int
+    eos_ids: set[int]
+    stop_fn: Callable[[int, list[int]], bool] | None = None  # (row, prompt + generated) -> stop
+    on_tokens: Callable[[int, list[int]], None] | None = None  # (row, newly kept tokens): streaming
+    generated: list[list[int]] = field(default_factory=list)  # [B][new tokens], EOS included
+    gained: list[list[int]] = field(default_factory=list)  # [B][steps] tokens kept per step
+    offered: list[list[int]] = field(default_factory=list)  # [B][steps] draft depth offered per step
+    undrafted: list[int] = field(default_factory=list)  # [B] the row's steps that ran without a draft
+    active: list[bool] = field(default_factory=list)  # [B]
+
+    def __post_init__(self) -> None:
+        b = len(self.prompts)
+        self.generated, self.gained, self.offered = [[] for _ in range(b)], [[] for _ in range(b)], [[] for _ in range(b)]
+        self.undrafted, self.active = [0] * b, [True] * b
+
+    def take(self, r: int, gains: list[int], offers: list[int], new: list[int], drafted: bool) -> tuple[int, int]:
+        """Apply one run's results to row ``r``; returns (steps it was live in, tokens it kept)."""
+        pos = steps = kept = 0
+        for cnt, offer in zip(gains, offers):
+            keep = 0
+            for tok in new[pos: pos + cnt]:
+                self.generated[r].append(tok)
+                keep += 1
+                if self._stops(r, tok):
+                    self.active[r] = False
+                    break
+            pos += cnt
+            steps += 1
+            kept += keep
+            self.undrafted[r] += int(not drafted)
+            self.gained[r].append(keep)
+            self.offered[r].append(offer)
+            if self.on_tokens is not None and keep:
+                self.on_tokens(r, self.generated[r][-keep:])
+            if not self.active[r]:
+                break
+        return steps, kept
+
+    def _stops(self, r: int, tok: int) -> bool:
+        return (tok in self.eos_ids or len(self.generated[r]) >= self.max_new_tokens
+                or (self.stop_fn is not None and self.stop_fn(r, self.prompts[r] + self.generated[r])))
+
+
+@dataclass
+class Queued:
+    drafted: bool
+    packed: Tensor  # [B, 2S + growth] gained, offered, new tokens (host memory once the copy lands)
+    done: object = None  # torch.cuda.Event of the device-to-host copy, or None on CPU
+
+
+class Driver:
+    """Example: ``steps, drafted = Driver(decoder, gate, rows, timer).run(width, pipeline=True)``."""
+
+    def __init__(self, decoder, gate: DraftGate, rows: Rows, timer: PhaseTimer):
+        self.dec, self.gate, self.rows, self.timer = decoder, gate, rows, timer
+        self.queue: list[Queued] = []
+
+    def run(self, width: int, pipeline: bool) -> tuple[int, int]:
+        """Decode until every row stops. Returns (steps, drafted steps)."""
+        rows, dec, s = self.rows, self.dec, self.dec.steps
+        seq_host, steps, drafted = [width] * len(rows.active), 0, 0
+        while any(rows.active):
+            if not self.queue:
+                dec.state.max_seq_len = max(seq_host)  # what a resync reads up to
+                self._launch(self.gate.decide(dec.drafter, dec.state, rows.active, seq_host), max(seq_host))
+            if pipeline and len(self.queue) == 1 and self._worth_queueing():
+                self._launch(self.queue[0].drafted, max(seq_host) + dec.growth)  # rows may grow by a run
+            run = self.queue.pop(0)
+            if run.done is not None:
+                run.done.synchronize()
+            host = run.packed.tolist()
+            steps += s
+            drafted += s if run.drafted else 0
+            kept = row_steps = 0
+            was = list(rows.active)
+            for r, live in enumerate(was):
+                if live:
+                    gains = host[r][:s]
+                    n, k = rows.take(r, gains, host[r][s: 2 * s], host[r][2 * s:], run.drafted or not dec.k)
+                    row_steps, kept = row_steps + n, kept + k
+                    seq_host[r] += sum(gains)
+            self.gate.record(run.drafted, s, kept, row_steps)
+            if rows.active != was:  # freeze stopped rows from the next launch on
+                flags = torch.tensor(rows.active, dtype=torch.long, pin_memory=dec.state.tokens.is_cuda)
+                dec.state.active.copy_(flags, non_blocking=True)
+        return steps, drafted
+
+    def _worth_queueing(self) -> bool:
+        rows, s = self.rows, self.dec.steps
+        drafted = self.queue[0].drafted
+        more = any(a and len(g) + s < rows.max_new_tokens for a, g in zip(rows.active, rows.generated))
+        return more and (not self.dec.k or self.gate.want(sum(rows.active)) == drafted)
+
+    def _launch(self, draft: bool, upper: int) -> None:
+        dec = self.dec
+        state = dec.state
+        self.timer.start()
+        before = state.seq_len.clone()
+        state.max_seq_len = upper
+        gained, offered = dec.run(draft)
+        self.timer.lap("verify")  # propose, verify, accept and commit all run inside; step_profile splits them
+        grow = torch.arange(dec.growth, device=before.device)
+        new = state.tokens.gather(1, (before.unsqueeze(1) + grow).clamp(max=state.capacity - 1))
+        packed, done = torch.cat([gained.T, offered.T, new], dim=1), None
+        if packed.is_cuda:  # copy back without waiting on the stream (a queued run may follow)
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            packed = host
+        self.queue.append(Queued(draft, packed, done))
