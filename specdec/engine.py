@@ -86,11 +86,11 @@ class SpecEngine:
         if not isinstance(spec, DraftSpec):
             raise TypeError(f"{type(self.drafter).__name__}.spec must be a DraftSpec, got {type(spec).__name__}")
         name = self.drafter.name
-        if cuda_graphs and self.runner.device.type != "cuda":
-            raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         if cuda_graphs and not spec.device_only:
             raise ValueError(f"{name} cannot run under cuda_graphs=True: its proposal needs the host every step "
                              "(spec.device_only is False); pass cuda_graphs=False")
+        if cuda_graphs and self.runner.device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         if chunk_steps is not None and (chunk_steps < 1 or (chunk_steps > 1 and not spec.device_only)):
             raise ValueError(f"chunk_steps must be >= 1, and 1 for {name}, whose proposal needs the host every "
                              f"step; got {chunk_steps}")
@@ -130,11 +130,11 @@ class SpecEngine:
         spec = self.drafter.spec
         runs = 2 if self.pipeline else 1
         need = width + max_new + max(spec.num_nodes, spec.scratch_slots) + 1 + runs * self.chunk_steps * (spec.num_nodes + 1)
-        if not self.static:
-            return need
-        need = max(need, -(-width // PREFILL_CHUNK) * PREFILL_CHUNK + 1, self.cache_len or CACHE_LEN)
         if self._reserved is not None and self._reserved[0] == batch:
             need = max(need, self._reserved[1])
+        if not self.static:
+            return max(need, self.cache_len or 0)
+        need = max(need, -(-width // PREFILL_CHUNK) * PREFILL_CHUNK + 1, self.cache_len or CACHE_LEN)
         return -(-need // 512) * 512
 
     def _rule(self, params: SamplingParams):
@@ -147,7 +147,7 @@ class SpecEngine:
         dec = self._decoder
         if dec is None or dec.state.tokens.shape[0] != batch or dec.state.capacity < capacity:
             dec = Decoder(self.runner, self.drafter, rule, batch, capacity, self.chunk_steps, self.cuda_graphs,
-                          compile=self.compile)
+                          compile=self.compile, static=self.static)
             self._decoder = dec
         dec.rule = rule
         return dec

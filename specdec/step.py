@@ -108,13 +108,14 @@ class Decoder:
     """
 
     def __init__(self, runner, drafter, rule, batch: int, capacity: int, steps: int, graphs: bool,
-                 compile: bool | dict = False, bucket: int = 256):
+                 compile: bool | dict = False, static: bool | None = None, bucket: int = 256):
         dev = runner.device
         self.runner, self.drafter, self.rule, self.spec = runner, drafter, rule, drafter.spec
         self.steps, self.graphs, self.bucket = steps, graphs, bucket
         self.k = self.spec.num_nodes
         self.reach = max(self.k, self.spec.scratch_slots)  # slots past the root a step may write
-        self.static = graphs or bool(compile)  # one cache view for every call: nothing recompiles
+        # One cache view for every call, and the prefill in fixed chunks: nothing recompiles.
+        self.static = graphs or bool(compile) if static is None else static
         cache = runner.new_cache(batch, capacity)
         long = dict(dtype=torch.long, device=dev)
         self.state = DecodeState(target=runner, cache=cache, tokens=torch.zeros(batch, capacity, **long),

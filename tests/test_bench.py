@@ -353,15 +353,15 @@ def test_hf_lookup_and_assisted_references_and_the_batch_policy(tiny_folder, tmp
     assert editing["turn_steps"][1] > 0
     assert f"{2 * both} of {coding['steps'] + editing['steps']} row-steps ran without a draft" in summary
 
-    # Engine options reach both engines: with bucket_prefill every prefill is the padded one, and
+    # Engine options reach both engines: with cache_len every Decoder holds that many slots, and
     # HF's greedy methods still give the baseline's tokens.
-    from specdec.engine import GraphedVerifier
+    from specdec.step import Decoder
 
-    padded = []
-    real = GraphedVerifier.__call__
-    monkeypatch.setattr(GraphedVerifier, "__call__", lambda self, *a, **kw: padded.append(1) or real(self, *a, **kw))
-    rows, summary = bench(tmp_path / "bucketed", "bucket_prefill=true")
-    assert len(padded) >= 2 * sum(r["num_turns"] for r in rows)   # baseline and drafter, every turn
+    sizes = []
+    real = Decoder.__init__
+    monkeypatch.setattr(Decoder, "__init__", lambda self, *a, **kw: sizes.append(a[4]) or real(self, *a, **kw))
+    rows, summary = bench(tmp_path / "sized", "cache_len=300")
+    assert len(sizes) >= 2 and all(n >= 300 for n in sizes)   # the baseline's and the drafter's
     assert all(r["hf_matches_baseline"] == {"hf": True, "hf_lookup": True, "hf_assisted": True} for r in rows)
     assert "Divergences: none" in summary
 

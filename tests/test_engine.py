@@ -6,14 +6,25 @@ import torch
 from tiny import ARCHS, char_tokenizer, hf_greedy, make_tiny, ragged_batch
 
 import specdec
-from specdec.drafters import DraftModel, PromptLookup
-from specdec.engine import DraftGate
-from specdec.static import ChunkedLoop
+from specdec.drafters import CopySpec, DraftModel, DynamicExit, LayerSkip, PromptLookup, RestDrafter, Swift
+from specdec.gate import DraftGate
+from specdec.step import Decoder
+
+HOST = ("copyspec", "rest", "swift", "del")  # drafters whose proposal needs the host: one step per sync
 
 
 def drafters_for(model, arch):
+    from specdec.datastore import Datastore
+
+    store = Datastore.from_documents([list(range(3, 60)) * 2], vocab_size=model.config.vocab_size)
     return {
         "none": None,
+        "layerskip": LayerSkip(exit_layer=1, num_tokens=3),
+        "kangaroo": LayerSkip.kangaroo(exit_layer=1, num_tokens=4, stop_threshold=0.3),
+        "copyspec": CopySpec(gamma=2, num_tokens=5, fallback=PromptLookup(num_tokens=3)),
+        "rest": RestDrafter(store, num_nodes=6, max_depth=3),
+        "swift": Swift(skip_ratio=0.5, num_tokens=3, window=4, max_evals=3),
+        "del": DynamicExit(num_tokens=3, exit_layers=[1]),
         "lookup": PromptLookup(num_tokens=4, max_ngram=3),
         "draft_model": DraftModel(make_tiny(arch, seed=1), num_tokens=3),
         "draft_model_adaptive": DraftModel(make_tiny(arch, seed=2), num_tokens=4, schedule="adaptive"),
@@ -26,12 +37,16 @@ def drafters_for(model, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("lengths", [[7], [3, 9, 1, 6]], ids=["batch1", "batch4_ragged"])
-def test_greedy_equals_hf(arch, lengths):
+@pytest.mark.parametrize("steps", [1, 3], ids=["per_step", "3_per_sync"])
+def test_greedy_equals_hf(arch, lengths, steps):
+    """Every drafter through the one driver, one step per sync and three (graphs off)."""
     model = make_tiny(arch)
     ids, mask = ragged_batch(lengths, model.config.vocab_size, seed=len(lengths))
     ref = hf_greedy(model, ids, mask, max_new_tokens=24, eos_token_id=None)
     for name, drafter in drafters_for(model, arch).items():
-        out = specdec.wrap(model, drafter=drafter).generate(
+        if steps > 1 and name in HOST:
+            continue
+        out = specdec.wrap(model, drafter=drafter, chunk_steps=steps).generate(
             ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None,
             return_dict_in_generate=True)
         assert torch.equal(out.sequences, ref), f"{arch}/{name} differs from HF greedy"
@@ -128,13 +143,12 @@ def test_adaptive_gamma_grows_on_full_acceptance_and_shrinks_on_rejection():
     model = make_tiny("llama")
     ids = torch.tensor([[5, 6, 7, 8]])
     good = DraftModel(model, num_tokens=6, schedule="adaptive")  # the target itself: always accepted
-    assert good.gamma == 3
     specdec.wrap(model, drafter=good).generate(ids, max_new_tokens=30, pad_token_id=0, eos_token_id=None)
-    assert good.gamma == 6
+    assert int(good.gamma) == 6
     bad = DraftModel(make_tiny("llama", seed=5), num_tokens=6, schedule="adaptive")
     out = specdec.wrap(model, drafter=bad).generate(ids, max_new_tokens=30, pad_token_id=0, eos_token_id=None,
                                                      return_dict_in_generate=True)
-    assert bad.gamma == 1 and out.spec_stats.tau < 1.5
+    assert int(bad.gamma) == 1 and out.spec_stats.tau < 1.5
 
 
 def test_batch_size_policy_switches_drafting_off_and_stays_exact():
@@ -205,7 +219,8 @@ def test_min_tau_pauses_a_drafter_that_does_not_pay_and_stays_exact(chunk_steps,
     free, gated = run(None), run(1.5)
     assert free.undrafted_steps == free.draft_pauses == 0 and free.tau < 1.5
     assert gated.draft_pauses >= 1 and 0 < gated.undrafted_steps < gated.num_steps
-    assert gated.draft_forwards == gated.num_steps - gated.undrafted_steps < free.draft_forwards
+    assert gated.num_steps - gated.undrafted_steps < free.num_steps  # fewer drafted steps
+    assert gated.draft_forwards == free.draft_forwards == 0  # lookup runs no draft forwards
     # Rows that reached 60 tokens sooner missed the last undrafted steps; none ran more than all,
     # and only a last chunk's tail may go unused by every row.
     top = max(gated.undrafted_by_row)
@@ -278,7 +293,7 @@ def test_chunked_loop_with_model_drafters_equals_hf(drafter):
     d = {"draft_model": DraftModel(make_tiny("qwen2", vocab_size=32, init_range=1.0, seed=3), num_tokens=3),
          "self_draft": DraftModel(model, num_tokens=3),
          "layerskip": LayerSkip(exit_layer=2, num_tokens=3)}[drafter]
-    assert d.graph_safe
+    assert d.spec.device_only
     ref = hf_greedy(model, ids, mask, max_new_tokens=30, eos_token_id=None)
     out = specdec.wrap(model, drafter=d, chunk_steps=4).generate(
         ids, attention_mask=mask, max_new_tokens=30, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True)
@@ -288,14 +303,30 @@ def test_chunked_loop_with_model_drafters_equals_hf(drafter):
         assert out.spec_stats.tau > 3.0   # the target drafting for itself: every draft accepted
 
 
-def test_only_static_drafters_are_graph_safe():
-    from specdec.drafters import LayerSkip
-
+def test_drafters_declare_whether_they_need_the_host():
+    """Device-only drafters (adaptive γ and Kangaroo halting by masking, trees) may run many steps
+    per sync; host ones refuse it, and cuda_graphs, naming the drafter and the option."""
     model = make_tiny("llama", num_layers=3)
-    assert not DraftModel(model, num_tokens=3, schedule="adaptive").graph_safe   # its length follows the host
-    assert not DraftModel(model, num_tokens=3, tree_width=2).graph_safe
-    assert not LayerSkip.kangaroo(exit_layer=1).graph_safe   # halting asks the host
-    assert PromptLookup(num_tokens=3).graph_safe
+    for d in (DraftModel(model, num_tokens=3, schedule="adaptive"), DraftModel(model, num_tokens=3, tree_width=2),
+              LayerSkip.kangaroo(exit_layer=1), PromptLookup(num_tokens=3)):
+        assert d.spec.device_only, d
+        specdec.wrap(model, drafter=d, chunk_steps=4)
+    for d in (CopySpec(), Swift(), DynamicExit(num_tokens=3)):
+        assert not d.spec.device_only or isinstance(d, DynamicExit)  # DEL decides after binding
+        with pytest.raises(ValueError, match=f"chunk_steps.*{type(d).__name__}"):
+            specdec.wrap(model, drafter=d, chunk_steps=4)
+        with pytest.raises(ValueError, match=f"{type(d).__name__} cannot run under cuda_graphs=True"):
+            specdec.wrap(model, drafter=d, cuda_graphs=True)
+
+
+def test_not_a_drafter_is_refused():
+    class Loose:
+        num_nodes = 3
+
+        def propose(self, state):
+            return None
+    with pytest.raises(TypeError, match="Loose is not a Drafter"):
+        specdec.wrap(make_tiny("llama"), drafter=Loose())
 
 
 @pytest.mark.parametrize("pipeline", [False, True])
@@ -314,12 +345,12 @@ def test_chunked_loop_stops_at_eos_mid_chunk(pipeline):
 def count_launches(spec, monkeypatch) -> list[bool]:
     """Record the drafting flag of every chunk the engine launches."""
     launched = []
-    real = ChunkedLoop.run_chunk
+    real = Decoder.run
 
-    def spy(self, upper, draft=True):
+    def spy(self, draft):
         launched.append(draft)
-        return real(self, upper, draft)
-    monkeypatch.setattr(ChunkedLoop, "run_chunk", spy)
+        return real(self, draft)
+    monkeypatch.setattr(Decoder, "run", spy)
     return launched
 
 
@@ -362,7 +393,7 @@ def test_batch_size_policy_in_the_chunked_loop(pipeline):
     assert torch.equal(out.sequences, ref)
     stats = out.spec_stats
     assert 0 < stats.undrafted_steps < stats.num_steps and stats.undrafted_steps % 4 == 0
-    assert stats.draft_forwards == stats.num_steps - stats.undrafted_steps
+    assert stats.draft_forwards == 0 and stats.undrafted_steps < stats.num_steps  # lookup: no draft forwards
     first = stats.undrafted_steps  # the undrafted chunks come first, while all four rows run
     assert all(n == 1 for r in stats.accepted_lengths for n in r[:first])
     assert max(n for r in stats.accepted_lengths for n in r[first:]) > 1
@@ -418,66 +449,31 @@ def test_reserve_sizes_the_cache_for_later_calls():
     spec.engine.reserve(batch=2, max_length=200)
     out = spec.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0, eos_token_id=None)
     assert torch.equal(out, hf_greedy(model, ids, mask, max_new_tokens=10, eos_token_id=None))
-    assert spec.engine._loop.tokens.shape[1] >= 200 + 4 * 4  # the reserved length plus a chunk's growth
+    assert spec.engine._decoder.state.capacity >= 200 + 4 * 4  # the reserved length plus a chunk's growth
 
 
-def test_query_buckets_and_padding_leave_real_queries_alone():
-    from specdec.runner import ModelRunner
-    from specdec.static import pad_queries, query_bucket
+@pytest.mark.parametrize("chunk_steps", [1, 4])
+def test_static_decoding_equals_hf_and_reuses_one_decoder(chunk_steps, monkeypatch):
+    """What cuda_graphs and compile run, on the CPU: steps over the whole cache and the prefill in
+    fixed, padded chunks (here of 4 tokens). Tokens stay HF's; prompts of new lengths reuse the
+    same Decoder (its graphs and compiled kernels), since nothing depends on the prompt's length."""
+    import specdec.step
 
-    assert [query_bucket(n) for n in (1, 2, 8, 9, 16, 17, 33)] == [1, 8, 8, 16, 16, 32, 64]
-    model = make_tiny("qwen3", num_layers=2)
-    runner = ModelRunner(model)
-    ids, mask = ragged_batch([7, 4], model.config.vocab_size, seed=9)
-    t = ids.shape[1]
-    start = t - mask.sum(dim=1)
-    slots = torch.arange(t).expand(2, t)
-    positions = (slots - start[:, None]).clamp(min=0)
-    causal = torch.ones(t, t, dtype=torch.bool).tril().expand(2, t, t)
-    # A step of 4 queries (root + 3 tree nodes: two children of the root, one grandchild).
-    step_tokens = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
-    step_slots = t + torch.arange(4).expand(2, 4)
-    step_pos = (t - start)[:, None] + torch.tensor([0, 1, 1, 2])
-    among = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool).expand(2, 4, 4)
-    outs = []
-    for q in (4, 8):
-        cache = runner.new_cache(2, 64)
-        cache.start.copy_(start)
-        runner.forward(cache, ids, positions, slots, causal, view_len=t, compute_logits=False)
-        cache.lengths.fill_(t)
-        padded = pad_queries(step_tokens, step_pos, step_slots, among, q)
-        assert padded[0].shape == (2, q) and torch.equal(padded[2][:, -1], step_slots[:, 0] + q - 1)  # contiguous
-        outs.append(runner.forward(cache, *padded, view_len=t + q, contiguous=True).logits[:, :4])
-    # Same numbers up to float rounding (a matmul over 8 rows may block differently from one over 4).
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
-    assert torch.equal(outs[0].argmax(-1), outs[1].argmax(-1))
-
-
-@pytest.mark.parametrize("chunk_steps", [None, 4])
-def test_bucketed_prefill_equals_hf(chunk_steps, monkeypatch):
-    # The prefill padded to a query bucket (what the captured prefill graph runs): padding queries
-    # write scratch K/V past the prompt that nothing reads, so the tokens stay HF's. The cache
-    # grows to hold a bucket longer than the prompt plus its new tokens.
-    from specdec.engine import GraphedVerifier
-
-    calls = []
-    real = GraphedVerifier.__call__
-
-    def spy(self, tokens, *args, **kw):
-        calls.append((tokens.shape[1], self.cache.max_len))
-        return real(self, tokens, *args, **kw)
-    monkeypatch.setattr(GraphedVerifier, "__call__", spy)
+    monkeypatch.setattr(specdec.step, "PREFILL_CHUNK", 4)
+    monkeypatch.setattr(specdec.engine.SpecEngine, "static", property(lambda self: True))
     model = make_tiny("qwen2", vocab_size=32, init_range=1.0, num_layers=2)
     spec = specdec.wrap(model, drafter=PromptLookup(num_tokens=3, max_ngram=2), chunk_steps=chunk_steps,
-                        bucket_prefill=True)
-    for lengths, new, bucket in (([6, 2, 11], 30, 16), ([40], 1, 64)):
-        calls.clear()
+                        cache_len=256)
+    decoders = set()
+    for lengths, new in (([6, 2, 11], 30), ([9, 3, 14], 5), ([1, 1, 40], 12)):
         ids, mask = ragged_batch(lengths, 32, seed=5)
         ref = hf_greedy(model, ids, mask, max_new_tokens=new, eos_token_id=None)
         out = spec.generate(ids, attention_mask=mask, max_new_tokens=new, pad_token_id=0, eos_token_id=None)
-        assert torch.equal(out, ref)
-        # the prefill (all but the root) is padded to its bucket; 40 + 1 tokens alone need fewer slots
-        assert len(calls) == 1 and bucket // 2 < calls[0][0] < bucket <= calls[0][1], calls
+        assert torch.equal(out, ref), lengths
+        dec = spec.engine._decoder
+        assert dec.static and dec.view_for(0) == dec.state.capacity == 512   # cache_len, rounded up to 512
+        decoders.add(id(dec))
+    assert len(decoders) == 1
 
 
 def test_compiled_cache_write_touches_only_the_written_slots():

@@ -1,4 +1,4 @@
-"""The fast GPU path (CUDA graphs, fused projections, torch.compile), on tiny fp32 models.
+"""The fast GPU path (captured steps, fused projections, torch.compile), on tiny fp32 models.
 
 Skipped without a CUDA device; run on the GPU machine with
 ``python -m pytest tests/test_gpu.py``. Exact equality with HF greedy holds in fp32: these
@@ -9,7 +9,7 @@ import torch
 from tiny import ARCHS, hf_greedy, make_tiny, ragged_batch
 
 import specdec
-from specdec.drafters import PromptLookup
+from specdec.drafters import DraftModel, LayerSkip, PromptLookup
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -18,58 +18,81 @@ def cuda_tiny(arch, **kw):
     return make_tiny(arch, vocab_size=64, init_range=1.0, **kw).cuda()
 
 
+def device_drafters(model, arch):
+    """Every device-only drafter family: chains, trees, adaptive γ, self-drafts, halting."""
+    return {"none": None, "lookup": PromptLookup(num_tokens=4, max_ngram=2),
+            "lookup_branches": PromptLookup(num_tokens=3, max_ngram=2, num_branches=2),
+            "draft_model": DraftModel(cuda_tiny(arch, seed=3), num_tokens=3),
+            "draft_adaptive": DraftModel(model, num_tokens=4, schedule="adaptive"),
+            "draft_tree": DraftModel(cuda_tiny(arch, seed=7), num_tokens=3, tree_width=2, tree_nodes=5),
+            "layerskip": LayerSkip(exit_layer=1, num_tokens=3),
+            "kangaroo": LayerSkip.kangaroo(exit_layer=1, num_tokens=4, stop_threshold=0.3)}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("compile", [False, True, {"coordinate_descent_tuning": True}],
-                         ids=["graphed", "compiled", "compiled-cdt"])
-def test_chunked_cuda_paths_equal_hf(arch, compile):
-    model = cuda_tiny(arch)
+@pytest.mark.parametrize("compile", [False, True], ids=["graphed", "compiled"])
+def test_captured_steps_equal_hf_for_every_device_drafter(arch, compile):
+    model = cuda_tiny(arch, num_layers=2)
     ids, mask = (t.cuda() for t in ragged_batch([5, 12, 3], 64, seed=1))
     ref = hf_greedy(model, ids, mask, max_new_tokens=40, eos_token_id=None)
-    for drafter in (None, PromptLookup(num_tokens=4, max_ngram=2)):
+    for name, drafter in device_drafters(model, arch).items():
         spec = specdec.wrap(model, drafter=drafter, cuda_graphs=True, compile=compile)
         assert spec.engine.runner.fused is not None  # fused projections are on with cuda_graphs
-        out = spec.generate(ids, attention_mask=mask, max_new_tokens=40, pad_token_id=0, eos_token_id=None)
-        assert torch.equal(out, ref), (arch, compile, drafter)
-        if drafter is not None:   # with compile, the chunks ran the lookup's compiled proposal
-            assert (drafter._compiled_match is not None) == bool(compile)
+        out = spec.generate(ids, attention_mask=mask, max_new_tokens=40, pad_token_id=0, eos_token_id=None,
+                            return_dict_in_generate=True)
+        assert torch.equal(out.sequences, ref), (arch, compile, name)
+        assert out.spec_stats.num_steps % 8 == 0   # whole captured runs
     assert torch.equal(hf_greedy(model, ids, mask, max_new_tokens=40, eos_token_id=None), ref)  # HF still sees the same weights
 
 
-def test_model_drafters_inside_captured_chunks_equal_hf():
-    from specdec.drafters import DraftModel, LayerSkip
-
-    model = cuda_tiny("qwen2", num_layers=3)
-    ids, mask = (t.cuda() for t in ragged_batch([6, 2, 11], 64, seed=5))
-    ref = hf_greedy(model, ids, mask, max_new_tokens=30, eos_token_id=None)
-    for drafter in (DraftModel(cuda_tiny("qwen2", seed=3), num_tokens=3), DraftModel(model, num_tokens=3),
-                    LayerSkip(exit_layer=2, num_tokens=3)):
-        out = specdec.wrap(model, drafter=drafter, cuda_graphs=True).generate(
-            ids, attention_mask=mask, max_new_tokens=30, pad_token_id=0, eos_token_id=None,
-            return_dict_in_generate=True)
-        assert torch.equal(out.sequences, ref), type(drafter).__name__
-        assert out.spec_stats.num_steps % 8 == 0   # whole captured chunks
-    drafter = DraftModel(cuda_tiny("qwen2", seed=3), num_tokens=3)
-    out = specdec.wrap(model, drafter=drafter, cuda_graphs=True, compile=True).generate(
-        ids, attention_mask=mask, max_new_tokens=30, pad_token_id=0, eos_token_id=None)
-    assert drafter.compiled and torch.equal(out, ref)   # the draft's steps compiled along with the target
+def test_new_prompt_lengths_capture_and_compile_nothing():
+    """After the first call at a batch size, prompts of other lengths replay the same graphs."""
+    model = cuda_tiny("qwen2", num_layers=2)
+    for compile in (False, True):
+        spec = specdec.wrap(model, drafter=PromptLookup(num_tokens=4, max_ngram=2), cuda_graphs=True, compile=compile)
+        graphs = None
+        for lengths in ([5, 12, 3], [40, 7, 90], [200, 1, 33]):
+            ids, mask = (t.cuda() for t in ragged_batch(lengths, 64, seed=len(lengths) + lengths[0]))
+            ref = hf_greedy(model, ids, mask, max_new_tokens=30, eos_token_id=None)
+            out = spec.generate(ids, attention_mask=mask, max_new_tokens=30, pad_token_id=0, eos_token_id=None)
+            assert torch.equal(out, ref), (compile, lengths)
+            dec = spec.engine._decoder
+            if graphs is None:
+                graphs, first = dec.num_graphs, dec
+            assert dec is first and dec.num_graphs == graphs, (compile, lengths)   # nothing new captured
 
 
-def test_per_step_graphs_pad_queries_to_buckets():
-    """Drafters outside the chunked loop (a draft tree, the adaptive schedule) replay padded
-    per-step graphs; with the batch policy, the undrafted steps replay the 1-query graph."""
-    from specdec.drafters import DraftModel
+@pytest.mark.parametrize("kind", ["none", "lookup", "draft_model", "draft_tree", "layerskip"])
+def test_sampling_inside_captured_steps_keeps_the_target_distribution(kind):
+    """Chi-square of the first two sampled tokens over 4000 rows, every step inside captured runs."""
+    from scipy.stats import chisquare
 
-    model = cuda_tiny("llama", num_layers=2)
-    ids, mask = (t.cuda() for t in ragged_batch([6, 9, 4], 64, seed=4))
-    ref = hf_greedy(model, ids, mask, max_new_tokens=24, eos_token_id=None)
-    tree = DraftModel(cuda_tiny("llama", seed=7), num_tokens=3, tree_width=2, tree_nodes=9)   # 10 queries -> 16
-    adaptive = DraftModel(model, num_tokens=4, schedule="adaptive")
-    for drafter, policy in ((tree, None), (adaptive, None), (adaptive, 2)):
-        spec = specdec.wrap(model, drafter=drafter, cuda_graphs=True, max_draft_batch=policy)
-        out = spec.generate(ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0, eos_token_id=None)
-        assert torch.equal(out, ref)
-        buckets = {key[1] for key in spec.engine._verifier.graphs if key[2]}   # (view, queries, logits, ...)
-        assert buckets == ({16} if drafter is tree else {8} if policy is None else {1})
+    from specdec.verifiers.acceptance import SamplingParams, warp_probs
+
+    v, rows, prompt = 8, 4000, [3, 5, 3, 5, 3, 6, 3]
+    target = make_tiny("llama", vocab_size=v, init_range=0.15, seed=11).cuda()
+    draft = make_tiny("llama", vocab_size=v, init_range=0.15, seed=12).cuda()
+    drafter = {"none": None, "lookup": PromptLookup(num_tokens=3, max_ngram=2),
+               "draft_model": DraftModel(draft, num_tokens=3),
+               "draft_tree": DraftModel(draft, num_tokens=2, tree_width=3, tree_nodes=7),
+               "layerskip": LayerSkip(exit_layer=1, num_tokens=3)}[kind]
+    params = SamplingParams(True, 0.7, top_k=5, top_p=0.9)
+    with torch.no_grad():
+        ids = torch.tensor([prompt]).cuda()
+        p1 = warp_probs(target(ids).logits[0, -1], params)
+        seqs = torch.cat([ids.repeat(v, 1), torch.arange(v).cuda().unsqueeze(1)], dim=1)
+        exact = (p1.unsqueeze(1) * warp_probs(target(seqs).logits[:, -1], params)).flatten().double().cpu()
+    torch.manual_seed(7)
+    spec = specdec.wrap(target, drafter=drafter, cuda_graphs=True, cache_len=64)   # 4000 rows: a small cache
+    out = spec.generate(ids.repeat(rows, 1), max_new_tokens=2, do_sample=True, temperature=0.7, top_k=5, top_p=0.9,
+                        pad_token_id=0, eos_token_id=None)
+    counts = torch.bincount((out[:, len(prompt)] * v + out[:, len(prompt) + 1]).cpu(), minlength=v * v).double()
+    expected = exact * rows
+    assert counts[expected == 0].sum() == 0
+    keep = expected >= 5
+    obs = torch.cat([counts[keep], counts[~keep].sum().view(1)])
+    exp = torch.cat([expected[keep], expected[~keep].sum().view(1)])
+    assert chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue > 1e-3
 
 
 def test_policy_reserve_and_step_profile_on_cuda():
@@ -77,29 +100,27 @@ def test_policy_reserve_and_step_profile_on_cuda():
     ids, mask = (t.cuda() for t in ragged_batch([5, 12, 3, 8], 64, seed=2))
     ref = hf_greedy(model, ids, mask, max_new_tokens=30, eos_token_id=None)
     spec = specdec.wrap(model, drafter=PromptLookup(num_tokens=4), cuda_graphs=True, max_draft_batch=2)
-    spec.engine.reserve(batch=4, max_length=600)
+    spec.engine.reserve(batch=4, max_length=3000)
     out = spec.generate(ids, attention_mask=mask, max_new_tokens=30, pad_token_id=0, eos_token_id=None,
                         return_dict_in_generate=True)
     assert torch.equal(out.sequences, ref)
     assert out.spec_stats.undrafted_steps == out.spec_stats.num_steps  # four rows > max_draft_batch
-    loop = spec.engine._loop
-    captured = dict(loop._graphs)
-    assert {v for v, _ in captured} == set(range(256, loop.tokens.shape[1] + 1, 256))  # every bucket, up front
-    assert {d for _, d in captured} == {True, False}
-    spec.generate(ids, attention_mask=mask, max_new_tokens=200, pad_token_id=0, eos_token_id=None)
-    assert loop._graphs == captured and spec.engine._loop is loop  # a longer call captured nothing new
-    before = loop.seq_len.clone()
+    dec = spec.engine._decoder
+    assert dec.state.capacity >= 3000
+    captured = dict(dec._graphs)
+    assert {k[2] for k in captured if k[0] == "steps"} == {True, False}   # both variants, up front
+    spec.generate(ids, attention_mask=mask, max_new_tokens=1000, pad_token_id=0, eos_token_id=None)
+    assert dec._graphs == captured and spec.engine._decoder is dec  # a longer call captured nothing new
+    before = dec.state.seq_len.clone()
     phases = spec.engine.step_profile(reps=5)
     assert set(phases) == {"draft", "verify", "accept", "commit"}
     assert all(ms >= 0 for ms in phases.values()) and phases["verify"] > 0
-    assert torch.equal(loop.seq_len, before)  # profiling put the state back
+    assert torch.equal(dec.state.seq_len, before)  # profiling put the state back
 
 
-def test_min_tau_switches_captured_chunks_and_stays_exact():
-    """The acceptance policy inside the captured loop: chunks alternate between the drafted and the
+def test_min_tau_switches_captured_runs_and_stays_exact():
+    """The acceptance policy inside captured runs: they alternate between the drafted and the
     undrafted graph, a draft model catches up (resync) when drafting resumes, tokens stay HF's."""
-    from specdec.drafters import DraftModel
-
     model = cuda_tiny("llama", num_layers=2)
     ids, mask = (t.cuda() for t in ragged_batch([6, 9, 4], 64, seed=4))
     ref = hf_greedy(model, ids, mask, max_new_tokens=64, eos_token_id=None)
@@ -113,9 +134,9 @@ def test_min_tau_switches_captured_chunks_and_stays_exact():
 
 
 @pytest.mark.parametrize("pipeline", [False, True])
-def test_pipelined_chunks_stop_at_eos_and_equal_hf(pipeline):
-    # The queued chunk reads back over pinned memory and an event: rows that stop at EOS inside a
-    # chunk (and run on through the queued one) are cut exactly where HF stops them.
+def test_pipelined_runs_stop_at_eos_and_equal_hf(pipeline):
+    # The queued run reads back over pinned memory and an event: rows that stop at EOS inside a
+    # run (and go on through the queued one) are cut exactly where HF stops them.
     model = cuda_tiny("llama", num_layers=2)
     ids, mask = (t.cuda() for t in ragged_batch([5, 12, 3, 8], 64, seed=2))
     free = hf_greedy(model, ids, mask, max_new_tokens=48, eos_token_id=None)[:, ids.shape[1]:].tolist()
@@ -127,17 +148,3 @@ def test_pipelined_chunks_stop_at_eos_and_equal_hf(pipeline):
         for _ in range(2):   # the second call reuses the cache and its graphs
             out = spec.generate(ids, attention_mask=mask, max_new_tokens=48, pad_token_id=0, eos_token_id=eos)
             assert torch.equal(out, ref), (pipeline, drafter)
-
-
-@pytest.mark.parametrize("compile", [False, True], ids=["graphed", "compiled"])
-def test_bucketed_prefill_replays_a_captured_graph_and_equals_hf(compile):
-    model = cuda_tiny("qwen2", num_layers=2)
-    ids, mask = (t.cuda() for t in ragged_batch([7, 19, 3], 64, seed=6))
-    ref = hf_greedy(model, ids, mask, max_new_tokens=40, eos_token_id=None)
-    spec = specdec.wrap(model, drafter=PromptLookup(num_tokens=4, max_ngram=2), cuda_graphs=True, compile=compile,
-                        bucket_prefill=True)
-    for _ in range(2):   # the second call replays the prefill graph the first one captured
-        out = spec.generate(ids, attention_mask=mask, max_new_tokens=40, pad_token_id=0, eos_token_id=None)
-        assert torch.equal(out, ref)
-    prefill_graphs = [k for k in spec.engine._verifier.graphs if k[2] is False]   # (view, q, logits, contiguous)
-    assert prefill_graphs and all(q == 32 for _, q, _, _ in prefill_graphs)

@@ -11,7 +11,7 @@ from scipy.stats import chisquare
 from tiny import make_tiny
 
 import specdec
-from specdec.drafters import DraftModel, LayerSkip, PromptLookup
+from specdec.drafters import DraftModel, DraftSpec, Drafter, LayerSkip, PromptLookup
 from specdec.verifiers import DraftTree
 from specdec.verifiers.acceptance import SamplingParams, SpeculativeSampling, warp_probs
 
@@ -60,19 +60,13 @@ def target():
 PARAMS = [SamplingParams(True, 1.0), SamplingParams(True, 0.7, top_k=5, top_p=0.9)]
 
 
-class FixedTree:
+class FixedTree(Drafter):
     """A static template tree with duplicate sibling tokens (point masses):
 
     root -> 3 -> {5, 5, 3}; root -> 3 (a duplicate of node 0) -> 6; root -> 6.
     """
 
-    num_nodes = 7
-
-    def begin(self, ctx):
-        pass
-
-    def observe(self, outcome):
-        pass
+    spec = DraftSpec(num_nodes=7)
 
     def propose(self, ctx):
         b = ctx.tokens.shape[0]
@@ -96,11 +90,13 @@ def drafter_for(kind):
 
 @pytest.mark.parametrize("params", PARAMS, ids=["t1", "t0.7_k5_p0.9"])
 @pytest.mark.parametrize("kind", ["draft_model", "lookup", "draft_tree", "lookup_branches", "fixed_tree_duplicates",
-                                  "layerskip", "layerskip_halting"])
-def test_speculative_sampling_preserves_target(target, params, kind):
+                                  "layerskip", "layerskip_halting", "none"])
+@pytest.mark.parametrize("steps", [1, 3], ids=["per_step", "chunked"])
+def test_speculative_sampling_preserves_target(target, params, kind, steps):
+    """Through the one driver, one step per sync and three: the first two tokens follow the target."""
     torch.manual_seed(1234)
-    drafter = drafter_for(kind)
-    spec = specdec.wrap(target, drafter=drafter)
+    drafter = drafter_for(kind) if kind != "none" else None
+    spec = specdec.wrap(target, drafter=drafter, chunk_steps=steps)
     counts = sampled_joint(spec, params)
     assert chi2_pvalue(counts, exact_joint(target, params)) > 1e-3
 

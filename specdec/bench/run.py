@@ -60,7 +60,7 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, dict[str, dict]]:
     compile_ = cfg.get("compile", False)   # a bool, or a mapping of Inductor options
     compile_ = OmegaConf.to_container(compile_) if OmegaConf.is_dict(compile_) else bool(compile_)
     fast = {"cuda_graphs": bool(cfg.get("cuda_graphs", False)), "compile": compile_,
-            "pipeline": cfg.get("pipeline"), "bucket_prefill": cfg.get("bucket_prefill")}
+            "pipeline": cfg.get("pipeline"), "cache_len": cfg.get("cache_len")}
     baseline = specdec.wrap(model, drafter=None, **fast)
     spec = (specdec.wrap(model, drafter=drafter, max_draft_batch=cfg.get("max_draft_batch"),
                          min_tau=cfg.get("min_tau"), **fast)
