@@ -209,7 +209,8 @@ class DraftModel(Drafter):
                 anc_rows = torch.cat([anc_rows, rows], dim=1)
             r = (level - 1) * k + torch.arange(k, device=dev)  # scratch slots of this level
             feed_rows = anc_rows.gather(1, frontier.unsqueeze(-1).expand(b, k, scratch)).clone()
-            feed_rows[:, torch.arange(k), r] = True
+            # Each frontier node also sees its own slot (a mask, not an indexed write: capturable).
+            feed_rows |= (torch.arange(scratch, device=dev) == r.unsqueeze(1)).unsqueeze(0)
             anc_rows = anc_rows.scatter(1, frontier.unsqueeze(-1).expand(b, k, scratch), feed_rows)
             view = ctx.max_seq_len + scratch
             mask = prefix[:, :view].unsqueeze(1).expand(b, k, view).clone()

@@ -4,8 +4,9 @@ The engine uses the references on CPU and the Triton kernels on CUDA.
 """
 from .attention import masked_attention_reference
 from .kv_commit import kv_commit, kv_commit_reference
-from .tree_attention import (TreeAttentionConfig, plan_tree_attention, tree_attention, tree_attention_reference,
+from .tree_attention import (TreeAttentionConfig, plan_tree_attention, tree_attention, tree_attention_op,
+                             tree_attention_reference,
                              tree_visibility)
 
-__all__ = ["masked_attention_reference", "tree_attention", "tree_attention_reference", "tree_visibility",
+__all__ = ["masked_attention_reference", "tree_attention", "tree_attention_op", "tree_attention_reference", "tree_visibility",
            "TreeAttentionConfig", "plan_tree_attention", "kv_commit", "kv_commit_reference"]

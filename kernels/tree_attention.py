@@ -429,6 +429,20 @@ def tree_visibility(start: Tensor, lengths: Tensor, tree_mask: Tensor, num_slots
     return prefix.unsqueeze(1) | (new.unsqueeze(1) & among)
 
 
+@torch.library.custom_op("specdec::tree_attention", mutates_args=())
+def tree_attention_op(q: Tensor, k: Tensor, v: Tensor, start: Tensor, lengths: Tensor, tree_mask: Tensor,
+                      scale: float) -> Tensor:
+    """``tree_attention`` as a torch operator: ``torch.compile`` treats it as one opaque call (its
+    launch plan depends on static shapes only), so a compiled step attends through the kernel,
+    reading each row's length, instead of a dense mask over the whole cache."""
+    return tree_attention(q, k, v, start, lengths, tree_mask, scale)
+
+
+@tree_attention_op.register_fake
+def _(q, k, v, start, lengths, tree_mask, scale):
+    return q.new_empty(q.shape)  # contiguous [B, Hq, Q, D], as the kernel writes it (q may be a view)
+
+
 def tree_attention_reference(q: Tensor, k: Tensor, v: Tensor, start: Tensor, lengths: Tensor, tree_mask: Tensor,
                              scale: float) -> Tensor:
     """Pure-torch ``tree_attention``: a dense mask and ``masked_attention_reference``.
@@ -439,5 +453,6 @@ def tree_attention_reference(q: Tensor, k: Tensor, v: Tensor, start: Tensor, len
     return masked_attention_reference(q, k, v, mask, scale)
 
 
-__all__ = ["TreeAttentionConfig", "estimate_tree_attention_us", "plan_tree_attention", "tree_attention", "tree_attention_reference",
+__all__ = ["TreeAttentionConfig", "estimate_tree_attention_us", "plan_tree_attention", "tree_attention",
+           "tree_attention_op", "tree_attention_reference",
            "tree_visibility"]

@@ -1,18 +1,21 @@
-"""GPU decode speed of specdec's fast path against HF, side by side in one process (issue 6).
+"""GPU decode speed of specdec's fast path against HF, side by side in one process (issues 6, 15).
 
-Per turn of each built-in prompt (batch 1, greedy, bf16, the same input for every method; a
-later turn sees HF greedy's answers to the earlier ones): HF greedy ``generate``; HF prompt
-lookup (``prompt_lookup_num_tokens``); with ``--assistant``, HF assisted generation; the engine's
-chunked loop as CUDA graphs ("graphed", unless ``--no-graphed``) and with ``torch.compile``
-("compiled"), without a drafter and with prompt lookup; with ``--sync-baseline``, the compiled
-baseline unpipelined; with ``--min-tau``, lookup under that acceptance policy; with
-``--assistant``, the engine with that model as a DraftModel drafter.
-Then: a table pooled per category; the compiled step's device time by phase beside the bandwidth
-floor; each bf16 output's first divergence from the same-engine no-drafter output with the top-2
-logit gap there (in bf16 ulps); fp32 exactness of the graphed paths against HF; and, with
-``--batches``, a batch sweep (first turns only).
+Per turn of each prompt (batch 1, bf16, the same input for every method; a later turn sees HF
+greedy's answers to the earlier ones): HF greedy ``generate``; HF prompt lookup; with
+``--sampling``, HF and the engine sampling (T 0.7, top-p 0.9) with no drafter and with lookup;
+with ``--assistant``, HF assisted generation and the engine's DraftModel chain and dynamic tree;
+with ``--exit-layer``, LayerSkip and Kangaroo at that exit; always the engine's compiled
+captured steps ("compiled") with no drafter and with prompt lookup ("compiled lookup"), and the
+uncompiled graphs ("graphed") unless ``--no-graphed``. Each method's first call at each prompt
+(which compiles and captures for a new wrapper, and must not at a new prompt length on a warm
+one) is timed beside the best of ``--reps`` repeats, with the graphs captured and the frames
+compiled during it.
+Then: a table pooled per category; each method's step device time by phase beside the
+bandwidth floor; each bf16 output's first divergence from the same-engine no-drafter output with
+the top-2 logit gap there (in bf16 ulps); fp32 exactness of the graphed paths against HF; and,
+with ``--batches``, a batch sweep (first turns only).
 
-    SPECDEC_GGUF_DIR=/tmp/stage python scripts/gpu_fast.py --min-tau 1.4 --out $OUT/fast.json
+    SPECDEC_GGUF_DIR=/tmp/stage python scripts/gpu_fast.py --sampling --exit-layer 22 --out $OUT/fast.json
     SPECDEC_GGUF_DIR=/tmp/stage python scripts/gpu_fast.py --model zoo:qwen2.5-coder-1.5b-instruct \
         --assistant zoo:qwen2.5-coder-0.5b-instruct --out $OUT/qwen.json
 """
@@ -28,20 +31,24 @@ import specdec
 from gpu_speed import timed  # scripts/ is on sys.path when a script runs
 from specdec.bench.measure import tie_measure
 from specdec.bench.prompts import render
-from specdec.drafters import DraftModel, PromptLookup
+from specdec.drafters import DraftModel, LayerSkip, PromptLookup
 from specdec.perf import step_floor
+
+DEVICE = "cuda"   # tests/test_gpu_fast_tables.py runs the harness on the CPU
+SAMPLING = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0}
+PROMPT_FILES: list[str] = []   # --prompts-file: more jsonl prompts (e.g. HumanEval), by category
 
 
 def builtin(categories, per_category):
-    data = Path(specdec.__file__).parent / "data" / "builtin.jsonl"
-    items = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
+    files = [Path(specdec.__file__).parent / "data" / "builtin.jsonl", *map(Path, PROMPT_FILES)]
+    items = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
     return [p for c in categories for p in [q for q in items if q["category"] == c][:per_category]]
 
 
 def encode(tok, prompts):
     """Each prompt's first turn, chat-templated, as one left-padded batch."""
     texts = [render(tok, p["turns"][:1], []) for p in prompts]
-    return tok(texts, return_tensors="pt", add_special_tokens=False, padding=True).to("cuda")
+    return tok(texts, return_tensors="pt", add_special_tokens=False, padding=True).to(DEVICE)
 
 
 def tie(model, prefix, parted):
@@ -53,11 +60,11 @@ def tie(model, prefix, parted):
 
 def fp32_check(name, assistant, n_tokens=96):
     """Graphed paths in fp32 against HF greedy: must be token-identical."""
-    model, tok = specdec.load_model(name, dtype="float32", device="cuda")
+    model, tok = specdec.load_model(name, dtype="float32", device=DEVICE)
     methods = {"graphed": lambda: specdec.wrap(model, cuda_graphs=True),
                "graphed lookup": lambda: specdec.wrap(model, drafter=PromptLookup(8), cuda_graphs=True)}
     if assistant is not None:
-        draft, _ = specdec.load_model(assistant, dtype="float32", device="cuda")
+        draft, _ = specdec.load_model(assistant, dtype="float32", device=DEVICE)
         methods["draft model"] = lambda: specdec.wrap(model, drafter=DraftModel(draft, num_tokens=4), cuda_graphs=True)
     out = []
     for p in builtin(["editing", "coding"], 1):
@@ -84,75 +91,109 @@ def best_of(reps: int, fn):
 
 
 def make_methods(args, model, assistant):
+    """Name -> (wrapper, extra generate arguments)."""
     steps, compile_ = args.chunk_steps, not args.no_compile
     if compile_ and args.compile_options:   # Inductor options: compile= takes them as a dict
         compile_ = json.loads(args.compile_options)
-    fast = dict(cuda_graphs=True, chunk_steps=steps, bucket_prefill=False if args.no_bucket_prefill else None)
+    fast = dict(cuda_graphs=True, chunk_steps=steps)
+    greedy = {}
     methods = {}
     if not args.no_graphed:
-        methods["graphed"] = specdec.wrap(model, **fast)
-        methods["graphed lookup"] = specdec.wrap(model, drafter=PromptLookup(8), **fast)
-    if compile_:
-        methods["compiled"] = specdec.wrap(model, compile=compile_, **fast)
-        if args.sync_baseline:   # the same, reading each chunk back before queueing the next
-            methods["compiled, no pipeline"] = specdec.wrap(model, compile=compile_, pipeline=False, **fast)
-        methods["compiled lookup"] = specdec.wrap(model, drafter=PromptLookup(8), compile=compile_, **fast)
+        methods["graphed"] = (specdec.wrap(model, **fast), greedy)
+        methods["graphed lookup"] = (specdec.wrap(model, drafter=PromptLookup(8), **fast), greedy)
+    fast["compile"] = compile_
+    methods["compiled"] = (specdec.wrap(model, **fast), greedy)
+    methods["compiled lookup"] = (specdec.wrap(model, drafter=PromptLookup(8), **fast), greedy)
+    if args.sync_baseline:   # the same, reading each run back before queueing the next
+        methods["compiled, no pipeline"] = (specdec.wrap(model, pipeline=False, **fast), greedy)
     if args.min_tau is not None:   # the acceptance policy: lookup pauses where it does not pay
-        methods["lookup min_tau"] = specdec.wrap(model, drafter=PromptLookup(8), compile=compile_,
-                                                 min_tau=args.min_tau, **fast)
+        methods["lookup min_tau"] = (specdec.wrap(model, drafter=PromptLookup(8), min_tau=args.min_tau, **fast), greedy)
+    if args.sampling:
+        methods["compiled sampled"] = (specdec.wrap(model, **fast), SAMPLING)
+        methods["lookup sampled"] = (specdec.wrap(model, drafter=PromptLookup(8), **fast), SAMPLING)
+    if args.exit_layer is not None:
+        methods["layerskip"] = (specdec.wrap(model, drafter=LayerSkip(exit_layer=args.exit_layer, num_tokens=4), **fast),
+                                greedy)
+        methods["kangaroo"] = (specdec.wrap(model, drafter=LayerSkip.kangaroo(args.exit_layer, num_tokens=6,
+                                                                              stop_threshold=0.6), **fast), greedy)
     if assistant is not None:
-        methods["draft model"] = specdec.wrap(model, drafter=DraftModel(assistant, num_tokens=4), compile=compile_,
-                                              **fast)
+        methods["draft model"] = (specdec.wrap(model, drafter=DraftModel(assistant, num_tokens=4), **fast), greedy)
+        methods["draft tree"] = (specdec.wrap(model, drafter=DraftModel(assistant, num_tokens=4, tree_width=2,
+                                                                        tree_nodes=8), **fast), greedy)
     return methods
 
 
-def base_of(name: str, compile_: bool) -> str:
+def base_of(name: str) -> str | None:
     """The same-engine no-drafter method a method's output and speed are compared with."""
-    return "compiled" if compile_ and name != "graphed lookup" else "graphed"
+    if name.endswith("sampled"):
+        return "compiled sampled"
+    return "graphed" if name.startswith("graphed") else "compiled"
+
+
+def compiles() -> int:
+    """Frames Dynamo has compiled so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["ok"])
+
+
+def first_and_best(args, spec, call):
+    """The first call's time (with the graphs captured and frames compiled during it), then the
+    best of ``args.reps`` repeats."""
+    dec = spec.engine._decoder
+    graphs, frames = (dec.num_graphs if dec is not None else 0), compiles()
+    _, first = timed(call)
+    dec2 = spec.engine._decoder
+    new_graphs = dec2.num_graphs - (graphs if dec2 is dec else 0)
+    out, s = best_of(args.reps, call)
+    return out, s, {"first_s": first, "new_graphs": new_graphs, "new_compiles": compiles() - frames}
 
 
 def per_prompt(args, model, tok, assistant, on_row=None):
     """Every turn of every prompt; later turns see HF greedy's answers to the earlier ones (the
     same input for every method), as Spec-Bench's multi-turn prompts do. ``on_row(rows)`` is
     called after each turn (the caller saves what has been measured so far)."""
-    compile_ = not args.no_compile
     methods = make_methods(args, model, assistant)
-    base_name = "compiled" if compile_ else "graphed"
+    base_name = "compiled"
     hf = {"hf": {}, "hf lookup": {"prompt_lookup_num_tokens": 8}}
+    if args.sampling:
+        hf["hf sampled"] = SAMPLING
     if assistant is not None:
         hf["hf assisted"] = {"assistant_model": assistant}
+    hf = {k: v for k, v in hf.items() if k in args.hf}
     rows, warm = [], False
     for p in builtin(args.categories, args.per_category):
         answers = []
         for turn in range(len(p["turns"])):
             text = render(tok, p["turns"][: turn + 1], answers)
-            enc = tok([text], return_tensors="pt", add_special_tokens=False).to("cuda")
+            enc = tok([text], return_tensors="pt", add_special_tokens=False).to(DEVICE)
             t0 = enc.input_ids.shape[1]
             kw = dict(attention_mask=enc.attention_mask, max_new_tokens=args.max_new_tokens, do_sample=False)
             row = {"category": p["category"], "question_id": p["question_id"], "turn": turn + 1,
                    "prompt_tokens": t0}
             for name, extra in hf.items():
+                gen = {**kw, **extra}
                 if not warm:
-                    model.generate(enc.input_ids, **kw, **extra)
-                out, s = best_of(args.reps, lambda: model.generate(enc.input_ids, **kw, **extra))
+                    model.generate(enc.input_ids, **gen)
+                out, s = best_of(args.reps, lambda: model.generate(enc.input_ids, **gen))
                 row[name] = {"tok_s": (out.shape[1] - t0) / s, "new": out.shape[1] - t0}
                 if name == "hf":   # its tokens let scripts/replay_lookup.py rebuild the next turn's prompt
                     answers.append(tok.decode(out[0, t0:], skip_special_tokens=True))
                     row[name]["tokens"] = out[0, t0:].tolist()
             warm = True
             outputs = {}
-            for name, spec in methods.items():
-                spec.generate(enc.input_ids, **kw)  # untimed: captures (and compiles) this prompt's view buckets
-                out, s = best_of(args.reps, lambda: spec.generate(enc.input_ids, return_dict_in_generate=True, **kw))
+            for name, (spec, extra) in methods.items():
+                gen = {**kw, **extra, "return_dict_in_generate": True}
+                out, s, first = first_and_best(args, spec, lambda: spec.generate(enc.input_ids, **gen))
                 st = out.spec_stats
                 outputs[name] = out.sequences[0, t0:]
                 row[name] = {"tok_s": len(outputs[name]) / s, "tau": st.tau, "steps": st.num_steps,
                              "ms_per_step": 1e3 * s / st.num_steps, "new": len(outputs[name]),
-                             "undrafted": st.undrafted_steps,
+                             "undrafted": st.undrafted_steps, "best_s": s, **first,
                              "tokens": outputs[name].tolist()}   # kept so a divergence can be re-examined later
             for name, new in outputs.items():  # first divergence from the same-engine no-drafter output
-                base = outputs[base_of(name, compile_)]
-                if new is base:
+                base = outputs.get(base_of(name))
+                if base is None or new is base or name.endswith("sampled"):
                     continue
                 m = min(len(new), len(base))
                 diff = (new[:m] != base[:m]).nonzero()
@@ -166,9 +207,9 @@ def per_prompt(args, model, tok, assistant, on_row=None):
             print(json.dumps({k: ({m: v for m, v in x.items() if m != "tokens"} if isinstance(x, dict) else x)
                               for k, x in row.items()}), flush=True)
     profile = {}
-    for name in (base_name, base_name + " lookup", "draft model"):
-        if name in methods:
-            profile[name] = methods[name].engine.step_profile()
+    for name, (spec, _) in methods.items():
+        if not name.endswith("sampled"):
+            profile[name] = spec.engine.step_profile()
     ctx = max(r["prompt_tokens"] for r in rows) + args.max_new_tokens // 2
     floor = step_floor(model, batch=1, context=ctx)
     return rows, profile, floor, list(methods), list(hf), base_name
@@ -193,27 +234,28 @@ def hf_new_tokens(new, eos: set[int]) -> int:
     return total
 
 
-def batch_sweep(args, model, tok):
-    """Throughput and τ at several batch sizes: graphed baseline, graphed lookup, and lookup with
-    the batch-size policy (``max_draft_batch``) switching drafting off above it."""
+def batch_sweep(args, model, tok, assistant):
+    """Throughput and τ at several batch sizes (first turns): the compiled baseline, lookup, lookup
+    with the batch-size policy (``max_draft_batch``) switching drafting off above it, and the draft
+    model when there is one."""
     prompts = builtin(args.categories, 8)
     out = []
+    fast = dict(cuda_graphs=True, chunk_steps=args.chunk_steps, compile=not args.no_compile)
     for b in args.batches:
         batch = (prompts * (b // len(prompts) + 1))[:b]
         enc = encode(tok, batch)
         kw = dict(attention_mask=enc.attention_mask, max_new_tokens=args.batch_tokens, do_sample=False)
-        methods = {"baseline": specdec.wrap(model, cuda_graphs=True, chunk_steps=args.chunk_steps),
-                   "lookup": specdec.wrap(model, drafter=PromptLookup(8), cuda_graphs=True, chunk_steps=args.chunk_steps),
+        methods = {"baseline": specdec.wrap(model, **fast),
+                   "lookup": specdec.wrap(model, drafter=PromptLookup(8), **fast),
                    f"lookup max_draft_batch={args.policy}": specdec.wrap(
-                       model, drafter=PromptLookup(8), cuda_graphs=True, chunk_steps=args.chunk_steps,
-                       max_draft_batch=args.policy)}
-        if args.min_tau is not None:
-            methods[f"lookup min_tau={args.min_tau}"] = specdec.wrap(
-                model, drafter=PromptLookup(8), cuda_graphs=True, chunk_steps=args.chunk_steps, min_tau=args.min_tau)
+                       model, drafter=PromptLookup(8), max_draft_batch=args.policy, **fast)}
+        if assistant is not None:
+            methods["draft model"] = specdec.wrap(model, drafter=DraftModel(assistant, num_tokens=4), **fast)
         row = {"batch": b}
-        model.generate(enc.input_ids, **kw)
-        ref, s = timed(lambda: model.generate(enc.input_ids, **kw))
-        row["hf"] = {"tok_s": hf_new_tokens(ref[:, enc.input_ids.shape[1]:], eos_ids(model, tok)) / s}
+        if "hf" in args.hf:
+            model.generate(enc.input_ids, **kw)
+            ref, s = timed(lambda: model.generate(enc.input_ids, **kw))
+            row["hf"] = {"tok_s": hf_new_tokens(ref[:, enc.input_ids.shape[1]:], eos_ids(model, tok)) / s}
         for name, spec in methods.items():
             spec.generate(enc.input_ids, **kw)
             res, s = timed(lambda: spec.generate(enc.input_ids, return_dict_in_generate=True, **kw))
@@ -230,11 +272,14 @@ def ratios(rows, base_name: str, names) -> dict[str, tuple[float, float | None]]
     def tau(n):
         steps = sum(r[n]["steps"] for r in rows)
         return sum(r[n]["tau"] * r[n]["steps"] for r in rows) / steps if steps else None
-    out = {f"{base_name} × HF": (pooled(rows, base_name) / pooled(rows, "hf"), None)}
-    for n in (base_name + " lookup", "lookup min_tau", "draft model"):
-        if n in names:
-            out[f"{n} × {base_name}"] = (pooled(rows, n) / pooled(rows, base_name), tau(n))
-    if base_name + " lookup" in names:
+    out = {f"{base_name} × HF": (pooled(rows, base_name) / pooled(rows, "hf"), None)} if "hf" in rows[0] else {}
+    for n in names:
+        b = base_of(n)
+        if n != b and b in names and not n.startswith("graphed"):
+            out[f"{n} × {b}"] = (pooled(rows, n) / pooled(rows, b), tau(n))
+    if "compiled sampled" in names:
+        out["sampled × greedy"] = (pooled(rows, "compiled sampled") / pooled(rows, base_name), None)
+    if base_name + " lookup" in names and "hf lookup" in rows[0]:
         out["lookup × HF lookup"] = (pooled(rows, base_name + " lookup") / pooled(rows, "hf lookup"), None)
     if "draft model" in names and "hf assisted" in names:
         out["draft model × HF assisted"] = (pooled(rows, "draft model") / pooled(rows, "hf assisted"), None)
@@ -273,13 +318,18 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compile-options", default=None,
                     help='Inductor options for the compiled methods, as JSON, e.g. \'{"coordinate_descent_tuning": true}\'')
-    ap.add_argument("--no-bucket-prefill", action="store_true",
-                    help="bucket_prefill=False in every engine method (the eager, launch-bound prefill)")
+    ap.add_argument("--sampling", action="store_true", help="also sample (T 0.7, top-p 0.9): HF, no drafter, lookup")
+    ap.add_argument("--exit-layer", type=int, default=None, help="also LayerSkip and Kangaroo exiting after this layer")
+    ap.add_argument("--hf", nargs="*", default=["hf", "hf lookup", "hf sampled", "hf assisted"],
+                    help="the HF methods to time (hf greedy is needed for the × HF ratios)")
+    ap.add_argument("--prompts-file", nargs="*", default=[],
+                    help="more prompts (jsonl: category, question_id, turns), e.g. HumanEval; pick them by category")
     ap.add_argument("--no-fp32", action="store_true")
     ap.add_argument("--no-graphed", action="store_true", help="skip the uncompiled (graphed) methods")
     ap.add_argument("--sync-baseline", action="store_true",
                     help="also run the compiled baseline with pipeline=False (each chunk read back before the next)")
     ap.add_argument("--batches", type=int, nargs="*", default=[])
+    ap.add_argument("--no-turns", action="store_true", help="skip the per-prompt table (e.g. a batch sweep alone)")
     ap.add_argument("--batch-tokens", type=int, default=128)
     ap.add_argument("--policy", type=int, default=4, help="max_draft_batch for the batch sweep's policy run")
     ap.add_argument("--min-tau", type=float, default=None,
@@ -291,25 +341,31 @@ def main() -> None:
     if args.tables:
         print(tables(args.tables))
         return
+    PROMPT_FILES.extend(args.prompts_file)
     report = {"model": args.model, "assistant": args.assistant, "max_new_tokens": args.max_new_tokens,
-              "compile_options": args.compile_options, "reps": args.reps, "bucket_prefill": not args.no_bucket_prefill,
+              "compile_options": args.compile_options, "reps": args.reps,
               "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     if not args.no_fp32:
         report["fp32_exact"] = fp32_check(args.model, args.assistant)
 
-    model, tok = specdec.load_model(args.model, dtype="bfloat16", device="cuda")
+    model, tok = specdec.load_model(args.model, dtype="bfloat16", device=DEVICE)
     tok.padding_side = "left"
-    assistant = specdec.load_model(args.assistant, dtype="bfloat16", device="cuda")[0] if args.assistant else None
+    assistant = specdec.load_model(args.assistant, dtype="bfloat16", device=DEVICE)[0] if args.assistant else None
     out = Path(args.out)
 
     def save(rows):   # after every turn, so a run cut short by a time limit keeps its rows
         out.write_text(json.dumps({**report, "rows": rows, "partial": True}, indent=1))
 
+    if args.no_turns:
+        report["batch_sweep"] = batch_sweep(args, model, tok, assistant)
+        out.write_text(json.dumps(report, indent=1))
+        return
     rows, profile, floor, names, hf_names, base_name = per_prompt(args, model, tok, assistant, on_row=save)
     report.update(rows=rows, step_profile=profile, floor_ms=floor.ms, floor_bytes=floor.bytes)
-    if args.batches:
-        report["batch_sweep"] = batch_sweep(args, model, tok)
     out.write_text(json.dumps(report, indent=1))
+    if args.batches:
+        report["batch_sweep"] = batch_sweep(args, model, tok, assistant)
+        out.write_text(json.dumps(report, indent=1))
 
     print(f"\n{args.model}, bf16, batch 1, {args.max_new_tokens} new tokens a turn, chunk {args.chunk_steps} steps")
     print(summary(rows, hf_names + names, base_name))

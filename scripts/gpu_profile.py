@@ -1,12 +1,13 @@
-"""Which compile settings make the captured decode step fastest, and where its device time goes
-(issue 6). One process, one model, bf16, batch 1, greedy:
+"""Where a captured decode step's device time goes (issues 6 and 15). One process, one model,
+bf16, batch 1, greedy:
 
-- an A/B of engine variants on the same prompts: the compiled baseline, the same with Inductor's
-  ``coordinate_descent_tuning``, and prompt lookup with its proposal eager or compiled (each
-  with and without that tuning). Per variant: pooled tokens/s over the prompts (best of
-  ``--reps`` timed calls each), and the step's device time by phase (``engine.step_profile()``);
-- a kernel table (torch profiler, CUDA activity) of one generate call for the compiled baseline
-  and for compiled lookup: the kernels that take the most device time, with counts per step.
+- an A/B of engine variants on the same prompts: the graphed (uncompiled) and compiled baselines,
+  compiled with attention through the dense mask instead of the tree kernel ("mask"), and prompt
+  lookup likewise, with its match eager ("eager propose") or compiled. Per variant: pooled
+  tokens/s over the prompts (best of ``--reps`` timed calls each), and the step's device time by
+  phase (``engine.step_profile()``), and the drafted step's cost over the plain one;
+- a kernel table (torch profiler, CUDA activity) of one generate call per named variant: the
+  kernels that take the most device time, with counts per step.
 
     SPECDEC_GGUF_DIR=/tmp/stage python scripts/gpu_profile.py --out $OUT/profile.json
     SPECDEC_GGUF_DIR=/tmp/stage python scripts/gpu_profile.py --model zoo:qwen2.5-coder-1.5b-instruct
@@ -29,21 +30,35 @@ TUNED = {"coordinate_descent_tuning": True}
 
 
 class EagerProposeLookup(PromptLookup):
-    """Prompt lookup whose proposal stays eager inside compiled chunks (the A/B's control)."""
+    """Prompt lookup whose match stays eager inside compiled steps (the A/B's control)."""
 
-    compiled_propose = None
+    def compile(self, options) -> None:
+        pass
 
 
-def variants(model, bucket_prefill: bool | None) -> dict:
+def variants(model) -> dict:
     """Name -> a function that wraps the model that way (only the variants a run names get built)."""
-    kw = dict(cuda_graphs=True, bucket_prefill=bucket_prefill)
+    kw = dict(cuda_graphs=True)
     return {
+        "graphed": lambda: specdec.wrap(model, **kw),
         "compiled": lambda: specdec.wrap(model, compile=True, **kw),
+        "compiled mask": lambda: specdec.wrap(model, compile=True, **kw),
         "compiled cdt": lambda: specdec.wrap(model, compile=TUNED, **kw),
+        "lookup graphed": lambda: specdec.wrap(model, drafter=PromptLookup(8), **kw),
         "lookup eager propose": lambda: specdec.wrap(model, drafter=EagerProposeLookup(8), compile=True, **kw),
         "lookup": lambda: specdec.wrap(model, drafter=PromptLookup(8), compile=True, **kw),
-        "lookup cdt": lambda: specdec.wrap(model, drafter=PromptLookup(8), compile=TUNED, **kw),
+        "lookup mask": lambda: specdec.wrap(model, drafter=PromptLookup(8), compile=True, **kw),
     }
+
+
+def warm(name: str, spec, enc, kw) -> None:
+    """The untimed first call (compiles and captures). A "mask" variant then switches its Decoder
+    to dense-mask attention and captures again."""
+    spec.generate(enc.input_ids, **kw)
+    if name.endswith("mask") and spec.engine._decoder.contiguous:
+        spec.engine._decoder.contiguous = False
+        spec.engine._decoder._graphs.clear()
+        spec.generate(enc.input_ids, **kw)
 
 
 def kernel_table(spec, enc, new: int, top: int = 18) -> dict:
@@ -51,7 +66,6 @@ def kernel_table(spec, enc, new: int, top: int = 18) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     kw = dict(attention_mask=enc.attention_mask, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
-    spec.generate(enc.input_ids, **kw)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         out = spec.generate(enc.input_ids, **kw)
         torch.cuda.synchronize()
@@ -74,12 +88,11 @@ def main() -> None:
     ap.add_argument("--model", default="zoo:smollm2-135m-instruct")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--no-bucket-prefill", action="store_true", help="bucket_prefill=False in every variant")
     ap.add_argument("--variants", nargs="+", default=None, help="run only these variants, in this order")
     ap.add_argument("--kernels", nargs="*", default=["compiled", "lookup"], help="variants to profile by kernel")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    names = variants(None, None)   # the names only: nothing is built until called
+    names = variants(None)   # the names only: nothing is built until called
     unknown = sorted((set(args.variants or []) | set(args.kernels)) - set(names))
     if unknown:
         ap.error(f"unknown variant(s) {unknown}; choose from {sorted(names)}")
@@ -88,8 +101,8 @@ def main() -> None:
     encs = [tok([render(tok, p["turns"][:1], [])], return_tensors="pt", add_special_tokens=False).to("cuda")
             for p in prompts]
     result = {"model": args.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "bucket_prefill": not args.no_bucket_prefill, "variants": {}}
-    make = variants(model, False if args.no_bucket_prefill else None)
+              "variants": {}}
+    make = variants(model)
     specs = {n: make[n]() for n in dict.fromkeys([*(args.variants or make), *args.kernels])}
     for name in args.variants or make:
         spec = specs[name]
@@ -97,7 +110,7 @@ def main() -> None:
         for enc in encs:
             kw = dict(attention_mask=enc.attention_mask, max_new_tokens=args.max_new_tokens, do_sample=False,
                       return_dict_in_generate=True)
-            spec.generate(enc.input_ids, **kw)   # untimed: compiles and captures
+            warm(name, spec, enc, kw)
             out, s = best_of(args.reps, lambda: spec.generate(enc.input_ids, **kw))
             tokens += out.sequences.shape[1] - enc.input_ids.shape[1]
             seconds += s
@@ -106,10 +119,17 @@ def main() -> None:
         result["variants"][name] = row
         print(name, json.dumps(row), flush=True)
     base = result["variants"].get("compiled", next(iter(result["variants"].values())))["tok_s"]
+    plain = {n: sum(r["step_ms"].values()) for n, r in result["variants"].items()}
+    for drafted, undrafted in (("lookup", "compiled"), ("lookup mask", "compiled mask"), ("lookup graphed", "graphed")):
+        if drafted in plain and undrafted in plain:
+            result[f"{drafted} step / {undrafted} step"] = plain[drafted] / plain[undrafted]
+            print(f"{drafted} step / {undrafted} step: {plain[drafted] / plain[undrafted]:.3f}", flush=True)
     for name, row in result["variants"].items():
         print(f"{name:22s} {row['tok_s']:8.1f} tok/s  × compiled {row['tok_s'] / base:5.3f}  τ {row['tau']:.2f}  "
               f"step {sum(row['step_ms'].values()):.3f} ms {json.dumps({k: round(v, 3) for k, v in row['step_ms'].items()})}")
     for name in args.kernels:
+        kw = dict(attention_mask=encs[0].attention_mask, max_new_tokens=64, do_sample=False)
+        warm(name, specs[name], encs[0], kw)
         table = kernel_table(specs[name], encs[0], 64)
         result[f"kernels {name}"] = table
         print(f"\n{name}: {table['device_ms_per_step']:.3f} device ms per step, "

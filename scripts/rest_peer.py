@@ -31,11 +31,12 @@ import torch
 import specdec
 from specdec.bench.prompts import builtin, render, select
 from specdec.datastore import Datastore
+from specdec.drafters.base import DraftSpec, Drafter
 from specdec.drafters.rest import RestDrafter, Trie
 from specdec.verifiers.tree import DraftTree
 
 
-class DraftRetrieverAdapter:
+class DraftRetrieverAdapter(Drafter):
     """A specdec drafter around ``draftretriever.Reader``: REST's search, our DraftTree.
 
     ``Reader.search(suffix, k, choices, long)`` returns the kept trie as padded token paths
@@ -50,15 +51,13 @@ class DraftRetrieverAdapter:
             raise ValueError("draftretriever 0.1.1 aborts on one-token queries; use min_suffix >= 2")
         self.path, self.reader, self.vocab_size = path, None, vocab_size
         self.num_nodes, self.max_depth = num_nodes, max_depth
+        self.spec = DraftSpec(num_nodes=num_nodes, device_only=False)  # a host search every step
         self.max_suffix, self.min_suffix, self.k = max_suffix, min_suffix, k
 
     def begin(self, ctx) -> None:
         import draftretriever
 
         self.reader = draftretriever.Reader(self.path)  # fresh: search() adds each query to the index
-
-    def observe(self, outcome) -> None:
-        pass
 
     def draft_row(self, context: list[int]) -> Trie:
         for m in range(min(self.max_suffix, len(context)), self.min_suffix - 1, -1):

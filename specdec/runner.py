@@ -23,7 +23,7 @@ from torch import Tensor
 
 from specdec.cache import KVCache
 from specdec.fused import FusedLayers, run_layer, unfusable
-from specdec.kernels import masked_attention_reference, tree_attention
+from specdec.kernels import masked_attention_reference, tree_attention_op
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
 # "auto": the Triton tree-attention kernel for verification steps on CUDA, the torch reference
@@ -41,7 +41,7 @@ def _specdec_attention(module, query, key, value, attention_mask, scaling=None, 
     """
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if specdec_tree is not None:
-        out = tree_attention(query, key, value, *specdec_tree, scale)
+        out = tree_attention_op(query, key, value, *specdec_tree, scale)
     else:
         out = masked_attention_reference(query, key, value, attention_mask, scale)
     return out.transpose(1, 2).contiguous(), None

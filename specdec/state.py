@@ -29,16 +29,16 @@ class DecodeState:
     """
 
     target: "object"  # specdec.runner.ModelRunner of the target model
-    cache: "object"  # the target's specdec.cache.KVCache; cache.lengths == seq_len - 1 between steps
     tokens: Tensor  # [B, L] long, committed tokens, left padded
     seq_len: Tensor  # [B] long, committed tokens per row, padding included
     start: Tensor  # [B] long, index of each row's first real token
-    active: Tensor  # [B] long, 1 while the row decodes; a frozen row (0) gains nothing
     params: SamplingParams
     # Static upper bound on every row's seq_len during the current steps: drafters read
     # tokens[:, :max_seq_len] and attend over cache views of max_seq_len + their own scratch.
     max_seq_len: int
     capacity: int  # L, the token buffer's and the cache's length
+    cache: "object" = None  # the target's specdec.cache.KVCache; cache.lengths == seq_len - 1 between steps
+    active: Tensor | None = None  # [B] long, 1 while the row decodes; a frozen row (0) gains nothing
     # [E, B, N + 1, H]: the target's hidden states after each of the drafter's ``spec.hidden_layers``
     # at the root and every node of the last verification (None when the drafter asks for none).
     hidden: Tensor | None = None

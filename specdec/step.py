@@ -126,6 +126,7 @@ class Decoder:
         self.prefill_in = None  # static prefill inputs (tokens, positions, slots, among, offset)
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}  # (kind, view, drafting) -> graph
         self.compiled = bool(compile)
+        self.contiguous = True  # verification attends through the tree kernel; False: the dense mask
         self._forward = compiled(self._target, compile) if compile else self._target
         if compile:
             drafter.compile(compile if isinstance(compile, dict) else None)
@@ -225,9 +226,9 @@ class Decoder:
     def _verify(self, view: int, tree: DraftTree):
         s = self.state
         v = verify_inputs(tree, s.tokens, s.seq_len, s.start)
-        # Compiled, attention goes through the dense mask (Inductor fuses it); eager steps use the
-        # tree-attention kernel on CUDA, which reads each row's length.
-        logits, hidden = self._forward(v.tokens, v.positions, v.slots, v.among, view, contiguous=not self.compiled)
+        # On CUDA full-attention layers use the tree-attention kernel (an opaque operator under
+        # compile), which reads each row's length: the whole-cache view costs nothing extra.
+        logits, hidden = self._forward(v.tokens, v.positions, v.slots, v.among, view, contiguous=self.contiguous)
         return tree, v, logits, hidden
 
     def _accept(self, tree: DraftTree, v: VerifyInputs, logits: Tensor, hidden: Tensor | None):

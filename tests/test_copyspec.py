@@ -11,7 +11,7 @@ from tiny import ARCHS, hf_greedy, make_tiny, ragged_batch
 import specdec
 from specdec.drafters import DraftModel, PromptLookup, VocabularyMismatchError, build_drafter
 from specdec.drafters import copyspec
-from specdec.drafters.base import DecodeContext
+from specdec.drafters.base import DecodeContext, DraftSpec, Drafter
 from specdec.drafters.copyspec import BASE, MODULUS, CopySpec, GramIndex
 from specdec.verifiers.acceptance import SamplingParams
 from specdec.verifiers.tree import DraftTree
@@ -74,22 +74,20 @@ def test_hash_collisions_never_give_a_wrong_match():
 
 # ---------------------------------------------------------------- the merged tree
 
-class FixedDrafter:
+class FixedDrafter(Drafter):
     """A fallback that always offers the same tree; counts calls."""
 
     def __init__(self, tree: DraftTree, stateless: bool):
         self.tree, self.stateless = tree, stateless
+        self.spec = DraftSpec(num_nodes=tree.num_nodes)
         self.num_nodes = tree.num_nodes
         self.calls = self.observed = 0
-
-    def begin(self, ctx):
-        pass
 
     def propose(self, ctx):
         self.calls += 1
         return self.tree
 
-    def observe(self, outcome):
+    def observe(self, ctx, outcome):
         self.observed += 1
 
 
@@ -133,7 +131,7 @@ def test_fallback_calls_stateless_versus_stateful():
         drafter = CopySpec(gamma=2, num_tokens=3, fallback=inner)
         drafter.begin(ctx)
         tree = drafter.propose(ctx)
-        drafter.observe(None)
+        drafter.observe(ctx, None)
         assert tree.tokens[0].tolist() == [3, 1, 2] and tree.valid[0].tolist() == [True, True, True]
         assert inner.calls == inner.observed == calls
     # No match and no fallback: nothing to verify but the root (on CPU the unused nodes are cut).

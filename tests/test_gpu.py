@@ -89,9 +89,11 @@ def test_sampling_inside_captured_steps_keeps_the_target_distribution(kind):
     counts = torch.bincount((out[:, len(prompt)] * v + out[:, len(prompt) + 1]).cpu(), minlength=v * v).double()
     expected = exact * rows
     assert counts[expected == 0].sum() == 0
-    keep = expected >= 5
-    obs = torch.cat([counts[keep], counts[~keep].sum().view(1)])
-    exp = torch.cat([expected[keep], expected[~keep].sum().view(1)])
+    keep, rare = expected >= 5, (expected > 0) & (expected < 5)   # merge the rare cells; drop impossible ones
+    obs = torch.cat([counts[keep], counts[rare].sum().view(1)])
+    exp = torch.cat([expected[keep], expected[rare].sum().view(1)])
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
     assert chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue > 1e-3
 
 

@@ -53,3 +53,33 @@ def test_tables_refuse_runs_of_different_methods(tmp_path):
     (tmp_path / "empty.log").write_text("nothing measured\n")
     with pytest.raises(SystemExit, match="no rows"):
         gpu_fast.tables([tmp_path / "empty.log"])
+
+
+@pytest.mark.zoo
+def test_the_harness_runs_every_method_on_the_cpu(monkeypatch):
+    """A smoke run of ``per_prompt`` on SmolLM2 (CPU, no graphs): every method the GPU run times
+    measures its first call and repeats, and the greedy ones equal the baseline's tokens in fp32."""
+    import argparse
+
+    import specdec
+
+    import time
+
+    monkeypatch.setattr(gpu_fast, "DEVICE", "cpu")
+    monkeypatch.setattr(gpu_fast, "timed", lambda fn: (lambda t: (fn(), time.perf_counter() - t))(time.perf_counter()))
+    real = specdec.wrap
+    monkeypatch.setattr(gpu_fast.specdec, "wrap", lambda model, **kw: real(
+        model, **{k: v for k, v in kw.items() if k not in ("cuda_graphs", "compile")}))
+    model, tok = specdec.load_model("zoo:smollm2-135m-instruct", dtype="float32", device="cpu")
+    args = argparse.Namespace(chunk_steps=1, no_compile=False, compile_options=None, no_graphed=True,
+                              sync_baseline=False, min_tau=None, sampling=True, exit_layer=20, reps=1,
+                              categories=["summarization"], per_category=1, max_new_tokens=6, hf=["hf"])
+    rows, profile, floor, names, hf_names, base = gpu_fast.per_prompt(args, model, tok, None)
+    assert hf_names == ["hf"] and base == "compiled"
+    assert set(names) == {"compiled", "compiled lookup", "compiled sampled", "lookup sampled", "layerskip", "kangaroo"}
+    for r in rows:
+        for n in names:
+            assert r[n]["new"] == 6 and r[n]["first_s"] > 0 and r[n]["new_compiles"] == 0
+            if not n.endswith("sampled"):
+                assert r[n]["tokens"] == r["compiled"]["tokens"] == r["hf"]["tokens"], n
+    assert "sampled × greedy" in gpu_fast.table(rows, hf_names + names, base)

@@ -57,11 +57,14 @@ def test_drafts_follow_the_ranking_rule(k, max_n, min_n, m):
 
 
 def test_compiled_propose_equals_eager():
-    """``compiled_propose`` (what captured chunks use with ``compile=True``) is the same function
-    under Inductor: identical drafts on random contexts of one static width."""
+    """``compile`` (what the engine calls with ``compile=True``) puts the same function under
+    Inductor: identical drafts on random contexts of one static width."""
     rng = random.Random(7)
     drafter = PromptLookup(num_tokens=4, max_ngram=3, num_branches=2)
-    compiled = drafter.compiled_propose()
+    fast = PromptLookup(num_tokens=4, max_ngram=3, num_branches=2)
+    fast.compile(None)
+    assert fast._match_fn is not fast._match
+    compiled = fast.propose
     b, width, drafted = 3, 32, 0
     for trial in range(6):
         tokens = torch.tensor([[rng.randrange(5) for _ in range(width + 8)] for _ in range(b)])
