@@ -222,13 +222,14 @@ class EagleHeadModel(nn.Module):
             cache: an object with HF's ``update(key, value, layer_idx)`` (`HeadCache`, or the
                 engine's ``KVCache``); it receives this step's K/V and returns all S slots. None:
                 the Q tokens attend only among themselves.
-            mask: [B, 1, Q, S] bool, True where a query may attend. None: `causal_mask` over the
-                cache's past slots and the new tokens.
+            mask: [B, 1, Q, S] bool, True where a query may attend. None (no cache or a
+                `HeadCache` only): `causal_mask` over the cache's past slots and the new tokens.
         """
         b, q = token_ids.shape
         if mask is None:
-            past = cache.length if isinstance(cache, HeadCache) else 0
-            mask = causal_mask(b, q, past, token_ids.device)
+            if cache is not None and not isinstance(cache, HeadCache):
+                raise ValueError("pass mask= with a cache other than HeadCache (its slots are the caller's)")
+            mask = causal_mask(b, q, cache.length if cache is not None else 0, token_ids.device)
         layer = self.layers[0]
         embeds = self.embed_tokens(token_ids).to(hidden.dtype)                                  # [B, Q, H]
         x = torch.cat([layer.input_layernorm(embeds), layer.hidden_norm(hidden)], dim=-1)     # [B, Q, 2H]
@@ -407,6 +408,10 @@ def _read_folder(folder, model_type: str) -> tuple[dict, dict]:
     return config, load_file(str(folder / WEIGHTS_NAME))
 
 
+def _kind(t: Tensor) -> str:
+    return "bool" if t.dtype == torch.bool else "float" if t.is_floating_point() else "int"
+
+
 def _load_checked(module: nn.Module, tensors: dict, folder) -> None:
     """Copy ``tensors`` into ``module`` after checking names, shapes and dtypes; else say what is wrong."""
     expected = module.state_dict()
@@ -416,7 +421,7 @@ def _load_checked(module: nn.Module, tensors: dict, folder) -> None:
         want, got = expected[k], tensors[k]
         if want.shape != got.shape:
             problems.append(f"{k} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
-        elif want.is_floating_point() != got.is_floating_point() or (want.dtype == torch.bool) != (got.dtype == torch.bool):
+        elif _kind(want) != _kind(got):
             problems.append(f"{k} has dtype {got.dtype}, expected {want.dtype}")
     if problems:
         raise HeadCheckpointError(f"{Path(folder) / WEIGHTS_NAME} does not fit {type(module).__name__}: "
