@@ -36,3 +36,14 @@ def test_experiment_sets_the_real_run():
     with initialize_config_module("specdec.conf", version_base=None):
         cfg = compose("train", overrides=["+experiment=distill_smollm2_cpu"])
     assert cfg.method.draft.layers == 4 and cfg.steps == 60 and cfg.model.spec == "zoo:smollm2-135m-instruct"
+
+
+@pytest.mark.parametrize("experiment, method", [("eagle_smollm2_cpu", "eagle"), ("medusa_smollm2_cpu", "medusa")])
+def test_head_experiments_hold_deltas_over_their_method(experiment, method):
+    """A head experiment switches the method group and changes only a few keys of it."""
+    with initialize_config_module("specdec.conf", version_base=None):
+        cfg = compose("train", overrides=[f"+experiment={experiment}"])
+        plain = compose("train", overrides=[f"method={method}"])
+    assert cfg.method.name == method and cfg.model.spec == "zoo:smollm2-135m-instruct"
+    assert cfg.method.responses.do_sample == plain.method.responses.do_sample  # inherited, not repeated
+    assert cfg.steps != plain.steps and cfg.eval.tau_prompts == 0

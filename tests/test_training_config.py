@@ -43,7 +43,20 @@ def test_every_option_composes(group, option):
         cfg = compose("train", overrides=[f"{group}={option}"])
     plain = OmegaConf.to_container(cfg, resolve=True)
     assert plain[group] and {"model", "method", "data", "optim", "logger", "eval"} <= set(plain)
-    assert cfg.method.name == "distill" and cfg.model.spec
+    assert cfg.method.name == (option.removesuffix("_lora") if group == "method" else "distill") and cfg.model.spec
+
+
+@pytest.mark.parametrize("method", ["eagle", "medusa"])
+def test_head_methods_compose_with_every_other_group(method):
+    """method=eagle|medusa brings its own keys, turns the engine's τ off, and composes with each data/logger option."""
+    for group, options in train_groups().items():
+        for option in options if group not in ("method", "model") else []:
+            with initialize_config_module("specdec.conf", version_base=None):
+                cfg = compose("train", overrides=[f"method={method}", f"{group}={option}"])
+            assert cfg.method.name == method and cfg.eval.tau_prompts == 0 and cfg.method.responses.max_new_tokens
+    with initialize_config_module("specdec.conf", version_base=None):
+        with pytest.raises(ConfigCompositionException):
+            compose("train", overrides=[f"method={method}", "method.draft.layers=3"])  # a distill key
 
 
 @pytest.mark.parametrize("override,key", [("optim.lrr=0.1", "lrr"), ("method.draft.layer=3", "layer"),

@@ -1,14 +1,17 @@
-"""Training for drafters: DistillSpec distillation of draft models (`method=distill`).
+"""Training for drafters: DistillSpec distillation of draft models (`method=distill`), and draft
+heads on the target's hidden states (`method=eagle`, `method=medusa`).
 
 `train(cfg)` runs the method that ``cfg.method.name`` names on a composed config; the
 `specdec-train` command composes that config with Hydra (see `specdec.training.entry`).
 `load_draft(path)` loads a trained draft, merging a LoRA adapter into its base.
 """
-from .distill import DistillTrainer, TrainResult, train_distill
+from .distill import DistillTrainer, train_distill
+from .heads import EagleTrainer, MedusaTrainer, train_eagle, train_medusa
 from .losses import DIVERGENCES, acceptance, divergence
 from .models import draft_from_layers, load_draft
+from .trainer import TrainResult, Trainer
 
-METHODS = {"distill": train_distill}
+METHODS = {"distill": train_distill, "eagle": train_eagle, "medusa": train_medusa}
 
 
 def train(cfg) -> TrainResult:
@@ -19,5 +22,6 @@ def train(cfg) -> TrainResult:
     return METHODS[name](cfg)
 
 
-__all__ = ["DIVERGENCES", "DistillTrainer", "METHODS", "TrainResult", "acceptance", "divergence",
-           "draft_from_layers", "load_draft", "train", "train_distill"]
+__all__ = ["DIVERGENCES", "DistillTrainer", "EagleTrainer", "METHODS", "MedusaTrainer", "TrainResult", "Trainer",
+           "acceptance", "divergence", "draft_from_layers", "load_draft", "train", "train_distill", "train_eagle",
+           "train_medusa"]

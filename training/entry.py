@@ -20,7 +20,7 @@ def _main(cfg: DictConfig) -> None:
         cfg.output_dir = HydraConfig.get().runtime.output_dir
     result = train(cfg)
     if os.environ.get("RANK", "0") == "0":  # torchrun sets RANK; print once
-        print(f"draft saved to {result.draft_dir}")
+        print(f"saved to {result.draft_dir}")
         print(f"before: {result.before}\nafter:  {result.after}")
 
 
