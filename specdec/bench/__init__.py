@@ -9,7 +9,18 @@ a markdown table by category and plots. ``collect`` merges a multirun sweep into
 """
 from specdec.bench.prompts import Prompt, builtin, humaneval, select, specbench
 from specdec.bench.report import collect
-from specdec.bench.run import CollectCallback, hydra_main, make_row, run_bench
+
+_RUN = ("CollectCallback", "hydra_main", "make_row", "run_bench")
+
+
+def __getattr__(name):
+    """The Hydra runner loads on first use, so ``specdec.bench.measure`` and the GPU scripts
+    import without hydra-core (the GPU machine has none)."""
+    if name in _RUN:
+        from specdec.bench import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module 'specdec.bench' has no attribute {name!r}")
 
 __all__ = ["CollectCallback", "Prompt", "builtin", "collect", "humaneval", "hydra_main", "make_row",
            "run_bench", "select", "specbench"]
