@@ -1,14 +1,17 @@
 """ModelRunner: drives an HF decoder's own modules over the engine's KV cache.
 
-It calls the embedding, the decoder layers, the final norm and the LM head in order, never the
-model's ``forward``. That lets one forward pass:
+It calls the embedding, each decoder layer's own modules (norms, projections, q/k norms, MLP),
+the final norm and the LM head in order, never the model's or a layer's ``forward``. That lets
+one forward pass:
 
 - take explicit positions and an arbitrary per-row visibility mask (tree attention);
 - stop at any layer or skip any set of layers (self-drafting, early exit);
 - return hidden states.
 
-HF's own code still does rotary embeddings, q/k norms and projections per architecture; the
-attention itself goes through a registered attention function that applies our mask.
+HF's own code still does rotary embeddings (the architecture's ``apply_rotary_pos_emb``), q/k
+norms and projections; the attention is ours (the tree kernel or the masked reference), called
+directly. Nothing here touches the model's config, so HF's own forward, in any thread, sees
+exactly what it saw before (``specdec.fused.run_layer``).
 
 The runner knows models and masks. It does not know trees, drafters or acceptance.
 """
