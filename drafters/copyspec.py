@@ -122,10 +122,16 @@ class CopySpec(Drafter):
     own cache) is asked every step; a stateless one only when some row has no match.
     ``memory=True`` keeps earlier calls' rows (at most ``memory_tokens`` tokens, oldest dropped
     first) to copy from.
+
+    ``device``: find the match on the device instead (one vectorised pass over each row's whole
+    history per step, the same latest-occurrence rule and periodic copy, no host index), so the
+    drafter is device-only and runs inside captured steps; the fallback is then asked every step
+    and must be device-only too. Default (None): on unless ``memory`` (which needs the host index)
+    or a host-bound fallback rules it out.
     """
 
     def __init__(self, gamma: int = 3, num_tokens: int = 16, fallback=None, memory: bool = False,
-                 memory_tokens: int = 1_000_000):
+                 memory_tokens: int = 1_000_000, device: bool | None = None):
         if gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {gamma}")
         if num_tokens < 1:
@@ -136,6 +142,14 @@ class CopySpec(Drafter):
             fallback = build_drafter(fallback)
         if fallback is not None and not isinstance(fallback, Drafter):
             raise TypeError(f"fallback must be a Drafter, a drafter config or None; got {type(fallback).__name__}")
+        host_fallback = fallback is not None and not fallback.spec.device_only
+        if device is None:
+            device = not memory and not host_fallback
+        if device and (memory or host_fallback):
+            why = "memory=True keeps a host index of earlier calls" if memory else \
+                f"its fallback {type(fallback).__name__} needs the host every step"
+            raise ValueError(f"CopySpec(device=True) cannot run: {why}; pass device=False")
+        self.device = device
         self.gamma = gamma
         self.num_tokens = num_tokens
         self.fallback = fallback
@@ -161,11 +175,12 @@ class CopySpec(Drafter):
 
     @property
     def spec(self) -> DraftSpec:
-        """The index lives on the host and is read every step: one step per sync, eagerly. The
-        rest is the fallback's: its node budget (if larger), lookback, scratch, hidden states."""
+        """Device-only with ``device``; otherwise the index lives on the host and is read every
+        step (one step per sync, eagerly). The rest is the fallback's: its node budget (if
+        larger), lookback, scratch, hidden states."""
         fb = self.fallback.spec if self.fallback is not None else DraftSpec(num_nodes=0)
         return DraftSpec(num_nodes=max(self.num_tokens, fb.num_nodes), lookback=fb.lookback,
-                         scratch_slots=fb.scratch_slots, device_only=False, hidden_layers=fb.hidden_layers,
+                         scratch_slots=fb.scratch_slots, device_only=self.device, hidden_layers=fb.hidden_layers,
                          forwards_per_step=fb.forwards_per_step)
 
     @property
@@ -175,12 +190,20 @@ class CopySpec(Drafter):
     def bind(self, target) -> None:
         if self.fallback is not None:
             self.fallback.bind(target)
+            if self.device and not self.fallback.spec.device_only:
+                raise ValueError(f"CopySpec(device=True) cannot use the fallback {type(self.fallback).__name__}, "
+                                 "which needs the host every step; pass device=False")
 
     def resync(self, ctx: DecodeContext, since: int) -> None:
         if self.fallback is not None:
             self.fallback.resync(ctx, since)
 
     def begin(self, ctx: DecodeContext) -> None:
+        if self.device:
+            self._fallback_called = self.fallback is not None
+            if self.fallback is not None:
+                self.fallback.begin(ctx)
+            return
         if self.memory and self._last is not None:
             self._remember(*self._last)
         b, n = ctx.tokens.shape[0], ctx.max_seq_len
@@ -199,6 +222,10 @@ class CopySpec(Drafter):
             self.fallback.begin(ctx)
 
     def propose(self, ctx: DecodeContext) -> DraftTree:
+        if self.device:
+            copy, found = self._device_copy(ctx)
+            fb = self.fallback.propose(ctx) if self.fallback is not None else None
+            return self._merge_tensors(copy, found.long() * self.num_tokens, fb, ctx.tokens.device, cut=False)
         self._read_new_tokens(ctx, after_step=self._proposals > 0)
         self._proposals += 1
         copies = [[] if done else self._copy(index) for index, done in zip(self._rows, self._done)]
@@ -252,14 +279,38 @@ class CopySpec(Drafter):
             self._rows[r].extend(fresh)
             self._known[r] = seq
 
-    def _merge(self, copies: list[list[int]], fb: DraftTree | None, ctx: DecodeContext) -> DraftTree:
-        """Rows with a copy take it as a chain; the others take the fallback's tree (or nothing).
+    def _device_copy(self, ctx: DecodeContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latest earlier occurrence of each row's last γ tokens, on the device: the ``[B, K]``
+        tokens after it (repeating periodically past the end, as the host index does) and
+        whether the row has a match ``[B]``."""
+        g, k = self.gamma, self.num_tokens
+        tokens = ctx.tokens[:, : ctx.max_seq_len]
+        b, length = tokens.shape
+        dev = tokens.device
+        seq, start = ctx.seq_len.unsqueeze(1), ctx.start.unsqueeze(1)  # [B, 1]
+        suffix = tokens.gather(1, (seq - g + torch.arange(g, device=dev)).clamp(min=0))  # [B, g]
+        # windows[:, e] holds tokens e - g .. e - 1: the γ-gram that ends just before slot e.
+        windows = torch.nn.functional.pad(tokens, (g, 0), value=-1).unfold(1, g, 1)  # [B, L + 1, g]
+        end = torch.arange(length + 1, device=dev).unsqueeze(0)  # [1, L + 1]
+        ok = (windows == suffix.unsqueeze(1)).all(dim=-1) & (end - g >= start) & (end < seq) & (seq - g >= start)
+        best = torch.where(ok, end, -1).max(dim=1).values  # [B] where the copy starts, -1: no match
+        period = (seq.squeeze(1) - best).clamp(min=1)  # the suffix recurs this many tokens later
+        idx = best.unsqueeze(1) + torch.arange(k, device=dev) % period.unsqueeze(1)  # [B, K]
+        return tokens.gather(1, idx.clamp(0, length - 1)), best >= 0
 
-        Both are padded with invalid nodes to ``num_nodes``; the fallback's nodes keep their indices.
-        """
-        b, n, k, dev = len(copies), self.num_nodes, self.num_tokens, ctx.tokens.device
+    def _merge(self, copies: list[list[int]], fb: DraftTree | None, ctx: DecodeContext) -> DraftTree:
+        """Rows with a copy take it as a chain; the others take the fallback's tree (or nothing)."""
+        n, dev = self.num_nodes, ctx.tokens.device
         tok = torch.tensor([c + [0] * (n - len(c)) for c in copies], dtype=torch.long).to(dev)  # [B, N]
         lengths = torch.tensor([len(c) for c in copies]).to(dev)  # [B]
+        return self._merge_tensors(tok, lengths, fb, dev, cut=dev.type != "cuda")
+
+    def _merge_tensors(self, tok: torch.Tensor, lengths: torch.Tensor, fb: DraftTree | None, dev, cut: bool) -> DraftTree:
+        """``tok`` ``[B, <= N]`` copies of ``lengths`` ``[B]`` tokens as chains, else the fallback's
+        tree. Both are padded with invalid nodes to ``num_nodes``; the fallback's nodes keep their
+        indices. ``cut``: drop node columns no row uses (host mode on CPU)."""
+        b, n, k = tok.shape[0], self.num_nodes, self.num_tokens
+        tok = _pad(tok, n - tok.shape[1], 0)
         node = torch.arange(n, device=dev)
         parents = torch.where(node < k, node - 1, torch.full_like(node, -1)).expand(b, n)
         valid = node.unsqueeze(0) < lengths.unsqueeze(1)
@@ -273,7 +324,7 @@ class CopySpec(Drafter):
             if fb.q is not None:  # a copied token is a point mass: q is one-hot there
                 one_hot = torch.nn.functional.one_hot(tok, fb.q.shape[-1]).to(fb.q.dtype)
                 q = torch.where(use_copy.unsqueeze(2), one_hot, _pad(fb.q, pad, 0.0))
-        if dev.type != "cuda":  # cut the node columns no row uses
+        if cut:  # cut the node columns no row uses
             used = int(valid.any(dim=0).nonzero().max()) + 1 if bool(valid.any()) else 0
             tok, parents, valid = tok[:, :used], parents[:, :used], valid[:, :used]
             q = q[:, :used] if q is not None else None

@@ -107,7 +107,7 @@ def test_merge_gives_copies_a_chain_and_other_rows_the_fallback_tree():
     fb_tokens = torch.tensor([[40, 41, 42, 43]] * 2)
     fb = DraftTree.branches(fb_tokens.view(2, 2, 2), torch.ones(2, 2, 2, dtype=torch.bool),
                             q=torch.full((2, 4, 50), 1 / 50))
-    drafter = CopySpec(gamma=2, num_tokens=6, fallback=FixedDrafter(fb, stateless=False))
+    drafter = CopySpec(gamma=2, num_tokens=6, fallback=FixedDrafter(fb, stateless=False), device=False)
     assert drafter.num_nodes == 6
     ctx = context([[9, 1, 2, 3, 4, 5, 6, 7, 1, 2], [11, 12, 13]])   # row 0 repeats "1 2"; row 1 does not
     drafter.begin(ctx)
@@ -128,17 +128,47 @@ def test_fallback_calls_stateless_versus_stateful():
     ctx = context([[1, 2, 3, 1, 2]])   # always a copy
     for stateless, calls in ((True, 0), (False, 1)):
         inner = FixedDrafter(fb, stateless=stateless)
-        drafter = CopySpec(gamma=2, num_tokens=3, fallback=inner)
+        drafter = CopySpec(gamma=2, num_tokens=3, fallback=inner, device=False)
         drafter.begin(ctx)
         tree = drafter.propose(ctx)
         drafter.observe(ctx, None)
         assert tree.tokens[0].tolist() == [3, 1, 2] and tree.valid[0].tolist() == [True, True, True]
         assert inner.calls == inner.observed == calls
     # No match and no fallback: nothing to verify but the root (on CPU the unused nodes are cut).
-    drafter = CopySpec(gamma=2, num_tokens=4)
+    drafter = CopySpec(gamma=2, num_tokens=4, device=False)
     ctx = context([[1, 2, 3, 4], [5, 6]])
     drafter.begin(ctx)
     assert drafter.propose(ctx).num_nodes == 0
+
+
+def test_device_match_equals_the_host_index():
+    """The device mode's vectorised match finds the same latest occurrence and copies the same
+    tokens (periodically past the end) as the host's rolling-hash index, on random histories."""
+    rng = random.Random(3)
+    drafted = 0
+    for trial in range(40):
+        rows = [[rng.randrange(4) for _ in range(rng.randint(1, 14))] for _ in range(3)]
+        ctx = context(rows)
+        host, dev = CopySpec(gamma=2, num_tokens=5, device=False), CopySpec(gamma=2, num_tokens=5)
+        assert dev.device and dev.spec.device_only and not host.spec.device_only
+        host.begin(ctx)
+        dev.begin(ctx)
+        want, got = host.propose(ctx), dev.propose(ctx)
+        for r in range(3):
+            w = want.tokens[r][want.valid[r]].tolist() if want.num_nodes else []
+            assert got.tokens[r][got.valid[r]].tolist() == w, (trial, rows[r])
+            drafted += len(w)
+    assert drafted > 0
+
+
+def test_device_mode_refuses_what_needs_the_host():
+    with pytest.raises(ValueError, match="memory=True.*device=False"):
+        CopySpec(memory=True, device=True)
+    from specdec.drafters import Swift
+
+    with pytest.raises(ValueError, match="Swift needs the host.*device=False"):
+        CopySpec(fallback=Swift(), device=True)
+    assert not CopySpec(memory=True).device and not CopySpec(fallback=Swift()).device
 
 
 def test_built_from_the_hydra_config():
@@ -169,12 +199,15 @@ def drafters_for(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("lengths", [[7], [3, 9, 1, 6]], ids=["batch1", "batch4_ragged"])
-def test_greedy_equals_hf(arch, lengths):
+@pytest.mark.parametrize("steps", [1, 3], ids=["per_step", "device_3_per_sync"])
+def test_greedy_equals_hf(arch, lengths, steps):
+    """Device mode (the default) at one and three steps per sync; the host mode is tested below."""
     model = make_tiny(arch)
     ids, mask = ragged_batch(lengths, model.config.vocab_size, seed=len(lengths))
     ref = hf_greedy(model, ids, mask, max_new_tokens=24, eos_token_id=None)
     for name, drafter in drafters_for(arch).items():
-        out = specdec.wrap(model, drafter=drafter).generate(
+        assert drafter.device
+        out = specdec.wrap(model, drafter=drafter, chunk_steps=steps).generate(
             ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None,
             return_dict_in_generate=True)
         assert torch.equal(out.sequences, ref), f"{arch}/{name} differs from HF greedy"
@@ -194,11 +227,12 @@ def test_copies_are_accepted_on_a_repetitive_model(fallback):
     inner = {"none": None, "lookup": PromptLookup(num_tokens=3, max_ngram=2),
              "draft_model": DraftModel(make_tiny("llama", vocab_size=16, init_range=1.0, num_layers=1, seed=4),
                                        num_tokens=3)}[fallback]
-    drafter = CopySpec(gamma=2, num_tokens=12, fallback=inner)
-    out = specdec.wrap(model, drafter=drafter).generate(
-        ids, attention_mask=mask, max_new_tokens=60, pad_token_id=0, eos_token_id=9, return_dict_in_generate=True)
-    assert torch.equal(out.sequences, ref)
-    assert out.spec_stats.tau > 1.3 and drafter.copied_steps > 0
+    for device in (False, True):
+        drafter = CopySpec(gamma=2, num_tokens=12, fallback=inner, device=device)
+        out = specdec.wrap(model, drafter=drafter).generate(
+            ids, attention_mask=mask, max_new_tokens=60, pad_token_id=0, eos_token_id=9, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, ref), device
+        assert out.spec_stats.tau > 1.3 and (device or drafter.copied_steps > 0)
     assert max(max(r) for r in out.spec_stats.accepted_lengths) >= 8   # a long copied run was accepted
 
 
@@ -207,7 +241,7 @@ def test_collisions_cost_drafts_not_correctness(monkeypatch):
     ids, mask = ragged_batch([6, 2, 11, 4], 16, seed=3)
     ref = hf_greedy(model, ids, mask, max_new_tokens=40, eos_token_id=None)
     monkeypatch.setattr(copyspec, "GramIndex", functools.partial(GramIndex, modulus=3))
-    out = specdec.wrap(model, drafter=CopySpec(gamma=3, num_tokens=8)).generate(
+    out = specdec.wrap(model, drafter=CopySpec(gamma=3, num_tokens=8, device=False)).generate(
         ids, attention_mask=mask, max_new_tokens=40, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True)
     assert torch.equal(out.sequences, ref)
 
@@ -221,7 +255,9 @@ def test_sampling_with_a_draft_model_fallback_runs():
     out = specdec.wrap(model, drafter=drafter).generate(
         ids, attention_mask=mask, max_new_tokens=30, do_sample=True, temperature=0.8, pad_token_id=0,
         eos_token_id=None, return_dict_in_generate=True)
-    assert out.spec_stats.new_tokens == [30] * 4 and out.spec_stats.lossless and drafter.copied_steps > 0
+    assert out.spec_stats.new_tokens == [30] * 4 and out.spec_stats.lossless
+    # A step kept more than the draft model's 3 tokens + 1: a copy was accepted under sampling.
+    assert max(max(r) for r in out.spec_stats.accepted_lengths) > 4
 
 
 def test_memory_lets_a_second_call_copy_the_first_answer():

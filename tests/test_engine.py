@@ -21,7 +21,8 @@ def drafters_for(model, arch):
         "none": None,
         "layerskip": LayerSkip(exit_layer=1, num_tokens=3),
         "kangaroo": LayerSkip.kangaroo(exit_layer=1, num_tokens=4, stop_threshold=0.3),
-        "copyspec": CopySpec(gamma=2, num_tokens=5, fallback=PromptLookup(num_tokens=3)),
+        "copyspec": CopySpec(gamma=2, num_tokens=5, fallback=PromptLookup(num_tokens=3), device=False),
+        "copyspec_device": CopySpec(gamma=2, num_tokens=5, fallback=PromptLookup(num_tokens=3)),
         "rest": RestDrafter(store, num_nodes=6, max_depth=3),
         "swift": Swift(skip_ratio=0.5, num_tokens=3, window=4, max_evals=3),
         "del": DynamicExit(num_tokens=3, exit_layers=[1]),
@@ -311,7 +312,7 @@ def test_drafters_declare_whether_they_need_the_host():
               LayerSkip.kangaroo(exit_layer=1), PromptLookup(num_tokens=3)):
         assert d.spec.device_only, d
         specdec.wrap(model, drafter=d, chunk_steps=4)
-    for d in (CopySpec(), Swift(), DynamicExit(num_tokens=3)):
+    for d in (CopySpec(device=False), Swift(), DynamicExit(num_tokens=3)):
         assert not d.spec.device_only or isinstance(d, DynamicExit)  # DEL decides after binding
         with pytest.raises(ValueError, match=f"chunk_steps.*{type(d).__name__}"):
             specdec.wrap(model, drafter=d, chunk_steps=4)

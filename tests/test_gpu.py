@@ -9,7 +9,7 @@ import torch
 from tiny import ARCHS, hf_greedy, make_tiny, ragged_batch
 
 import specdec
-from specdec.drafters import DraftModel, LayerSkip, PromptLookup
+from specdec.drafters import CopySpec, DraftModel, LayerSkip, PromptLookup
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -26,7 +26,8 @@ def device_drafters(model, arch):
             "draft_adaptive": DraftModel(model, num_tokens=4, schedule="adaptive"),
             "draft_tree": DraftModel(cuda_tiny(arch, seed=7), num_tokens=3, tree_width=2, tree_nodes=5),
             "layerskip": LayerSkip(exit_layer=1, num_tokens=3),
-            "kangaroo": LayerSkip.kangaroo(exit_layer=1, num_tokens=4, stop_threshold=0.3)}
+            "kangaroo": LayerSkip.kangaroo(exit_layer=1, num_tokens=4, stop_threshold=0.3),
+            "copyspec": CopySpec(gamma=2, num_tokens=5, fallback=PromptLookup(num_tokens=3))}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
