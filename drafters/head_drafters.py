@@ -52,7 +52,7 @@ def target_states(state: DecodeState, slots: Tensor, counts: Sequence[int]) -> T
         raise ValueError(f"target_states: {q} queries need scratch slots past the root; at most "
                          f"{state.capacity - hi + 1} are free")
     write = state.seq_len.unsqueeze(1) - 1 + torch.arange(q, device=dev)              # [B, Q]
-    view = hi + q
+    view = hi + q - 1  # covers the last write slot, hi + q - 2 < capacity
     j = torch.arange(view, device=dev)
     seen = ((j >= state.start[:, None, None]) & (j <= slots[:, :, None])
             & (j < (state.seq_len - 1)[:, None, None]))                                # [B, Q, S]
