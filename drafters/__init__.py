@@ -13,6 +13,7 @@ from .base import DecodeContext, DraftSpec, Drafter, NullDrafter, VocabularyMism
 from .copyspec import CopySpec
 from .draft_model import DraftModel
 from .dynamic_exit import DynamicExit
+from .head_drafters import EagleHead, MedusaHeads
 from .layerskip import LayerSkip
 from .lookup import PromptLookup
 from .rest import RestDrafter
@@ -29,6 +30,8 @@ DRAFTERS = {
     "dynamic_exit": DynamicExit,
     "copyspec": CopySpec,
     "rest": RestDrafter.from_index,
+    "eagle": EagleHead.from_pretrained,
+    "medusa": MedusaHeads.from_pretrained,
 }
 
 
@@ -68,6 +71,6 @@ def build_drafter(cfg: Mapping | None, target=None):
     return fn(**cfg)
 
 
-__all__ = ["CopySpec", "DecodeContext", "DraftSpec", "Drafter", "NullDrafter", "DraftModel", "RestDrafter", "DynamicExit", "LayerSkip", "PromptLookup", "Swift",
+__all__ = ["CopySpec", "DecodeContext", "DraftSpec", "Drafter", "NullDrafter", "DraftModel", "EagleHead", "MedusaHeads", "RestDrafter", "DynamicExit", "LayerSkip", "PromptLookup", "Swift",
            "VocabularyMismatchError",
            "build_drafter", "make_drafter", "DRAFTERS"]

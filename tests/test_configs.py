@@ -47,3 +47,22 @@ def test_head_experiments_hold_deltas_over_their_method(experiment, method):
     assert cfg.method.name == method and cfg.model.spec == "zoo:smollm2-135m-instruct"
     assert cfg.method.responses.do_sample == plain.method.responses.do_sample  # inherited, not repeated
     assert cfg.steps != plain.steps and cfg.eval.tau_prompts == 0
+
+
+@pytest.mark.parametrize("option", ["eagle", "medusa"])
+def test_head_drafter_configs_build_their_drafter(option, tmp_path):
+    """drafter=eagle|medusa with drafter.folder=<a speculators folder> builds the head drafter."""
+    from omegaconf import OmegaConf
+    from tiny import make_tiny
+
+    from specdec.drafters import EagleHead, MedusaHeads, build_drafter
+    from specdec.drafters.heads import EagleHeadModel, MedusaHeadsModel
+
+    target = make_tiny("llama")
+    head = EagleHeadModel.from_target(target, (1, 1, 1)) if option == "eagle" else MedusaHeadsModel.from_target(target)
+    head.save_pretrained(tmp_path / "head")
+    with initialize_config_module("specdec.conf", version_base=None):
+        cfg = compose("generate", overrides=[f"drafter={option}", f"drafter.folder={tmp_path / 'head'}",
+                                             "model.device=cpu"])
+    drafter = build_drafter(OmegaConf.to_container(cfg.drafter, resolve=True), target=target)
+    assert isinstance(drafter, EagleHead if option == "eagle" else MedusaHeads)

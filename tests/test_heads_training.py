@@ -127,6 +127,7 @@ def test_response_cache_is_token_ids_shared_and_checked(setup):
         train(config(setup, "eagle", "cache-c", steps=1, seed=1, **{"method.responses.cache": cache}))
 
 
-def test_engine_tau_is_refused_until_the_head_drafters_exist(setup):
-    with pytest.raises(ValueError, match="eval.tau_prompts"):
-        train(config(setup, "eagle", "tau", steps=1, **{"eval.tau_prompts": 2}))
+def test_engine_tau_is_measured_with_the_head_drafter(setup):
+    """eval.tau_prompts > 0 decodes held-out prompts through the engine with EagleHead: τ >= 1."""
+    result = train(config(setup, "eagle", "tau", steps=1, **{"eval.tau_prompts": 2, "eval.tau_max_new_tokens": 8}))
+    assert result.before["eval/tau"] >= 1.0 and result.after["eval/tau"] >= 1.0

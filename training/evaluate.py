@@ -5,7 +5,8 @@
 - ``greedy_match`` is the share of response tokens where both argmaxes agree: the acceptance of
   greedy speculative decoding.
 - τ is the engine's mean accepted length per step (accepted + bonus), measured by really running
-  `specdec.wrap(target, drafter=DraftModel(draft))` on a few prompts.
+  `specdec.wrap(target, drafter=...)` on a few prompts (`measure_tau` for a draft model,
+  `engine_tau` for any drafter, e.g. the head drafters).
 
 The held-out responses are the target's own greedy continuations, generated once.
 """
@@ -82,12 +83,21 @@ class EngineRun:
 @torch.no_grad()
 def measure_tau(target, draft, prompts: list[list[int]], num_tokens: int, max_new_tokens: int) -> EngineRun:
     """Greedy speculative decoding of ``prompts``, one at a time, through the engine."""
-    from specdec import wrap
     from specdec.drafters import DraftModel
 
     was_training = draft.training
     draft.eval()
-    spec = wrap(target, drafter=DraftModel(draft, num_tokens=num_tokens))
+    run = engine_tau(target, DraftModel(draft, num_tokens=num_tokens), prompts, max_new_tokens)
+    draft.train(was_training)
+    return run
+
+
+@torch.no_grad()
+def engine_tau(target, drafter, prompts: list[list[int]], max_new_tokens: int) -> EngineRun:
+    """Greedy speculative decoding of ``prompts`` with ``drafter``, one at a time, through the engine."""
+    from specdec import wrap
+
+    spec = wrap(target, drafter=drafter)
     device = next(target.parameters()).device
     taus, rates = [], []
     for prompt in prompts:
@@ -96,5 +106,4 @@ def measure_tau(target, draft, prompts: list[list[int]], num_tokens: int, max_ne
                             do_sample=False, return_dict_in_generate=True)
         taus.append(float(out.spec_stats.tau))
         rates.append(float(out.spec_stats.acceptance_rate))
-    draft.train(was_training)
     return EngineRun(sum(taus) / len(taus), sum(rates) / len(rates))

@@ -22,8 +22,9 @@ and renormalised when that is reduced; only response columns count.
 Evaluation (teacher-forced, greedy, on the held-out prompts' greedy responses): accept_d is the
 share of slots whose depth-d argmax equals the target's argmax, among slots whose depths < d all
 did; ``mean_accepted`` is the mean run of correct depths per slot (a chain's expected accepted
-drafts per step, before the bonus token). The engine's real τ needs the head drafters, which are
-not written yet; ``eval.tau_prompts`` must stay 0 until they are (see `HeadTrainer.check_method`).
+drafts per step, before the bonus token). With ``eval.tau_prompts`` > 0 the engine's real τ is
+measured too: greedy decoding of that many held-out prompts with the head drafter
+(`specdec.drafters.EagleHead` with ``eval.num_tokens``, or `specdec.drafters.MedusaHeads`).
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from specdec.drafters.head_drafters import EagleHead, MedusaHeads
 from specdec.drafters.heads import EagleHeadModel, HeadCache, MedusaHeadsModel, draft_vocab_from_counts
 
 from .data import Batch, batch_indices, fixed_batch
+from .evaluate import engine_tau
 from .responses import cached_responses
 from .trainer import TrainResult, Trainer
 
@@ -107,9 +110,6 @@ class HeadTrainer(Trainer):
     aux_layers: tuple = ()  # target layers whose hidden states the head reads (EAGLE)
 
     def check_method(self) -> None:
-        if self.cfg.eval.tau_prompts:
-            raise ValueError("eval.tau_prompts: the engine's τ for draft heads needs the head drafters "
-                             "(issue 16's engine half); set eval.tau_prompts=0 until they land")
         if not 0.0 < self.method.decay <= 1.0:
             raise ValueError(f"method.decay must be in (0, 1], got {self.method.decay}")
 
@@ -192,11 +192,26 @@ class HeadTrainer(Trainer):
                 counts += self.acceptance_counts(batch, view, unrolled)
                 loss, tokens = self.objective(batch, view, unrolled)
                 loss_sum, loss_tokens = loss_sum + float(loss) * tokens, loss_tokens + tokens
-            module.train(was_training)
             metrics = _acceptance_metrics(counts)
             metrics["eval/loss"] = loss_sum / max(loss_tokens, 1)
+            metrics.update(self.engine_tau())
+            module.train(was_training)
         self.acc.wait_for_everyone()
         return metrics
+
+    def engine_tau(self) -> dict:
+        """eval/tau and eval/acceptance_rate through the engine with the head drafter (None when
+        ``eval.tau_prompts`` is 0)."""
+        ev = self.cfg.eval
+        if not ev.tau_prompts:
+            return {"eval/tau": None, "eval/acceptance_rate": None}
+        prompts = [e.prompt for e in self.eval_set[:ev.tau_prompts]]
+        run = engine_tau(self.target, self.drafter(), prompts, ev.tau_max_new_tokens)
+        return {"eval/tau": run.tau, "eval/acceptance_rate": run.acceptance_rate}
+
+    def drafter(self):
+        """The engine drafter over the current head (shares its weights)."""
+        raise NotImplementedError
 
     def acceptance_counts(self, batch: Batch, view: TargetView, unrolled: Unrolled) -> Tensor:
         """[3, depth] (accepted, attempted, slots in reach) per depth; see the module docstring."""
@@ -246,6 +261,9 @@ class EagleTrainer(HeadTrainer):
     def to_target(self, draft_ids: Tensor) -> Tensor:
         return self.head.to_target(draft_ids)
 
+    def drafter(self) -> EagleHead:
+        return EagleHead(self.head, num_tokens=self.cfg.eval.num_tokens)
+
     def save_output(self, path: Path) -> None:
         self.head.save_pretrained(path, speculative_tokens=self.cfg.eval.num_tokens)
 
@@ -262,6 +280,9 @@ class MedusaTrainer(HeadTrainer):
     def unroll(self, batch: Batch, view: TargetView, depth: int) -> Unrolled:
         logits = self.model(view.last[:, :-1])                                  # [K, B, N, V]
         return Unrolled(list(logits[:depth]), None)
+
+    def drafter(self) -> MedusaHeads:
+        return MedusaHeads(self.head)
 
     def save_output(self, path: Path) -> None:
         self.head.save_pretrained(path)
