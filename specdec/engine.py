@@ -48,9 +48,9 @@ def left_pack(input_ids: Tensor, attention_mask: Tensor, width: int, pad: int) -
     real = attention_mask.bool()
     lengths = real.sum(dim=1)
     order = real.long().argsort(dim=1, stable=True)  # stable: padding first, real tokens in order
-    packed = input_ids.gather(1, order)
+    packed = input_ids.gather(1, order)[:, max(0, t - width):]  # more padding columns than width: drop them
     buf = torch.full((b, width), pad, dtype=input_ids.dtype, device=input_ids.device)
-    buf[:, width - t:] = packed
+    buf[:, width - packed.shape[1]:] = packed
     start = width - lengths
     pos = torch.arange(width, device=input_ids.device).unsqueeze(0)
     buf = torch.where(pos >= start.unsqueeze(1), buf, torch.full_like(buf, pad))

@@ -150,3 +150,14 @@ def test_compile_options_are_checked_at_wrap_time(model):
         specdec.wrap(model, compile="max-autotune")
     spec = specdec.wrap(model, compile={"coordinate_descent_tuning": True})
     assert spec.engine.compile == {"coordinate_descent_tuning": True}
+
+
+def test_more_padding_than_the_longest_row_needs(model):
+    """Input padded wider than its longest row (plus the drafter's lookback) is packed, not refused."""
+    ids = torch.tensor([[0, 0, 0, 0] + list(range(5, 14)), [0] * 10 + [7, 8, 9]])
+    mask = (ids != 0).long()
+    spec = specdec.wrap(model, drafter=PromptLookup(num_tokens=3))
+    out = spec.generate(ids[:, 4:], attention_mask=mask[:, 4:], max_new_tokens=6, pad_token_id=0, eos_token_id=None)
+    wide = spec.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(wide[:, 4:], out) and torch.equal(out, hf_greedy(model, ids[:, 4:], mask[:, 4:], max_new_tokens=6,
+                                                                                  eos_token_id=None))
