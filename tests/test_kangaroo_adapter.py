@@ -228,7 +228,8 @@ def test_bad_choices_are_refused_by_name():
     with pytest.raises(ValueError, match="stop_threshold must be in"):
         KangarooAdapter(KangarooAdapterModel.from_target(model, 1), stop_threshold=1.5)
     with pytest.raises(ValueError, match="exit layer 2 is outside this 2-layer target"):
-        specdec.wrap(make_tiny("llama", num_layers=2), drafter=KangarooAdapter(KangarooAdapterModel.from_target(model, 2)))
+        specdec.wrap(make_tiny("llama", num_layers=2),
+                     drafter=KangarooAdapter(KangarooAdapterModel.from_target(model, 2)))
     with pytest.raises(ValueError, match="hidden size 64 does not match the target's 32"):
         specdec.wrap(make_tiny("llama", num_layers=3, hidden=32),
                      drafter=KangarooAdapter(KangarooAdapterModel.from_target(model, 1)))

@@ -29,8 +29,9 @@ def setup(tmp_path_factory):
 
 def chat_batch(tokenizer, prompts):
     """Left-padded chat prompts (ragged lengths) as (input_ids, attention_mask)."""
-    rows = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
-    rows = [list(r["input_ids"]) if isinstance(r, dict) or hasattr(r, "keys") else list(r) for r in rows]
+    rows = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+            for p in prompts]
+    rows = [list(r["input_ids"]) if hasattr(r, "keys") else list(r) for r in rows]
     width = max(map(len, rows))
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     return ids, (torch.arange(width) >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
@@ -102,3 +103,12 @@ def test_bad_method_choices_are_refused_by_name(setup, override, message):
     key, value = override.split("=")
     with pytest.raises(ValueError, match=message):
         train(config(setup, "kangaroo", "bad", steps=1, **{key: value}))
+
+
+def test_adapter_mask_in_a_literal_case():
+    """Column i sees real columns j <= i and itself; left padding is never seen by real columns."""
+    from specdec.training.kangaroo import adapter_mask
+
+    mask = adapter_mask(torch.tensor([[False, True, True]]))
+    assert mask.shape == (1, 1, 3, 3)
+    assert mask[0, 0].int().tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]

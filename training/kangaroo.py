@@ -68,7 +68,8 @@ class KangarooTrainer(HeadTrainer):
         return Unrolled([logits if d == 0 else shifted(logits, d, n) for d in range(depth)], None)
 
     def drafter(self) -> KangarooAdapter:
-        return KangarooAdapter(self.head, num_tokens=self.cfg.eval.num_tokens, stop_threshold=self.method.stop_threshold)
+        return KangarooAdapter(self.head, num_tokens=self.cfg.eval.num_tokens,
+                               stop_threshold=self.method.stop_threshold)
 
     def save_output(self, path: Path) -> None:
         self.head.save_pretrained(path, speculative_tokens=self.cfg.eval.num_tokens)
