@@ -14,6 +14,7 @@ from .copyspec import CopySpec
 from .draft_model import DraftModel
 from .dynamic_exit import DynamicExit
 from .head_drafters import EagleHead, MedusaHeads
+from .kangaroo_adapter import KangarooAdapter
 from .layerskip import LayerSkip
 from .lookup import PromptLookup
 from .rest import RestDrafter
@@ -32,6 +33,7 @@ DRAFTERS = {
     "rest": RestDrafter.from_index,
     "eagle": EagleHead.from_pretrained,
     "medusa": MedusaHeads.from_pretrained,
+    "kangaroo_adapter": KangarooAdapter.from_pretrained,
 }
 
 
@@ -71,6 +73,6 @@ def build_drafter(cfg: Mapping | None, target=None):
     return fn(**cfg)
 
 
-__all__ = ["CopySpec", "DecodeContext", "DraftSpec", "Drafter", "NullDrafter", "DraftModel", "EagleHead", "MedusaHeads", "RestDrafter", "DynamicExit", "LayerSkip", "PromptLookup", "Swift",
+__all__ = ["CopySpec", "DecodeContext", "DraftSpec", "Drafter", "NullDrafter", "DraftModel", "EagleHead", "KangarooAdapter", "MedusaHeads", "RestDrafter", "DynamicExit", "LayerSkip", "PromptLookup", "Swift",
            "VocabularyMismatchError",
            "build_drafter", "make_drafter", "DRAFTERS"]

@@ -38,7 +38,8 @@ def test_experiment_sets_the_real_run():
     assert cfg.method.draft.layers == 4 and cfg.steps == 60 and cfg.model.spec == "zoo:smollm2-135m-instruct"
 
 
-@pytest.mark.parametrize("experiment, method", [("eagle_smollm2_cpu", "eagle"), ("medusa_smollm2_cpu", "medusa")])
+@pytest.mark.parametrize("experiment, method", [("eagle_smollm2_cpu", "eagle"), ("medusa_smollm2_cpu", "medusa"),
+                                                        ("kangaroo_smollm2_cpu", "kangaroo")])
 def test_head_experiments_hold_deltas_over_their_method(experiment, method):
     """A head experiment switches the method group and changes only a few keys of it."""
     with initialize_config_module("specdec.conf", version_base=None):
@@ -49,20 +50,23 @@ def test_head_experiments_hold_deltas_over_their_method(experiment, method):
     assert cfg.steps != plain.steps and cfg.eval.tau_prompts == 0
 
 
-@pytest.mark.parametrize("option", ["eagle", "medusa"])
+@pytest.mark.parametrize("option", ["eagle", "medusa", "kangaroo_adapter"])
 def test_head_drafter_configs_build_their_drafter(option, tmp_path):
-    """drafter=eagle|medusa with drafter.folder=<a speculators folder> builds the head drafter."""
+    """drafter=eagle|medusa|kangaroo_adapter with drafter.folder=<a speculators folder> builds the head drafter."""
     from omegaconf import OmegaConf
     from tiny import make_tiny
 
-    from specdec.drafters import EagleHead, MedusaHeads, build_drafter
+    from specdec.drafters import EagleHead, KangarooAdapter, MedusaHeads, build_drafter
     from specdec.drafters.heads import EagleHeadModel, MedusaHeadsModel
+    from specdec.drafters.kangaroo_adapter import KangarooAdapterModel
 
     target = make_tiny("llama")
-    head = EagleHeadModel.from_target(target, (1, 1, 1)) if option == "eagle" else MedusaHeadsModel.from_target(target)
+    head = {"eagle": lambda: EagleHeadModel.from_target(target, (1, 1, 1)),
+            "medusa": lambda: MedusaHeadsModel.from_target(target),
+            "kangaroo_adapter": lambda: KangarooAdapterModel.from_target(target, 1)}[option]()
     head.save_pretrained(tmp_path / "head")
     with initialize_config_module("specdec.conf", version_base=None):
         cfg = compose("generate", overrides=[f"drafter={option}", f"drafter.folder={tmp_path / 'head'}",
                                              "model.device=cpu"])
     drafter = build_drafter(OmegaConf.to_container(cfg.drafter, resolve=True), target=target)
-    assert isinstance(drafter, EagleHead if option == "eagle" else MedusaHeads)
+    assert isinstance(drafter, {"eagle": EagleHead, "medusa": MedusaHeads, "kangaroo_adapter": KangarooAdapter}[option])

@@ -9,13 +9,24 @@ import torch
 from tiny import ARCHS, hf_greedy, make_tiny, ragged_batch
 
 import specdec
-from specdec.drafters import CopySpec, DraftModel, LayerSkip, PromptLookup
+from specdec.drafters import CopySpec, DraftModel, KangarooAdapter, LayerSkip, PromptLookup
+from specdec.drafters.kangaroo_adapter import KangarooAdapterModel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def cuda_tiny(arch, **kw):
     return make_tiny(arch, vocab_size=64, init_range=1.0, **kw).cuda()
+
+
+def cuda_adapter(model, exit_layer=1, seed=5):
+    """A random-init Kangaroo adapter (every weight perturbed, so its attention matters) on the GPU."""
+    adapter = KangarooAdapterModel.from_target(model, exit_layer)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g).to(p.device))
+    return adapter
 
 
 def device_drafters(model, arch):
@@ -27,6 +38,7 @@ def device_drafters(model, arch):
             "draft_tree": DraftModel(cuda_tiny(arch, seed=7), num_tokens=3, tree_width=2, tree_nodes=5),
             "layerskip": LayerSkip(exit_layer=1, num_tokens=3),
             "kangaroo": LayerSkip.kangaroo(exit_layer=1, num_tokens=4, stop_threshold=0.3),
+            "kangaroo_adapter": KangarooAdapter(cuda_adapter(model), num_tokens=4, stop_threshold=0.3),
             "copyspec": CopySpec(gamma=2, num_tokens=5, fallback=PromptLookup(num_tokens=3))}
 
 
@@ -63,7 +75,7 @@ def test_new_prompt_lengths_capture_and_compile_nothing():
             assert dec is first and dec.num_graphs == graphs, (compile, lengths)   # nothing new captured
 
 
-@pytest.mark.parametrize("kind", ["none", "lookup", "draft_model", "draft_tree", "layerskip"])
+@pytest.mark.parametrize("kind", ["none", "lookup", "draft_model", "draft_tree", "layerskip", "kangaroo_adapter"])
 def test_sampling_inside_captured_steps_keeps_the_target_distribution(kind):
     """Chi-square of the first two sampled tokens over 4000 rows, every step inside captured runs."""
     from scipy.stats import chisquare
@@ -76,7 +88,8 @@ def test_sampling_inside_captured_steps_keeps_the_target_distribution(kind):
     drafter = {"none": None, "lookup": PromptLookup(num_tokens=3, max_ngram=2),
                "draft_model": DraftModel(draft, num_tokens=3),
                "draft_tree": DraftModel(draft, num_tokens=2, tree_width=3, tree_nodes=7),
-               "layerskip": LayerSkip(exit_layer=1, num_tokens=3)}[kind]
+               "layerskip": LayerSkip(exit_layer=1, num_tokens=3),
+               "kangaroo_adapter": KangarooAdapter(cuda_adapter(target), num_tokens=3)}[kind]
     params = SamplingParams(True, 0.7, top_k=5, top_p=0.9)
     with torch.no_grad():
         ids = torch.tensor([prompt]).cuda()
@@ -127,7 +140,8 @@ def test_min_tau_switches_captured_runs_and_stays_exact():
     model = cuda_tiny("llama", num_layers=2)
     ids, mask = (t.cuda() for t in ragged_batch([6, 9, 4], 64, seed=4))
     ref = hf_greedy(model, ids, mask, max_new_tokens=64, eos_token_id=None)
-    for drafter in (PromptLookup(num_tokens=4, max_ngram=2), DraftModel(cuda_tiny("llama", seed=3), num_tokens=3)):
+    for drafter in (PromptLookup(num_tokens=4, max_ngram=2), DraftModel(cuda_tiny("llama", seed=3), num_tokens=3),
+                    KangarooAdapter(cuda_adapter(model), num_tokens=3)):
         out = specdec.wrap(model, drafter=drafter, cuda_graphs=True, min_tau=3.5).generate(
             ids, attention_mask=mask, max_new_tokens=64, pad_token_id=0, eos_token_id=None,
             return_dict_in_generate=True)

@@ -46,9 +46,9 @@ def test_every_option_composes(group, option):
     assert cfg.method.name == (option.removesuffix("_lora") if group == "method" else "distill") and cfg.model.spec
 
 
-@pytest.mark.parametrize("method", ["eagle", "medusa"])
+@pytest.mark.parametrize("method", ["eagle", "medusa", "kangaroo"])
 def test_head_methods_compose_with_every_other_group(method):
-    """method=eagle|medusa brings its own keys, turns the engine's τ off, and composes with each data/logger option."""
+    """method=eagle|medusa|kangaroo brings its own keys, turns the engine's τ off, and composes with each data/logger option."""
     for group, options in train_groups().items():
         for option in options if group not in ("method", "model") else []:
             with initialize_config_module("specdec.conf", version_base=None):

@@ -1,5 +1,5 @@
 """Training for drafters: DistillSpec distillation of draft models (`method=distill`), and draft
-heads on the target's hidden states (`method=eagle`, `method=medusa`).
+heads on the target's hidden states (`method=eagle`, `method=medusa`, `method=kangaroo`).
 
 `train(cfg)` runs the method that ``cfg.method.name`` names on a composed config; the
 `specdec-train` command composes that config with Hydra (see `specdec.training.entry`).
@@ -7,11 +7,12 @@ heads on the target's hidden states (`method=eagle`, `method=medusa`).
 """
 from .distill import DistillTrainer, train_distill
 from .heads import EagleTrainer, MedusaTrainer, train_eagle, train_medusa
+from .kangaroo import KangarooTrainer, train_kangaroo
 from .losses import DIVERGENCES, acceptance, divergence
 from .models import draft_from_layers, load_draft
 from .trainer import TrainResult, Trainer
 
-METHODS = {"distill": train_distill, "eagle": train_eagle, "medusa": train_medusa}
+METHODS = {"distill": train_distill, "eagle": train_eagle, "medusa": train_medusa, "kangaroo": train_kangaroo}
 
 
 def train(cfg) -> TrainResult:
@@ -22,6 +23,6 @@ def train(cfg) -> TrainResult:
     return METHODS[name](cfg)
 
 
-__all__ = ["DIVERGENCES", "DistillTrainer", "EagleTrainer", "METHODS", "MedusaTrainer", "TrainResult", "Trainer",
+__all__ = ["DIVERGENCES", "DistillTrainer", "EagleTrainer", "KangarooTrainer", "METHODS", "MedusaTrainer", "TrainResult", "Trainer",
            "acceptance", "divergence", "draft_from_layers", "load_draft", "train", "train_distill", "train_eagle",
-           "train_medusa"]
+           "train_kangaroo", "train_medusa"]
