@@ -258,8 +258,9 @@ class MedusaHeads(Drafter):
 
     def bind(self, target) -> None:
         cfg = self.heads.config
-        _check_fits("MedusaHeads", cfg.hidden_size, self.heads.lm_heads[0].weight.shape[0],
-                    self.heads.lm_heads[0].weight.device, target)
+        _check_fits("MedusaHeads", cfg.hidden_size, self.heads.vocab_size,
+                    self.heads.blocks[0].layers[0].weight.device, target)
+        self.heads.share_lm_head(target.model)
         if cfg.num_hidden_layers != target.num_layers:
             raise ValueError(f"MedusaHeads were trained on a {cfg.num_hidden_layers}-layer target; this one has "
                              f"{target.num_layers} layers")
@@ -272,7 +273,7 @@ class MedusaHeads(Drafter):
 
     def _store(self, state: DecodeState, last: Tensor) -> None:
         """``last`` [B, 1, H]: the target's last-layer output (before its final norm), as trained."""
-        normed = state.target.base.norm(last).to(self.heads.lm_heads[0].weight.dtype)
+        normed = state.target.base.norm(last).to(self.heads.blocks[0].layers[0].weight.dtype)
         if self.last is None or self.last.shape != normed.shape:
             self.last = normed.clone()
         else:

@@ -249,13 +249,15 @@ class EagleHeadModel(nn.Module):
                 "norm_before_residual": False,
                 "speculators_config": _proposal("eagle3", speculative_tokens, self.verifier)}
 
-    def save_pretrained(self, folder, speculative_tokens: int = 3, include_embedding: bool = True) -> Path:
+    def save_pretrained(self, folder, speculative_tokens: int = 3, include_embedding: bool = True,
+                        dtype: torch.dtype | None = None) -> Path:
         """Write config.json and model.safetensors; ``include_embedding=False`` leaves out the
-        frozen embedding copy (`from_pretrained` then takes it from ``target``)."""
+        frozen embedding copy (`from_pretrained` then takes it from ``target``); ``dtype`` (e.g.
+        torch.bfloat16) stores the floating-point tensors in that type."""
         tensors = self.state_dict()
         if not include_embedding:
             tensors.pop("embed_tokens.weight")
-        return _write_folder(folder, self.speculators_config(speculative_tokens), tensors)
+        return _write_folder(folder, self.speculators_config(speculative_tokens), _in_dtype(tensors, dtype))
 
     @classmethod
     def from_pretrained(cls, folder, target=None, device=None) -> "EagleHeadModel":
@@ -305,50 +307,81 @@ class MedusaHeadsModel(nn.Module):
     [H, H], ``blocks.{k}.layers.{j}.bias`` [H], ``lm_heads.{k}.weight`` [V, H].
     """
 
-    def __init__(self, config, num_heads: int = 4, num_layers: int = 1, verifier: dict | None = None):
+    def __init__(self, config, num_heads: int = 4, num_layers: int = 1, verifier: dict | None = None,
+                 shared_lm_head: bool = False):
         super().__init__()
         if num_heads < 1 or num_layers < 1:
             raise ValueError(f"Medusa needs num_heads >= 1 and num_layers >= 1, got {num_heads}, {num_layers}")
         hidden, vocab = config.hidden_size, config.vocab_size
         self.config, self.num_heads, self.num_layers, self.verifier = config, num_heads, num_layers, verifier or {}
+        self.shared_lm_head = shared_lm_head
         self.blocks = nn.ModuleList([ResidualBlock(hidden, num_layers) for _ in range(num_heads)])
-        self.lm_heads = nn.ModuleList([nn.Linear(hidden, vocab, bias=False) for _ in range(num_heads)])
+        self.lm_heads = nn.ModuleList([] if shared_lm_head else
+                                      [nn.Linear(hidden, vocab, bias=False) for _ in range(num_heads)])
+        self._shared: Tensor | None = None  # [V, H] the target's LM head weight (shared_lm_head), not saved
+
+    def share_lm_head(self, target) -> None:
+        """Use ``target``'s own LM head for every head (``shared_lm_head``); the weight is not copied."""
+        if self.shared_lm_head:
+            self._shared = target.get_output_embeddings().weight.detach()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def head_logits(self, k: int, x: Tensor) -> Tensor:
+        """Head k's LM head on block output ``x`` [..., H] -> [..., V]."""
+        if not self.shared_lm_head:
+            return self.lm_heads[k](x)
+        if self._shared is None:
+            raise RuntimeError("these Medusa heads share the target's LM head: call share_lm_head(target) first")
+        return nn.functional.linear(x.to(self._shared.dtype), self._shared)
 
     @classmethod
-    def from_target(cls, target, num_heads: int = 4, num_layers: int = 1) -> "MedusaHeadsModel":
-        """New heads for ``target`` (fp32, on its device), each LM head a copy of the target's."""
+    def from_target(cls, target, num_heads: int = 4, num_layers: int = 1,
+                    shared_lm_head: bool = False) -> "MedusaHeadsModel":
+        """New heads for ``target`` (fp32, on its device), each LM head a copy of the target's, or
+        (``shared_lm_head``) the target's own frozen LM head, which keeps the checkpoint small."""
         verifier = {"name_or_path": target.config.name_or_path or None,
                     "architectures": list(target.config.architectures or [type(target).__name__])}
         config = copy.deepcopy(target.config)
-        heads = cls(config, num_heads, num_layers, verifier)
+        heads = cls(config, num_heads, num_layers, verifier, shared_lm_head)
         lm = target.get_output_embeddings().weight
         with torch.no_grad():
             for head in heads.lm_heads:
                 head.weight.copy_(lm)
-        return heads.to(device=lm.device, dtype=torch.float32)
+        heads = heads.to(device=lm.device, dtype=torch.float32)
+        heads.share_lm_head(target)
+        return heads
 
     def forward(self, hidden: Tensor) -> Tensor:
         """[B, Q, H] the target's last hidden states -> [K, B, Q, V] logits, head k for token t + k + 2."""
-        return torch.stack([lm(block(hidden)) for block, lm in zip(self.blocks, self.lm_heads)])
+        return torch.stack([self.head_logits(k, block(hidden)) for k, block in enumerate(self.blocks)])
 
     def speculators_config(self) -> dict:
         """config.json: the speculators fields, with ``speculators_model_type: medusa``."""
         return {"architectures": ["MedusaSpeculator"], "speculators_model_type": "medusa",
                 "transformer_layer_config": _config_dict(self.config),
                 "draft_vocab_size": self.config.vocab_size, "medusa_num_heads": self.num_heads,
-                "medusa_num_layers": self.num_layers,
+                "medusa_num_layers": self.num_layers, "shared_lm_head": self.shared_lm_head,
                 "speculators_config": _proposal("medusa", self.num_heads, self.verifier)}
 
-    def save_pretrained(self, folder) -> Path:
-        return _write_folder(folder, self.speculators_config(), self.state_dict())
+    def save_pretrained(self, folder, dtype: torch.dtype | None = None) -> Path:
+        """Write config.json and model.safetensors (in ``dtype``, e.g. torch.bfloat16, if given)."""
+        return _write_folder(folder, self.speculators_config(), _in_dtype(self.state_dict(), dtype))
 
     @classmethod
-    def from_pretrained(cls, folder, device=None) -> "MedusaHeadsModel":
+    def from_pretrained(cls, folder, device=None, target=None) -> "MedusaHeadsModel":
+        """Load a `save_pretrained` folder (fp32); heads that share the LM head take it from ``target``."""
         config, tensors = _read_folder(folder, "medusa")
         heads = cls(_config_from_dict(config["transformer_layer_config"], folder), config["medusa_num_heads"],
-                    config["medusa_num_layers"], config.get("speculators_config", {}).get("verifier"))
+                    config["medusa_num_layers"], config.get("speculators_config", {}).get("verifier"),
+                    bool(config.get("shared_lm_head", False)))
         _load_checked(heads, tensors, folder)
-        return heads.to(device) if device is not None else heads
+        heads = heads.to(device) if device is not None else heads
+        if target is not None:
+            heads.share_lm_head(target)
+        return heads
 
 
 def draft_vocab_from_counts(counts: Tensor, size: int) -> Tensor:
@@ -406,6 +439,13 @@ def _read_folder(folder, model_type: str) -> tuple[dict, dict]:
         raise HeadCheckpointError(f"{folder / CONFIG_NAME}: speculators_model_type is {found!r}, "
                                   f"expected {model_type!r}")
     return config, load_file(str(folder / WEIGHTS_NAME))
+
+
+def _in_dtype(tensors: dict, dtype: torch.dtype | None) -> dict:
+    """Floating-point tensors cast to ``dtype`` (None: as they are); integer and bool maps untouched."""
+    if dtype is None:
+        return tensors
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
 
 
 def _kind(t: Tensor) -> str:

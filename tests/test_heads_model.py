@@ -201,3 +201,50 @@ def test_loader_never_unpickles(tmp_path, monkeypatch):
     (pickled / "pytorch_model.bin").write_bytes(b"not opened")
     with pytest.raises(HeadCheckpointError, match="no model.safetensors"):
         EagleHeadModel.from_pretrained(pickled)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_lm_head_medusa_saves_only_its_blocks_and_drafts_exactly(arch, tmp_path):
+    """shared_lm_head: the heads use the target's LM head, the folder holds the blocks only, and
+    loading with the target gives the same logits; without the target it says what is missing."""
+    import specdec
+    from specdec.drafters import MedusaHeads
+    from tiny import hf_greedy
+
+    target = make_tiny(arch, num_layers=2)
+    heads = MedusaHeadsModel.from_target(target, num_heads=3, num_layers=1, shared_lm_head=True)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(4, 256, (2, 5))
+    with torch.no_grad():
+        _, last, logits = target_states_final(target, ids)
+        out = heads(last)
+    assert out.shape == (3, 2, 5, 256)
+    heads.save_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    stored = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert set(stored) == {f"blocks.{k}.layers.0.{w}" for k in range(3) for w in ("weight", "bias")}
+    assert all(t.dtype == torch.bfloat16 for t in stored.values())
+    loaded = MedusaHeadsModel.from_pretrained(tmp_path / "m", target=target)
+    with torch.no_grad():
+        again = loaded(last)
+    assert (again - out).abs().max() < 0.05 * out.abs().max()  # bf16 storage, fp32 compute
+    with pytest.raises(RuntimeError, match="share_lm_head"):
+        MedusaHeadsModel.from_pretrained(tmp_path / "m")(last)
+    prompt = torch.randint(4, 256, (1, 6))
+    want = hf_greedy(target, prompt, max_new_tokens=16)
+    got = specdec.wrap(target, drafter=MedusaHeads(MedusaHeadsModel.from_pretrained(tmp_path / "m"))).generate(
+        prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+
+
+def test_eagle_saves_in_bf16_without_its_embedding(tmp_path):
+    target = make_tiny("llama", num_layers=4)
+    head = EagleHeadModel.from_target(target)
+    head.save_pretrained(tmp_path / "e", include_embedding=False, dtype=torch.bfloat16)
+    stored = load_file(str(tmp_path / "e" / "model.safetensors"))
+    assert "embed_tokens.weight" not in stored
+    assert {t.dtype for t in stored.values() if t.is_floating_point()} == {torch.bfloat16}
+    loaded = EagleHeadModel.from_pretrained(tmp_path / "e", target=target)
+    for k, v in stored.items():
+        assert torch.equal(loaded.state_dict()[k].to(v.dtype), v)

@@ -135,7 +135,7 @@ def corpus_rows(size: int, seed: int = 0) -> list[dict]:
                 passages.append((f"{path.stem}.{name}", doc))
     rng.shuffle(functions)
     rng.shuffle(passages)
-    per = -(-size // len(CATEGORIES))
+    per = -(-size // len(CATEGORIES)) * 5 // 4  # headroom for the duplicates dropped below
     rows = []
     for i in range(per):
         name, code = functions[i % len(functions)]
@@ -148,5 +148,6 @@ def corpus_rows(size: int, seed: int = 0) -> list[dict]:
         rows.append({"prompt": _math_prompt(rng), "category": "math"})
         a, b = rng.sample(_TOPICS, 2)
         rows.append({"prompt": rng.choice(_CHAT_TASKS).format(a=a, b=b), "category": "chat"})
-    rng.shuffle(rows)
-    return rows[:size]
+    unique = list({row["prompt"]: row for row in rows}.values())  # a passage can come round twice
+    rng.shuffle(unique)
+    return unique[:size]

@@ -55,6 +55,9 @@ def load_rows(source) -> "datasets.Dataset":  # noqa: F821
     """Load one source (a mapping with ``path`` and optional ``name``/``split``) with `datasets`."""
     import datasets
 
+    if str(source["path"]).startswith("corpus:"):
+        return datasets.Dataset.from_list(_corpus(str(source["path"]), source.get("size") or 6000,
+                                                  source.get("seed") or 0))
     path = resolve_path(str(source["path"]))
     split = source.get("split") or "train"
     local = Path(path)
@@ -65,6 +68,14 @@ def load_rows(source) -> "datasets.Dataset":  # noqa: F821
             raise ValueError(f"cannot tell the format of {path}; use one of {sorted(_BUILDERS)}")
         return datasets.load_dataset(builder, data_files=str(local), split="train")
     return datasets.load_dataset(path, source.get("name"), split=split)
+
+
+def _corpus(path: str, size: int, seed: int) -> list[dict]:
+    from .corpus import corpus_rows
+
+    if path != "corpus:stdlib":
+        raise ValueError(f"unknown corpus {path!r}; the built-in one is corpus:stdlib")
+    return corpus_rows(int(size), int(seed))
 
 
 def format_example(tokenizer, prompt: str, response: str | None = None,

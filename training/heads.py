@@ -112,6 +112,7 @@ class HeadTrainer(Trainer):
     def check_method(self) -> None:
         if not 0.0 < self.method.decay <= 1.0:
             raise ValueError(f"method.decay must be in (0, 1], got {self.method.decay}")
+        _save_dtype(self.method)
 
     def prepare_data(self) -> None:
         resp = self.method.responses
@@ -265,7 +266,9 @@ class EagleTrainer(HeadTrainer):
         return EagleHead(self.head, num_tokens=self.cfg.eval.num_tokens)
 
     def save_output(self, path: Path) -> None:
-        self.head.save_pretrained(path, speculative_tokens=self.cfg.eval.num_tokens)
+        self.head.save_pretrained(path, speculative_tokens=self.cfg.eval.num_tokens,
+                                  include_embedding=self.method.get("include_embedding", True),
+                                  dtype=_save_dtype(self.method))
 
 
 class MedusaTrainer(HeadTrainer):
@@ -275,7 +278,8 @@ class MedusaTrainer(HeadTrainer):
     def build_model(self) -> nn.Module:
         m = self.method
         self.train_depth = self.eval_depth = m.num_heads
-        return MedusaHeadsModel.from_target(self.target, m.num_heads, m.num_layers)
+        return MedusaHeadsModel.from_target(self.target, m.num_heads, m.num_layers,
+                                            shared_lm_head=bool(m.get("shared_lm_head", False)))
 
     def unroll(self, batch: Batch, view: TargetView, depth: int) -> Unrolled:
         logits = self.model(view.last[:, :-1])                                  # [K, B, N, V]
@@ -285,7 +289,16 @@ class MedusaTrainer(HeadTrainer):
         return MedusaHeads(self.head)
 
     def save_output(self, path: Path) -> None:
-        self.head.save_pretrained(path)
+        self.head.save_pretrained(path, dtype=_save_dtype(self.method))
+
+
+def _save_dtype(method) -> torch.dtype | None:
+    """``method.save_dtype``: null keeps float32; bf16/fp16 halve the folder."""
+    name = method.get("save_dtype")
+    dtypes = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"method.save_dtype must be one of null, fp32, bf16, fp16; got {name!r}")
+    return dtypes[name]
 
 
 def train_eagle(cfg) -> TrainResult:
