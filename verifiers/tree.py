@@ -148,7 +148,7 @@ class DraftTree:
                 prev = node
         if -2 in parent:
             raise ValueError(f"nodes {[i for i, p in enumerate(parent) if p == -2]} appear in no path")
-        parents = torch.tensor(parent, device=tokens.device).expand_as(tokens).contiguous()
+        parents = torch.tensor(parent, dtype=torch.long, device=tokens.device).expand_as(tokens).contiguous()
         valid = torch.ones_like(tokens, dtype=torch.bool)
         return cls(tokens=tokens, parents=parents, valid=valid, q=q)
 
