@@ -1,8 +1,9 @@
 """The host driver: runs the Decoder ``n`` steps per sync and applies the stopping rules.
 
 The one piece of host code of a decode. Per run of steps it reads back, in a single copy, what
-each row gained, what it was offered and the new tokens; then it applies EOS, ``max_new_tokens``
-and stop strings row by row, streams, and records statistics. A row that stopped is frozen on
+each row gained, what it was offered, the step's fault marks and the new tokens; then it applies
+EOS, ``max_new_tokens`` and stop strings row by row, streams, and records statistics. A fault
+(``specdec.validate.step_faults``) raises only at a step and draw the row still reaches. A row that stopped is frozen on
 the device from the next run on.
 
 With ``pipeline`` the next run is queued before the host reads the current one back (over

@@ -77,17 +77,16 @@ def random_tree(rng: random.Random, batch: int, n: int, vocab: int):
 
 
 def test_random_trees_compile_and_accept_like_brute_force():
-    cases = 0
     for case in range(400 * SCALE):
         rng = rng_for("tree", case)
         batch, n, vocab = rng.randint(1, 4), rng.randint(0, 12), rng.randint(2, 5)
         tree = random_tree(rng, batch, n, vocab)
-        anc, depth = tree.compile()
         # The target's argmax at the root and after each node; a draft token often equals it.
         pred = torch.randint(0, vocab, (batch, n + 1), generator=torch.Generator().manual_seed(case))
         match = torch.rand(batch, n, generator=torch.Generator().manual_seed(case + 1)) < 0.7
         tokens = torch.where(match, pred.gather(1, tree.parents + 1), tree.tokens)
         tree = DraftTree(tokens=tokens, parents=tree.parents, valid=tree.valid)
+        anc, depth = tree.compile()
         logits = torch.randn(batch, n + 1, vocab) * 0.1 + 5.0 * torch.nn.functional.one_hot(pred, vocab)
         out = GreedyAcceptance().accept(logits, tree, SamplingParams())
         emitted, count = out.emitted()
@@ -103,8 +102,6 @@ def test_random_trees_compile_and_accept_like_brute_force():
             assert out.path[b].tolist() == path + [-1] * (n - len(path)), (case, b)
             assert out.next_token[b] == nxt, (case, b)
             assert emitted[b, : count[b]].tolist() == [toks[j] for j in path] + [nxt], (case, b)
-        cases += 1
-    assert cases == 400 * SCALE
 
 
 def test_random_parents_are_refused_unless_a_forest():
@@ -135,7 +132,8 @@ def test_random_parents_are_refused_unless_a_forest():
 _MODELS: dict = {}
 _DRAFTERS: dict = {}
 HEADS = {"eagle": lambda m: eagle(m), "eagle_vocab64": lambda m: eagle(m, 4, torch.arange(4, 256, 4)),
-         "medusa": lambda m: medusa(m), "medusa_wide": lambda m: medusa(m, 2, [[i] for i in range(4)] + [[0, 0], [1, 0]])}
+         "medusa": lambda m: medusa(m),
+         "medusa_wide": lambda m: medusa(m, 2, [[i] for i in range(4)] + [[0, 0], [1, 0]])}
 NAMES = list(drafters_for(make_tiny("llama", num_layers=2), "llama")) + list(HEADS)
 
 

@@ -131,7 +131,8 @@ class PoisonAfter:
         at = self.ids[:, -out.shape[1]:] == self.token  # [B, Q]: HF's LM head sees the last positions only
         if self.value == float("-inf"):
             return torch.where(at.unsqueeze(-1), torch.full_like(out, self.value), out)
-        return torch.where(at.unsqueeze(-1) & (torch.arange(out.shape[-1]) == 9), torch.full_like(out, self.value), out)
+        one = torch.arange(out.shape[-1], device=out.device) == 9  # NaN or +inf in one entry is enough
+        return torch.where(at.unsqueeze(-1) & one, torch.full_like(out, self.value), out)
 
     def remove(self):
         for h in self.handles:
@@ -310,3 +311,55 @@ def test_engine_refuses_a_tree_broken_after_its_check(model, steps):
     spec = specdec.wrap(model, drafter=TamperingDrafter([-1, -1, 1], row=1, after=2), chunk_steps=steps)
     out = spec.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0, eos_token_id=None)
     assert torch.equal(out, hf_greedy(model, ids, mask, max_new_tokens=12, eos_token_id=None))
+
+
+# ---------------------------------------------------------------- the same marks inside captured steps
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_captured_sampling_raises_for_invalid_logits_only_where_reached():
+    """Eight steps per sync in one CUDA graph, pipelined: the mark is set on the device and read
+    with the run's results, never synced inside it."""
+    model = make_tiny("llama").cuda()
+    ids = IDS.cuda()
+    k, tok = first_new_token(model, ids)
+    poison = PoisonAfter(model, tok, float("nan"))
+    try:
+        sample = dict(do_sample=True, top_k=1, pad_token_id=0, eos_token_id=None)
+        ok = model.generate(ids, max_new_tokens=k + 1, **sample)
+        for drafter in (None, PromptLookup(num_tokens=4, max_ngram=2)):
+            spec = specdec.wrap(model, drafter=drafter, cuda_graphs=True)
+            assert torch.equal(spec.generate(ids, max_new_tokens=k + 1, **sample), ok)
+            with pytest.raises(RuntimeError, match=rf"row 0 at new token {k + 1} hold NaN"):
+                spec.generate(ids, max_new_tokens=k + 3, **sample)
+    finally:
+        poison.remove()
+
+
+class BrokenOnDevice(Drafter):
+    """A chain whose row 1 points node 1 at node 2, on the GPU (no host check at construction)."""
+
+    spec = DraftSpec(num_nodes=3)
+
+    def __init__(self):
+        self.bad = None
+
+    def propose(self, state):
+        dev = state.tokens.device
+        if self.bad is None:  # made in the warm-up before capture: no host copy inside the graph
+            self.bad = torch.tensor([-1, 2, 1], device=dev)
+        tree = DraftTree.chain(torch.full((state.tokens.shape[0], 3), 7, dtype=torch.long, device=dev))
+        tree.parents[1] = self.bad
+        return tree
+
+
+@cuda
+def test_captured_steps_refuse_a_malformed_tree():
+    from specdec.verifiers.tree import MalformedDraftTree
+
+    model = make_tiny("llama").cuda()
+    ids, mask = (t.cuda() for t in ragged_batch([3, 5], model.config.vocab_size))
+    spec = specdec.wrap(model, drafter=BrokenOnDevice(), cuda_graphs=True)
+    with pytest.raises(MalformedDraftTree, match="DraftTree for row 1 .* is not a forest"):
+        spec.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0, eos_token_id=None)
