@@ -17,6 +17,7 @@ import torch
 from transformers import GenerationConfig, StoppingCriteriaList, StopStringCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from specdec import validate
 from specdec.drafters import make_drafter
 from specdec.engine import SpecEngine
 from specdec.stats import SpecStats
@@ -93,19 +94,18 @@ class SpecDecoder:
         attention_mask = kwargs.pop("attention_mask", None)
         kwargs.pop("use_cache", None)
         gc = copy.deepcopy(generation_config if generation_config is not None else self.model.generation_config)
+        validate.check_lengths(kwargs)
         unknown = gc.update(**kwargs)
         if unknown:
             raise UnsupportedGenerationOption(
                 f"generate() got unsupported argument(s) {sorted(unknown)}; specdec passes no extra model inputs")
         self._check_options(gc)
 
-        if input_ids is None or not torch.is_tensor(input_ids) or input_ids.dim() != 2:
-            raise ValueError("generate() needs `input_ids` as a [batch, length] LongTensor")
-        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-            raise ValueError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}; give at least one token per row")
+        validate.check_inputs(self.model, input_ids, attention_mask)
         eos = gc.eos_token_id
         eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
         pad_id = gc.pad_token_id if gc.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
+        validate.check_pad_id(self.model, pad_id)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
             if gc.pad_token_id is not None and gc.pad_token_id not in eos_ids:
@@ -114,9 +114,7 @@ class SpecDecoder:
         if empty:
             raise ValueError(f"empty prompt in row(s) {empty}: the attention mask has no real tokens")
         longest = int(attention_mask.sum(dim=1).max())
-        max_new = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - input_ids.shape[1]
-        if max_new is None or max_new <= 0:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new}")
+        max_new = validate.max_new_tokens(gc, input_ids.shape[1])
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is not None and longest + max_new > limit:
             raise ValueError(

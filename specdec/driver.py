@@ -1,8 +1,9 @@
 """The host driver: runs the Decoder ``n`` steps per sync and applies the stopping rules.
 
 The one piece of host code of a decode. Per run of steps it reads back, in a single copy, what
-each row gained, what it was offered and the new tokens; then it applies EOS, ``max_new_tokens``
-and stop strings row by row, streams, and records statistics. A row that stopped is frozen on
+each row gained, what it was offered, the step's fault marks and the new tokens; then it applies
+EOS, ``max_new_tokens`` and stop strings row by row, streams, and records statistics. A fault
+(``specdec.validate.step_faults``) raises only at a step and draw the row still reaches. A row that stopped is frozen on
 the device from the next run on.
 
 With ``pipeline`` the next run is queued before the host reads the current one back (over
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from specdec.gate import DraftGate
 from specdec.stats import PhaseTimer
+from specdec.validate import raise_fault
 
 
 @dataclass
@@ -46,12 +48,18 @@ class Rows:
         self.generated, self.gained, self.offered = [[] for _ in range(b)], [[] for _ in range(b)], [[] for _ in range(b)]
         self.undrafted, self.active = [0] * b, [True] * b
 
-    def take(self, r: int, gains: list[int], offers: list[int], new: list[int], drafted: bool) -> tuple[int, int]:
-        """Apply one run's results to row ``r``; returns (steps it was live in, tokens it kept)."""
+    def take(self, r: int, gains: list[int], offers: list[int], faults: list[int], new: list[int],
+             drafted: bool) -> tuple[int, int]:
+        """Apply one run's results to row ``r``; returns (steps it was live in, tokens it kept).
+        Raises for a fault (``validate.step_faults``) at a step, and draw, the row still reaches."""
         pos = steps = kept = 0
-        for cnt, offer in zip(gains, offers):
+        for cnt, offer, fault in zip(gains, offers, faults):
             keep = 0
+            if fault < 0:
+                raise_fault(fault, r, len(self.generated[r]))
             for tok in new[pos: pos + cnt]:
+                if fault == keep + 1:
+                    raise_fault(fault, r, len(self.generated[r]))
                 self.generated[r].append(tok)
                 keep += 1
                 if self._stops(r, tok):
@@ -77,7 +85,7 @@ class Rows:
 @dataclass
 class Queued:
     drafted: bool
-    packed: Tensor  # [B, 2S + growth] gained, offered, new tokens (host memory once the copy lands)
+    packed: Tensor  # [B, 3S + growth] gained, offered, faults, new tokens (host memory once the copy lands)
     done: object = None  # torch.cuda.Event of the device-to-host copy, or None on CPU
 
 
@@ -109,7 +117,8 @@ class Driver:
             for r, live in enumerate(was):
                 if live:
                     gains = host[r][:s]
-                    n, k = rows.take(r, gains, host[r][s: 2 * s], host[r][2 * s:], run.drafted or not dec.k)
+                    n, k = rows.take(r, gains, host[r][s: 2 * s], host[r][2 * s: 3 * s], host[r][3 * s:],
+                                     run.drafted or not dec.k)
                     row_steps, kept = row_steps + n, kept + k
                     seq_host[r] += sum(gains)
             self.gate.record(run.drafted, s, kept, row_steps)
@@ -134,7 +143,7 @@ class Driver:
         self.timer.lap("verify")  # propose, verify, accept and commit all run inside; step_profile splits them
         grow = torch.arange(dec.growth, device=before.device)
         new = state.tokens.gather(1, (before.unsqueeze(1) + grow).clamp(max=state.capacity - 1))
-        packed, done = torch.cat([gained.T, offered.T, new], dim=1), None
+        packed, done = torch.cat([gained.T, offered.T, dec.faults.T, new], dim=1), None
         if packed.is_cuda:  # copy back without waiting on the stream (a queued run may follow)
             host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             host.copy_(packed, non_blocking=True)

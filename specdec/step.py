@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from specdec.state import DecodeState
+from specdec.validate import step_faults
 from specdec.verifiers.tree import DraftTree
 
 PREFILL_CHUNK = 128  # queries per captured prefill graph
@@ -123,6 +124,7 @@ class Decoder:
                                  active=torch.ones(batch, **long), params=None, max_seq_len=0, capacity=capacity)
         self.gained = torch.zeros(steps, batch, **long)  # [S, B] tokens each row kept per step
         self.proposed = torch.zeros(steps, batch, **long)  # [S, B] draft depth each row was offered
+        self.faults = torch.zeros(steps, batch, **long)  # [S, B] validate.step_faults of each row per step
         self.prefill_in = None  # static prefill inputs (tokens, positions, slots, among, offset)
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}  # (kind, view, drafting) -> graph
         self.compiled = bool(compile)
@@ -212,8 +214,13 @@ class Decoder:
             self.step(i, view, draft)
 
     def step(self, i: int, view: int, draft: bool) -> None:
-        """One step: propose -> verify -> accept -> commit (the drafter observes at commit)."""
-        self._commit(i, draft, *self._accept(*self._verify(view, self._propose(view, draft))))
+        """One step: propose -> verify -> accept -> commit (the drafter observes at commit), then
+        mark what the host must refuse (a malformed tree, a distribution that is not one)."""
+        tree, v, logits, hidden = self._verify(view, self._propose(view, draft))
+        accepted = self._accept(tree, v, logits, hidden)  # (tree, v, outcome, emitted, count, hidden)
+        self._commit(i, draft, *accepted)
+        params, path = self.state.params, accepted[2].path
+        self.faults[i].copy_(step_faults(tree, logits, path, params.do_sample, params.temperature) * self.state.active)
 
     # One step, phase by phase (``phase_times`` times each one on its own).
     def _propose(self, view: int, draft: bool) -> DraftTree:
@@ -252,7 +259,7 @@ class Decoder:
     # ------------------------------------------------------------------ capture
     def _saved(self) -> list[Tensor]:
         s = self.state
-        return [s.tokens, s.seq_len, s.cache.lengths, self.gained, self.proposed]
+        return [s.tokens, s.seq_len, s.cache.lengths, self.gained, self.proposed, self.faults]
 
     def _capture(self, key: tuple) -> None:
         """Warm up (Triton compiles, cuBLAS and Inductor pick kernels) on the real state, put the

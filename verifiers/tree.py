@@ -24,6 +24,10 @@ import torch
 from torch import Tensor
 
 
+class MalformedDraftTree(ValueError):
+    """A DraftTree whose parents do not make a forest in index order (see ``DraftTree.check``)."""
+
+
 @dataclass
 class DraftTree:
     """Draft tokens for B rows with a static budget of N nodes per row.
@@ -35,6 +39,11 @@ class DraftTree:
         valid   = [[True, True, True, True]]
 
     Padding nodes (``valid == False``) are never accepted; give them parent -1.
+
+    Every node's parent must be -1 or an earlier node, which rules out self-loops, cycles,
+    forward references and indices out of range. Trees on the CPU are checked on construction
+    (``check``); elsewhere checking needs a host sync, so the engine's step marks a bad tree on
+    the device (``malformed``) and the driver raises at its next sync.
     """
 
     tokens: Tensor  # [B, N] long
@@ -53,6 +62,35 @@ class DraftTree:
             )
         if self.q is not None and self.q.shape[:2] != self.tokens.shape:
             raise ValueError(f"q must be [B, N, V]; got {tuple(self.q.shape)} for tokens {tuple(self.tokens.shape)}")
+        for name in ("tokens", "parents"):
+            dtype = getattr(self, name).dtype
+            if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+                raise MalformedDraftTree(f"DraftTree.{name} must hold integer indices, got dtype {dtype}")
+        if self.parents.device.type == "cpu":
+            self.check()
+
+    def malformed(self) -> Tensor:
+        """``[B]`` bool, computed on the device with no sync: rows with a node whose parent is
+        neither -1 nor an earlier node."""
+        idx = torch.arange(self.num_nodes, device=self.parents.device)
+        return ((self.parents < -1) | (self.parents >= idx)).any(dim=1)
+
+    def check(self) -> None:
+        """Raise ``MalformedDraftTree`` naming the first node whose parent is not -1 or an
+        earlier node, and what is wrong with it (a host sync on a GPU).
+
+        Example: ``parents = [[-1, 2, 1]]`` fails with "row 0: node 1 has parent 2, a cycle 1 -> 2 -> 1".
+        """
+        bad = self.malformed()
+        if not bool(bad.any()):
+            return
+        row = int(bad.nonzero()[0])
+        parents = self.parents[row].tolist()
+        node = next(i for i, p in enumerate(parents) if not -1 <= p < i)
+        raise MalformedDraftTree(
+            f"DraftTree row {row}: node {node} has parent {parents[node]}, {_fault(parents, node)}; each node's "
+            f"parent must be -1 (the root) or an earlier node (0 <= parent < {node}), so that index order is a "
+            "topological order. Number the nodes parents-first (DraftTree.chain, branches and from_paths do)")
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -110,7 +148,7 @@ class DraftTree:
                 prev = node
         if -2 in parent:
             raise ValueError(f"nodes {[i for i, p in enumerate(parent) if p == -2]} appear in no path")
-        parents = torch.tensor(parent, device=tokens.device).expand_as(tokens).contiguous()
+        parents = torch.tensor(parent, dtype=torch.long, device=tokens.device).expand_as(tokens).contiguous()
         valid = torch.ones_like(tokens, dtype=torch.bool)
         return cls(tokens=tokens, parents=parents, valid=valid, q=q)
 
@@ -136,7 +174,7 @@ class DraftTree:
             if n == 0:
                 anc = eye.bool()
             else:
-                par = self.parents.clamp(min=0)
+                par = self.parents.clamp(min=0, max=n - 1)  # in range even for a tree the step will refuse
                 has_parent = (self.parents >= 0).float()
                 step = torch.zeros(b, n, n, device=dev)
                 step.scatter_(2, par.unsqueeze(-1), has_parent.unsqueeze(-1))
@@ -177,3 +215,20 @@ class DraftTree:
             pad = torch.full((b, max_depth - path.shape[1]), -1, dtype=torch.long, device=path.device)
             path = torch.cat([path, pad], dim=1)
         return path
+
+
+def _fault(parents: list[int], node: int) -> str:
+    """What is wrong with ``node``'s parent, in words (for ``DraftTree.check``)."""
+    n, p = len(parents), parents[node]
+    if p == node:
+        return "a self-loop"
+    if not -1 <= p < n:
+        return f"out of range (nodes are 0 .. {n - 1}, and -1 is the root)"
+    walk = [node]
+    while 0 <= walk[-1] < n and parents[walk[-1]] not in walk and 0 <= parents[walk[-1]] < n:
+        walk.append(parents[walk[-1]])
+    last = parents[walk[-1]]
+    if last in walk:
+        cycle = walk[walk.index(last):] + [last]
+        return ("a cycle " if node in cycle else "leading into the cycle ") + " -> ".join(map(str, cycle))
+    return "a forward reference (the parent comes after its child)"
