@@ -18,7 +18,7 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
-from test_head_drafters import noisy, recording
+from test_head_drafters import generate, noisy, recording
 from test_sampling import PARAMS, V, chi2_pvalue, exact_joint, sampled_joint
 from tiny import ARCHS, hf_greedy, make_tiny, ragged_batch
 
@@ -44,12 +44,6 @@ def recording_valid(drafter):
         return tree
     drafter.propose = record
     return seen
-
-
-def generate(model, drafter, ids, mask=None, n=24, eos=None, chunk_steps=1, **wrap):
-    return specdec.wrap(model, drafter=drafter, chunk_steps=chunk_steps, **wrap).generate(
-        ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=eos,
-        return_dict_in_generate=True)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
