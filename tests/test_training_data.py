@@ -114,3 +114,24 @@ def test_draft_from_layers_is_an_early_exit():
     assert torch.allclose(target.lm_head.weight, make_tiny("qwen2", vocab_size=64, num_layers=3).lm_head.weight)
     with pytest.raises(ValueError, match="distinct indices"):
         draft_from_layers(target, [0, 3])
+
+
+def test_stdlib_corpus_is_seeded_balanced_and_loads_through_datasets():
+    """corpus:stdlib gives distinct prompts of all six kinds, the same for the same seed, and
+    none of them is a built-in benchmark prompt."""
+    from specdec.bench.prompts import builtin
+    from specdec.training.corpus import CATEGORIES, corpus_rows
+
+    rows = corpus_rows(120, seed=1)
+    assert len(rows) == 120 and len({r["prompt"] for r in rows}) == 120
+    counts = {c: sum(r["category"] == c for r in rows) for c in CATEGORIES}
+    assert min(counts.values()) >= 10, counts
+    assert rows == corpus_rows(120, seed=1) and rows != corpus_rows(120, seed=2)
+    bench = {t for p in builtin() for t in p.turns}
+    assert not bench & {r["prompt"] for r in rows}
+    cfg = OmegaConf.create({"sources": [{"path": "corpus:stdlib", "size": 12, "seed": 1, "prompt_field": "prompt"}],
+                            "chat": False, "max_prompt_tokens": 10**6})
+    assert len(load_examples(cfg, byte_tokenizer())) == 12
+    with pytest.raises(ValueError, match="corpus:stdlib"):
+        load_examples(OmegaConf.create({"sources": [{"path": "corpus:other"}], "max_prompt_tokens": 9}),
+                      byte_tokenizer())

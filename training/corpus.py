@@ -109,7 +109,7 @@ def _stdlib_files() -> list[Path]:
 
 
 def _functions(path: Path):
-    """(name, source, docstring) of each top-level or method function of 4 to 40 lines."""
+    """(name, source, docstring) of each function (nested ones included) of 4 to 40 lines."""
     try:
         text = path.read_text(encoding="utf-8")
         tree = ast.parse(text)
