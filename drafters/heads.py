@@ -24,6 +24,7 @@ the engine or training.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import sys
 from collections.abc import Sequence
@@ -74,6 +75,13 @@ class HeadCache:
         """Keep the first ``length`` slots (rollback after a rejected draft)."""
         if self.key is not None:
             self.key, self.value = self.key[..., :length, :], self.value[..., :length, :]
+
+
+def cache_kwargs(attention: nn.Module, cache) -> dict:
+    """``{name: cache}`` for an HF attention module's forward: transformers 5.24 calls the argument
+    ``cache``, earlier 5.x releases (5.17 included) ``past_key_values``."""
+    params = inspect.signature(type(attention).forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
 
 
 def causal_mask(batch: int, query: int, past: int, device) -> Tensor:
@@ -234,7 +242,8 @@ class EagleHeadModel(nn.Module):
         embeds = self.embed_tokens(token_ids).to(hidden.dtype)                                  # [B, Q, H]
         x = torch.cat([layer.input_layernorm(embeds), layer.hidden_norm(hidden)], dim=-1)     # [B, Q, 2H]
         rope = self.rotary_emb(hidden, positions)                                             # cos, sin [B, Q, D]
-        attn, _ = layer.self_attn(hidden_states=x, position_embeddings=rope, attention_mask=mask, cache=cache)
+        attn, _ = layer.self_attn(hidden_states=x, position_embeddings=rope, attention_mask=mask,
+                                  **cache_kwargs(layer.self_attn, cache))
         h = hidden + attn                                                                     # [B, Q, H]
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         return HeadOutput(self.lm_head(self.norm(h)), h)

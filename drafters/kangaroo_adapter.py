@@ -40,7 +40,7 @@ from specdec.verifiers.tree import DraftTree
 
 from .base import DecodeState, DraftSpec, Drafter
 from .head_drafters import _cast, _check_fits, target_states
-from .heads import (_config_dict, _config_from_dict, _load_checked, _proposal, _read_folder, _write_folder,
+from .heads import (cache_kwargs, _config_dict, _config_from_dict, _load_checked, _proposal, _read_folder, _write_folder,
                     arch_classes, causal_mask, layer_config)
 
 CHUNK = 256  # queries per catch-up forward in begin/resync
@@ -115,7 +115,7 @@ class KangarooAdapterModel(nn.Module):
         block = self.layers[0]
         rope = self.rotary_emb(hidden, positions)                                             # cos, sin [B, Q, D]
         attn, _ = block.self_attn(hidden_states=block.input_layernorm(hidden), position_embeddings=rope,
-                                  attention_mask=mask, cache=cache)
+                                  attention_mask=mask, **cache_kwargs(block.self_attn, cache))
         return self.norm(hidden + attn)
 
     # ---- checkpoints ------------------------------------------------------------------------

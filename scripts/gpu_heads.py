@@ -1,0 +1,94 @@
+"""Draft heads on the GPU (issue 16): τ, tok/s and draft/verify ms beside the same-process
+compiled no-drafter baseline and prompt lookup, per category of the built-in prompts and on
+HumanEval, greedy and sampled (T 0.7). Results are rewritten to ``--out`` after every prompt.
+
+    python scripts/gpu_heads.py --eagle runs/eagle/head --medusa runs/medusa/head --out $OUT/heads.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import specdec
+from specdec.bench.prompts import builtin, humaneval, render
+from specdec.drafters import EagleHead, MedusaHeads, PromptLookup
+
+SAMPLE = {"do_sample": True, "temperature": 0.7, "top_p": 1.0, "top_k": 0}
+
+
+def prompts(per_category: int, n_humaneval: int):
+    seen, out = {}, []
+    for p in builtin():
+        if seen.get(p.category, 0) < per_category:
+            seen[p.category] = seen.get(p.category, 0) + 1
+            out.append(p)
+    return out + humaneval()[:n_humaneval]
+
+
+def drafters(args, model):
+    yield "none", None
+    yield "lookup", PromptLookup(num_tokens=8)
+    if args.eagle:
+        for k in args.eagle_tokens:
+            yield f"eagle{k}", EagleHead.from_pretrained(args.eagle, num_tokens=k, target=model, device="cuda",
+                                                        dtype="bf16")
+    if args.medusa:
+        yield "medusa", MedusaHeads.from_pretrained(args.medusa, device="cuda", dtype="bf16")
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="zoo:smollm2-135m-instruct")
+    ap.add_argument("--eagle", default=None)
+    ap.add_argument("--eagle-tokens", type=int, nargs="+", default=[4, 6])
+    ap.add_argument("--medusa", default=None)
+    ap.add_argument("--per-category", type=int, default=2)
+    ap.add_argument("--humaneval", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--modes", nargs="+", default=["greedy", "sampled"])
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--out", default="heads.json")
+    args = ap.parse_args()
+    model, tok = specdec.load_model(args.model, dtype="bfloat16", device="cuda")
+    tok.padding_side = "left"
+    items = [(p.category, tok(render(tok, p.turns[:1], []), return_tensors="pt", add_special_tokens=False).to("cuda"))
+             for p in prompts(args.per_category, args.humaneval)]
+    rows, ref = [], {}
+    for name, drafter in drafters(args, model):
+        spec = specdec.wrap(model, drafter=drafter, cuda_graphs=True, compile=args.compile)
+        for mode in args.modes:
+            kw = dict(max_new_tokens=args.max_new_tokens, return_dict_in_generate=True,
+                      **(SAMPLE if mode == "sampled" else {"do_sample": False}))
+            for i, (cat, enc) in enumerate(items):
+                torch.manual_seed(i)
+                _, first = timed(lambda: spec.generate(**enc, **kw))
+                torch.manual_seed(i)
+                out, warm = timed(lambda: spec.generate(**enc, **kw))
+                new = out.sequences[0, enc.input_ids.shape[1]:].tolist()
+                row = dict(method=name, mode=mode, category=cat, prompt=i, tokens=len(new), first_s=first,
+                           warm_s=warm, tok_s=len(new) / warm, tau=out.spec_stats.tau)
+                if mode == "greedy":
+                    base = ref.setdefault(i, new)
+                    row["diverge_at"] = next((j for j, (a, b) in enumerate(zip(new, base)) if a != b), None)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            prof = spec.engine.step_profile()
+            rows.append(dict(method=name, mode=mode, profile=prof))
+            print(name, mode, "profile", prof, flush=True)
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
