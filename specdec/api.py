@@ -127,16 +127,8 @@ class SpecDecoder:
         empty = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"empty prompt in row(s) {empty}: the attention mask has no real tokens")
-        longest = int(attention_mask.sum(dim=1).max())
-        max_new = validate.max_new_tokens(gc, input_ids.shape[1])
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit is not None and longest + max_new > limit:
-            raise ValueError(
-                f"prompt ({longest} tokens) + max_new_tokens ({max_new}) exceeds the model's context of {limit} "
-                "positions; shorten the prompt or lower max_new_tokens")
-        params = SamplingParams(do_sample=bool(gc.do_sample), temperature=float(1.0 if gc.temperature is None else gc.temperature),
-                                top_k=gc.top_k or None, top_p=gc.top_p, min_p=gc.min_p or None,
-                                processors=_logits_options(gc, eos_ids, self.model.get_output_embeddings().weight.shape[0]))
+        max_new = self._max_new(gc, input_ids, attention_mask)
+        params = _sampling_params(gc, eos_ids, self.model.config.vocab_size)
         copies = gc.num_return_sequences or 1
         if copies > 1:  # as HF: every prompt row repeated, each copy decoded on its own
             input_ids, attention_mask = input_ids.repeat_interleave(copies, 0), attention_mask.repeat_interleave(copies, 0)
@@ -161,6 +153,16 @@ class SpecDecoder:
         if gc.return_dict_in_generate:
             return SpecGenerateOutput(sequences=sequences, spec_stats=out.stats)
         return sequences
+
+    def _max_new(self, gc: GenerationConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+        longest = int(attention_mask.sum(dim=1).max())
+        max_new = validate.max_new_tokens(gc, input_ids.shape[1])
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and longest + max_new > limit:
+            raise ValueError(
+                f"prompt ({longest} tokens) + max_new_tokens ({max_new}) exceeds the model's context of {limit} "
+                "positions; shorten the prompt or lower max_new_tokens")
+        return max_new
 
     @staticmethod
     def _check_options(gc: GenerationConfig) -> None:
@@ -203,6 +205,12 @@ class SpecDecoder:
             return any(bool(c(t, None).any()) for c in criteria)
 
         return stop
+
+
+def _sampling_params(gc: GenerationConfig, eos_ids: set[int], vocab: int) -> SamplingParams:
+    return SamplingParams(do_sample=bool(gc.do_sample), temperature=float(1.0 if gc.temperature is None else gc.temperature),
+                          top_k=gc.top_k or None, top_p=gc.top_p, min_p=gc.min_p or None,
+                          processors=_logits_options(gc, eos_ids, vocab))
 
 
 def _logits_options(gc: GenerationConfig, eos_ids: set[int], vocab: int) -> LogitsOptions:

@@ -222,3 +222,15 @@ def test_processors_inside_captured_graphs():
     got = spec.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=20, pad_token_id=0, **kwargs)
     for r in range(4):
         assert got[r, ids.shape[1]:][: len(want[r])].tolist() == want[r].tolist(), f"row {r}"
+
+
+@pytest.mark.parametrize("kind", ["lookup", "draft_tree"])
+def test_processors_over_several_steps_per_sync(model, kind):
+    """chunk_steps=3: the processors read the prefix from the device buffers, steps after steps."""
+    kwargs = OPTIONS["all_at_once"]
+    ids, mask = ragged_batch([6, 11, 3, 8], VOCAB, seed=1)
+    want = hf_rows(model, ids, mask, 20, **kwargs)
+    spec = specdec.wrap(model, drafter=drafter(kind, model), chunk_steps=3)
+    got = spec.generate(ids, attention_mask=mask, max_new_tokens=20, pad_token_id=0, **kwargs)
+    for r in range(4):
+        assert got[r, ids.shape[1]:][: len(want[r])].tolist() == want[r].tolist(), f"row {r}"
