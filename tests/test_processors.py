@@ -234,3 +234,17 @@ def test_processors_over_several_steps_per_sync(model, kind):
     got = spec.generate(ids, attention_mask=mask, max_new_tokens=20, pad_token_id=0, **kwargs)
     for r in range(4):
         assert got[r, ids.shape[1]:][: len(want[r])].tolist() == want[r].tolist(), f"row {r}"
+
+
+@pytest.mark.zoo
+def test_smollm2_processors_equal_hf_batched(smollm2):
+    """A real model and HF's own padded batch (HF leaves the left padding out of the penalty)."""
+    from test_real_models import PROMPTS, assert_equals_hf_greedy, chat_batch, first_layers
+    model, tok = smollm2
+    enc = chat_batch(tok, PROMPTS)
+    kw = dict(attention_mask=enc.attention_mask, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id,
+              repetition_penalty=1.1, no_repeat_ngram_size=3)
+    assert_equals_hf_greedy(model, enc, kw, {
+        "lookup": PromptLookup(num_tokens=6, max_ngram=3),
+        "draft_tree": DraftModel(first_layers(model, 6), num_tokens=3, tree_width=3, tree_nodes=12),
+    })
