@@ -177,7 +177,7 @@ class SpecDecoder:
                     "wrapped model's own generate")
         defaults = GenerationConfig._get_default_generation_params()
         for name, value in gc.to_dict().items():
-            if name in _HONOURED or name in _INERT or name in _UNSUPPORTED:
+            if name.startswith("_") or name in _HONOURED or name in _INERT or name in _UNSUPPORTED:
                 continue
             if not (value is None or value is False or value == defaults.get(name, None)
                     or (isinstance(value, (list, dict, tuple)) and not value)):

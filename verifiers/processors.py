@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -59,6 +60,13 @@ class LogitsOptions:
         return max(self.no_repeat_ngram_size - 1, longest - 1, 0)
 
 
+@lru_cache(maxsize=256)
+def _ids(values: tuple[int, ...], device: torch.device) -> Tensor:
+    """Token ids as a device tensor, made once: the first (eager) step creates it, so a CUDA-graph
+    capture, which may not copy from the host, only reuses it."""
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
 def process_logits(logits: Tensor, opts: LogitsOptions, tree: DraftTree, tokens: Tensor, seq_len: Tensor,
                    start: Tensor, prompt_end: Tensor) -> Tensor:
     """``logits`` ``[B, 1 + N, V]`` processed per position. ``tokens [B, C]`` holds row b's committed
@@ -85,11 +93,11 @@ def process_logits(logits: Tensor, opts: LogitsOptions, tree: DraftTree, tokens:
             _ban_ngrams(banned, tail, ok, from_tree, tokens, seq_len, start, opts.no_repeat_ngram_size, vocab)
     fixed = [w[0] for w in opts.bad_words_ids if len(w) == 1] + list(opts.suppress_tokens)
     if fixed:
-        banned[:, :, torch.tensor(fixed, dtype=torch.long, device=x.device)] = True
+        banned[:, :, _ids(tuple(fixed), x.device)] = True
     if opts.min_new_tokens and opts.eos_ids:
         depth = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=x.device), tree.depth], dim=1)
         young = (seq_len - prompt_end).unsqueeze(1) + depth < opts.min_new_tokens  # [B, 1 + N]
-        eos = torch.tensor(opts.eos_ids, dtype=torch.long, device=x.device)
+        eos = _ids(opts.eos_ids, x.device)
         banned[:, :, eos] |= young.unsqueeze(-1)
     return x.masked_fill(banned[..., :vocab], float("-inf"))
 
@@ -133,7 +141,7 @@ def _ban_after(banned: Tensor, tail: Tensor, ok: Tensor, word: tuple[int, ...], 
     """Ban ``word[-1]`` where the prefix ends with ``word[:-1]`` (HF's multi-token bad words)."""
     if not 0 <= word[-1] < vocab:
         return
-    head = torch.tensor(word[:-1], dtype=torch.long, device=tail.device)
+    head = _ids(word[:-1], tail.device)
     k = head.numel()
     hit = ((tail[..., -k:] == head) & ok[..., -k:]).all(dim=-1)
     banned[..., word[-1]] |= hit
