@@ -22,6 +22,7 @@ from specdec.drafters import make_drafter
 from specdec.engine import SpecEngine
 from specdec.stats import SpecStats
 from specdec.verifiers.acceptance import SamplingParams
+from specdec.verifiers.processors import LogitsOptions
 
 
 class UnsupportedGenerationOption(ValueError):
@@ -31,21 +32,34 @@ class UnsupportedGenerationOption(ValueError):
 # Options whose non-default values we refuse, with the reason shown to the user.
 _UNSUPPORTED = {
     "num_beams": "beam search", "num_beam_groups": "group beam search", "penalty_alpha": "contrastive search",
-    "num_return_sequences": "several sequences per prompt (repeat the prompt rows instead)",
-    "repetition_penalty": "repetition penalty", "no_repeat_ngram_size": "n-gram blocking",
-    "encoder_repetition_penalty": "encoder repetition penalty", "bad_words_ids": "bad-word filtering",
-    "force_words_ids": "constrained decoding", "min_length": "min_length", "min_new_tokens": "min_new_tokens",
+    "encoder_repetition_penalty": "encoder repetition penalty",
+    "force_words_ids": "constrained decoding", "min_length": "min_length",
     "typical_p": "HF typical sampling (specdec's typical acceptance is a separate, lossy rule)",
-    "epsilon_cutoff": "epsilon sampling", "eta_cutoff": "eta sampling", "min_p": "min-p sampling",
+    "epsilon_cutoff": "epsilon sampling", "eta_cutoff": "eta sampling",
     "diversity_penalty": "diverse beam search", "sequence_bias": "sequence bias",
-    "guidance_scale": "classifier-free guidance", "suppress_tokens": "token suppression",
+    "guidance_scale": "classifier-free guidance",
     "begin_suppress_tokens": "token suppression", "forced_bos_token_id": "forced tokens",
     "forced_eos_token_id": "forced tokens", "exponential_decay_length_penalty": "length penalty decay",
     "output_scores": "returning scores", "output_logits": "returning logits",
     "output_attentions": "returning attentions", "output_hidden_states": "returning hidden states",
     "prompt_lookup_num_tokens": "HF's prompt lookup (use specdec.drafters.PromptLookup)",
     "watermarking_config": "watermarking", "assistant_early_exit": "HF's early-exit assistant",
+    "dola_layers": "DoLa decoding", "token_healing": "token healing", "top_h": "top-H sampling",
+    "remove_invalid_values": "replacing NaN/inf logits", "constraints": "constrained decoding",
 }
+# Options specdec applies (the logits processors in specdec.verifiers.processors, and max_time
+# checked at every host sync), and options that cannot change the output of greedy or sampled
+# decoding without beams or an assistant model (both refused). Any other option set away from
+# HF's default is refused by name.
+_HONOURED = {"max_length", "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
+             "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens", "num_return_sequences",
+             "eos_token_id", "pad_token_id", "bos_token_id", "return_dict_in_generate", "stop_strings", "max_time"}
+_INERT = {"transformers_version", "_from_model_config", "use_cache", "cache_implementation", "cache_config",
+          "compile_config", "disable_compile", "prefill_chunk_size", "max_cache_len", "low_memory",
+          "continuous_batching_config", "early_stopping", "length_penalty", "num_assistant_tokens",
+          "num_assistant_tokens_schedule", "assistant_confidence_threshold", "assistant_lookbehind",
+          "target_lookbehind", "max_matching_ngram_size", "is_assistant", "assistant_ensemble_weight",
+          "decoder_start_token_id", "renormalize_logits"}
 _UNSUPPORTED_ARGS = ("logits_processor", "prefix_allowed_tokens_fn", "assistant_model", "negative_prompt_ids",
                      "negative_prompt_attention_mask", "synced_gpus", "custom_generate", "assistant_tokenizer")
 
@@ -113,15 +127,11 @@ class SpecDecoder:
         empty = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"empty prompt in row(s) {empty}: the attention mask has no real tokens")
-        longest = int(attention_mask.sum(dim=1).max())
-        max_new = validate.max_new_tokens(gc, input_ids.shape[1])
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit is not None and longest + max_new > limit:
-            raise ValueError(
-                f"prompt ({longest} tokens) + max_new_tokens ({max_new}) exceeds the model's context of {limit} "
-                "positions; shorten the prompt or lower max_new_tokens")
-        params = SamplingParams(do_sample=bool(gc.do_sample), temperature=float(1.0 if gc.temperature is None else gc.temperature),
-                                top_k=gc.top_k or None, top_p=gc.top_p)
+        max_new = self._max_new(gc, input_ids, attention_mask)
+        params = _sampling_params(gc, eos_ids, self.model.config.vocab_size)
+        copies = gc.num_return_sequences or 1
+        if copies > 1:  # as HF: every prompt row repeated, each copy decoded on its own
+            input_ids, attention_mask = input_ids.repeat_interleave(copies, 0), attention_mask.repeat_interleave(copies, 0)
 
         stop_fn = self._stop_fn(gc, stopping_criteria, tokenizer, input_ids.device)
         on_tokens = None
@@ -131,7 +141,7 @@ class SpecDecoder:
             streamer.put(input_ids.cpu())
             on_tokens = lambda row, new: streamer.put(torch.tensor(new, dtype=torch.long)) if new else None  # noqa: E731
         out = self.engine.generate(input_ids, attention_mask, max_new, params, eos_ids, pad_id,
-                                   stop_fn=stop_fn, on_tokens=on_tokens)
+                                   stop_fn=stop_fn, on_tokens=on_tokens, max_time=gc.max_time)
         if streamer is not None:
             streamer.end()
 
@@ -144,6 +154,16 @@ class SpecDecoder:
             return SpecGenerateOutput(sequences=sequences, spec_stats=out.stats)
         return sequences
 
+    def _max_new(self, gc: GenerationConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+        longest = int(attention_mask.sum(dim=1).max())
+        max_new = validate.max_new_tokens(gc, input_ids.shape[1])
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and longest + max_new > limit:
+            raise ValueError(
+                f"prompt ({longest} tokens) + max_new_tokens ({max_new}) exceeds the model's context of {limit} "
+                "positions; shorten the prompt or lower max_new_tokens")
+        return max_new
+
     @staticmethod
     def _check_options(gc: GenerationConfig) -> None:
         for name, what in _UNSUPPORTED.items():
@@ -155,6 +175,20 @@ class SpecDecoder:
                 raise UnsupportedGenerationOption(
                     f"generate(): {name}={value!r} ({what}) is not supported by specdec; remove it, or call the "
                     "wrapped model's own generate")
+        defaults = GenerationConfig._get_default_generation_params()
+        for name, value in gc.to_dict().items():
+            if name.startswith("_") or name in _HONOURED or name in _INERT or name in _UNSUPPORTED:
+                continue
+            if not (value is None or value is False or value == defaults.get(name, None)
+                    or (isinstance(value, (list, dict, tuple)) and not value)):
+                raise UnsupportedGenerationOption(
+                    f"generate(): {name}={value!r} is not supported by specdec; remove it (from the generation "
+                    "config too), or call the wrapped model's own generate")
+        if gc.max_time is not None and not gc.max_time > 0:
+            raise ValueError(f"max_time must be a positive number of seconds, got {gc.max_time!r}")
+        if gc.num_return_sequences is not None and (not isinstance(gc.num_return_sequences, int)
+                                                    or gc.num_return_sequences < 1):
+            raise ValueError(f"num_return_sequences must be a positive int, got {gc.num_return_sequences!r}")
 
     @staticmethod
     def _stop_fn(gc, stopping_criteria, tokenizer, device):
@@ -171,6 +205,30 @@ class SpecDecoder:
             return any(bool(c(t, None).any()) for c in criteria)
 
         return stop
+
+
+def _sampling_params(gc: GenerationConfig, eos_ids: set[int], vocab: int) -> SamplingParams:
+    return SamplingParams(do_sample=bool(gc.do_sample), temperature=float(1.0 if gc.temperature is None else gc.temperature),
+                          top_k=gc.top_k or None, top_p=gc.top_p, min_p=gc.min_p or None,
+                          processors=_logits_options(gc, eos_ids, vocab))
+
+
+def _logits_options(gc: GenerationConfig, eos_ids: set[int], vocab: int) -> LogitsOptions:
+    """The logits processors ``gc`` asks for, with their token ids checked against the vocabulary."""
+    words = gc.bad_words_ids or []
+    if not isinstance(words, (list, tuple)) or not all(isinstance(w, (list, tuple)) and w for w in words):
+        raise ValueError(f"bad_words_ids must be a list of non-empty lists of token ids, got {words!r}")
+    suppress = list(gc.suppress_tokens or [])
+    ids = [t for w in words for t in w] + suppress
+    bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"bad_words_ids / suppress_tokens hold ids {bad[:5]} outside the vocabulary [0, {vocab})")
+    # As HF: a bad word that is a single EOS id is dropped (EOS stays possible).
+    words = tuple(tuple(w) for w in words if not (len(w) == 1 and w[0] in eos_ids))
+    return LogitsOptions(repetition_penalty=float(gc.repetition_penalty or 1.0),
+                         no_repeat_ngram_size=int(gc.no_repeat_ngram_size or 0),
+                         min_new_tokens=int(gc.min_new_tokens or 0), eos_ids=tuple(sorted(eos_ids)),
+                         suppress_tokens=tuple(suppress), bad_words_ids=words)
 
 
 def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "auto",

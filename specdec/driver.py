@@ -17,6 +17,7 @@ It knows the Decoder's buffers and host lists; not models, drafters' insides or 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -37,6 +38,7 @@ class Rows:
     eos_ids: set[int]
     stop_fn: Callable[[int, list[int]], bool] | None = None  # (row, prompt + generated) -> stop
     on_tokens: Callable[[int, list[int]], None] | None = None  # (row, newly kept tokens): streaming
+    deadline: float | None = None  # time.perf_counter() after which every row stops (max_time)
     generated: list[list[int]] = field(default_factory=list)  # [B][new tokens], EOS included
     gained: list[list[int]] = field(default_factory=list)  # [B][steps] tokens kept per step
     offered: list[list[int]] = field(default_factory=list)  # [B][steps] draft depth offered per step
@@ -122,6 +124,8 @@ class Driver:
                     row_steps, kept = row_steps + n, kept + k
                     seq_host[r] += sum(gains)
             self.gate.record(run.drafted, s, kept, row_steps)
+            if rows.deadline is not None and time.perf_counter() > rows.deadline:
+                rows.active = [False] * len(rows.active)  # max_time: stop at this sync, as HF's MaxTimeCriteria
             if rows.active != was:  # freeze stopped rows from the next launch on
                 flags = torch.tensor(rows.active, dtype=torch.long, pin_memory=dec.state.tokens.is_cuda)
                 dec.state.active.copy_(flags, non_blocking=True)

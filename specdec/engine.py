@@ -164,10 +164,13 @@ class SpecEngine:
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int, params: SamplingParams,
                  eos_ids: set[int], pad_id: int, stop_fn: Callable[[int, list[int]], bool] | None = None,
-                 on_tokens: Callable[[int, list[int]], None] | None = None) -> EngineOutput:
+                 on_tokens: Callable[[int, list[int]], None] | None = None,
+                 max_time: float | None = None) -> EngineOutput:
         """Decode up to ``max_new_tokens`` per row. ``stop_fn(row, row_tokens)`` may end a row early
         (row_tokens are the real prompt tokens plus everything generated); ``on_tokens(row, new)``
-        sees each step's kept tokens (streaming). Calls on one engine (or sharing a drafter) take turns."""
+        sees each step's kept tokens (streaming). ``max_time``: seconds from the call's start after which
+        every row stops at the next host sync (as HF's MaxTimeCriteria, checked per sync, not per
+        token). Calls on one engine (or sharing a drafter) take turns."""
         with self.lock:
             wall0 = time.perf_counter()
             rule, dev = self._rule(params), self.runner.device
@@ -179,7 +182,7 @@ class SpecEngine:
             self._begin(dec)
             prefill_time = time.perf_counter() - wall0
             rows = Rows([r[s:] for r, s in zip(packed.tolist(), start.tolist())], max_new_tokens, eos_ids,
-                        stop_fn, on_tokens)
+                        stop_fn, on_tokens, deadline=None if max_time is None else wall0 + max_time)
             timer = PhaseTimer(dev)
             gate = DraftGate(self.max_draft_batch, self.min_tau, window=max(8, dec.steps))
             steps, drafted = Driver(dec, gate, rows, timer).run(width, self.pipeline)

@@ -42,3 +42,4 @@ class DecodeState:
     # [E, B, N + 1, H]: the target's hidden states after each of the drafter's ``spec.hidden_layers``
     # at the root and every node of the last verification (None when the drafter asks for none).
     hidden: Tensor | None = None
+    prompt_end: Tensor | None = None  # [B] long, seq_len right after the prefill (min_new_tokens counts from it)

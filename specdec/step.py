@@ -25,6 +25,7 @@ from torch import Tensor
 
 from specdec.state import DecodeState
 from specdec.validate import step_faults
+from specdec.verifiers.processors import process_logits
 from specdec.verifiers.tree import DraftTree
 
 PREFILL_CHUNK = 128  # queries per captured prefill graph
@@ -121,7 +122,8 @@ class Decoder:
         long = dict(dtype=torch.long, device=dev)
         self.state = DecodeState(target=runner, cache=cache, tokens=torch.zeros(batch, capacity, **long),
                                  seq_len=torch.zeros(batch, **long), start=torch.zeros(batch, **long),
-                                 active=torch.ones(batch, **long), params=None, max_seq_len=0, capacity=capacity)
+                                 active=torch.ones(batch, **long), params=None, max_seq_len=0, capacity=capacity,
+                                 prompt_end=torch.zeros(batch, **long))
         self.gained = torch.zeros(steps, batch, **long)  # [S, B] tokens each row kept per step
         self.proposed = torch.zeros(steps, batch, **long)  # [S, B] draft depth each row was offered
         self.faults = torch.zeros(steps, batch, **long)  # [S, B] validate.step_faults of each row per step
@@ -158,6 +160,7 @@ class Decoder:
         s = self.state
         s.tokens[:, :width].copy_(tokens)
         s.seq_len.fill_(width)
+        s.prompt_end.fill_(width)
         s.start.copy_(start)
         s.cache.start.copy_(start)
         s.active.fill_(1)
@@ -194,9 +197,10 @@ class Decoder:
         return self.gained, self.proposed
 
     def _key(self, view: int, draft: bool) -> tuple:
-        """A step graph's key. The rule and the sampling settings are baked into its kernels."""
+        """A step graph's key. The rule, the sampling settings and the logits processors are baked
+        into its kernels."""
         params = self.state.params
-        return ("steps", view, draft, self.rule.name, params if params.do_sample else None)
+        return ("steps", view, draft, self.rule.name, params if params.do_sample else params.processors)
 
     def _replay(self, key: tuple) -> None:
         if not self.graphs:
@@ -239,9 +243,11 @@ class Decoder:
         return tree, v, logits, hidden
 
     def _accept(self, tree: DraftTree, v: VerifyInputs, logits: Tensor, hidden: Tensor | None):
-        outcome = self.rule.accept(logits, tree, self.state.params)
+        s = self.state
+        logits = process_logits(logits, s.params.processors, tree, s.tokens, s.seq_len, s.start, s.prompt_end)
+        outcome = self.rule.accept(logits, tree, s.params)
         emitted, count = outcome.emitted()
-        return tree, v, outcome, emitted, count * self.state.active, hidden  # frozen rows gain nothing
+        return tree, v, outcome, emitted, count * s.active, hidden  # frozen rows gain nothing
 
     def _commit(self, i: int, draft: bool, tree: DraftTree, v: VerifyInputs, outcome, emitted: Tensor,
                 count: Tensor, hidden: Tensor | None) -> None:

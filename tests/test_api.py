@@ -79,9 +79,9 @@ def test_streamer_receives_every_token():
 
 @pytest.mark.parametrize("kwargs, words", [
     (dict(num_beams=2), "num_beams"),
-    (dict(repetition_penalty=1.3), "repetition_penalty"),
+    (dict(encoder_repetition_penalty=1.3), "encoder_repetition_penalty"),
     (dict(output_scores=True), "output_scores"),
-    (dict(num_return_sequences=2, do_sample=True), "num_return_sequences"),
+    (dict(typical_p=0.5, do_sample=True), "typical_p"),
     (dict(logits_processor=[object()]), "logits_processor"),
     (dict(not_an_option=1), "not_an_option"),
 ])

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .processors import LogitsOptions
 from .tree import DraftTree
 
 
@@ -38,6 +39,8 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    min_p: float | None = None
+    processors: LogitsOptions = LogitsOptions()  # applied to the logits first, at every position
 
     def __post_init__(self) -> None:
         if self.do_sample and not self.temperature > 0:
@@ -47,12 +50,14 @@ class SamplingParams:
             )
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.top_k is not None and self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
 
 def warp_probs(logits: Tensor, params: SamplingParams) -> Tensor:
-    """Temperature, then top-k, then top-p (HF's order), then softmax. ``logits`` is ``[..., V]``."""
+    """Temperature, then top-k, top-p and min-p (HF's order), then softmax. ``logits`` is ``[..., V]``."""
     x = logits.float() / params.temperature
     if params.top_k is not None and 0 < params.top_k < x.shape[-1]:
         kth = x.topk(params.top_k, dim=-1).values[..., -1:]
@@ -64,6 +69,9 @@ def warp_probs(logits: Tensor, params: SamplingParams) -> Tensor:
         drop_sorted[..., -1] = False  # always keep the most likely token
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         x = x.masked_fill(drop, float("-inf"))
+    if params.min_p:  # drop tokens less likely than min_p times the most likely one
+        probs = x.softmax(dim=-1)
+        x = x.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
     return x.softmax(dim=-1)
 
 
