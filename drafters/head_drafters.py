@@ -81,12 +81,11 @@ class EagleHead(Drafter):
         spec = specdec.wrap(target, drafter=EagleHead(head, num_tokens=4))
         tree = specdec.wrap(target, drafter=EagleHead(head, tree_topk=4, tree_depth=5, tree_nodes=24))
 
-    Per step: the head re-reads the last ``D + 1`` committed slots (D the draft depth:
-    ``num_tokens``, or ``tree_depth``). Every slot the previous step committed is among them, now
-    with the target's true features, so the accepted path's head K/V is recomputed inside this
-    one forward rather than copied from the draft's scratch (whose K/V came from the head's own
-    guessed states, not the target's), and nothing else needs rolling back: scratch slots are
-    simply overwritten. The root's output gives the first draft tokens.
+    Per step: the head re-reads the last ``D + 1`` committed slots (D the depth: ``num_tokens``
+    or ``tree_depth``), which hold every slot the previous step committed, now with the target's
+    true features: the accepted path's head K/V is recomputed in this one forward rather than
+    copied from scratch (computed from the head's own guessed states), and rollback is just
+    overwriting scratch slots. The root's output gives the first draft tokens.
 
     - Chain: ``num_tokens - 1`` one-token forwards on the head's own output state extend it in
       scratch slots of its cache. With sampling each token is drawn from the warped head
