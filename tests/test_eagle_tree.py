@@ -195,3 +195,37 @@ def test_tree_inside_captured_steps_equals_hf(compile):
     out = spec.generate(ids, attention_mask=mask, max_new_tokens=40, pad_token_id=0, eos_token_id=None,
                         return_dict_in_generate=True)
     assert torch.equal(out.sequences, ref) and out.spec_stats.num_steps % 8 == 0
+
+
+def test_width_one_tree_is_the_chain():
+    """tree_topk=1 keeps one child per node: the tree must be the chain of tree_depth, draft for
+    draft (same head slots, positions, masks and states as the chain, which matches training)."""
+    model = make_tiny("qwen2", vocab_size=VOCAB)
+    ids, mask = ragged_batch([4, 10, 2], VOCAB, seed=6)
+    head, drafted = noisy(EagleHeadModel.from_target(model, AUX)), []
+    for kwargs in (dict(num_tokens=3), dict(tree_topk=1, tree_depth=3, tree_nodes=3)):
+        drafter = EagleHead(head, **kwargs)
+        trees, _ = watching(drafter)
+        generate(model, drafter, ids, mask, n=20, chunk_steps=2)
+        drafted.append(torch.stack([t.tokens for t in trees]))
+        assert all(t.parents.tolist() == [[-1, 0, 1]] * 3 for t in trees)
+    assert torch.equal(drafted[0], drafted[1])
+
+
+def test_eagle_config_takes_tree_arguments(tmp_path):
+    """drafter=eagle drafter.tree_topk=... builds the tree drafter through Hydra; the keys default to a chain."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from specdec.drafters import build_drafter
+
+    target = make_tiny("llama")
+    EagleHeadModel.from_target(target, (1, 1, 1)).save_pretrained(tmp_path / "head")
+    built = []
+    for extra in ([], ["drafter.tree_topk=3", "drafter.tree_depth=2", "drafter.tree_nodes=7"]):
+        with initialize_config_module("specdec.conf", version_base=None):
+            cfg = compose("generate", overrides=["drafter=eagle", f"drafter.folder={tmp_path / 'head'}",
+                                                 "model.device=cpu", *extra])
+        built.append(build_drafter(OmegaConf.to_container(cfg.drafter, resolve=True), target=target))
+    assert built[0].search is None and built[0].spec.num_nodes == 4
+    assert (built[1].search.topk, built[1].search.depth, built[1].spec.num_nodes) == (3, 2, 7)
