@@ -56,7 +56,8 @@ def test_tree_greedy_equals_hf(arch, lengths, steps):
     model = make_tiny(arch, vocab_size=VOCAB)
     ids, mask = ragged_batch(lengths, VOCAB, seed=len(lengths))
     ref = hf_greedy(model, ids, mask, max_new_tokens=24, eos_token_id=None)
-    for name, drafter in {"tree": eagle_tree(model), "tree_vocab": eagle_tree(model, torch.arange(4, VOCAB, 2))}.items():
+    drafters = {"tree": eagle_tree(model), "tree_vocab": eagle_tree(model, torch.arange(4, VOCAB, 2))}
+    for name, drafter in drafters.items():
         trees, _ = watching(drafter)
         out = generate(model, drafter, ids, mask, chunk_steps=steps)
         assert torch.equal(out.sequences, ref), f"{arch}/{name} differs from HF greedy"
@@ -140,15 +141,16 @@ def test_search_keeps_the_best_forest(k, depth, n):
         for level, (_, positions, slots, mask) in enumerate(step.calls, start=1):
             assert (positions[row] == base + level).all()
             assert (slots[row] == seq_len[row] + (level - 1) * k + torch.arange(k)).all()
-            j = torch.arange(view)
-            assert torch.equal(mask[row, :, :seq_len[row]], ((j >= start[row]) & (j < seq_len[row]))[:seq_len[row]].expand(k, -1))
+            committed = torch.arange(seq_len[row]) >= start[row]
+            assert torch.equal(mask[row, :, :seq_len[row]], committed.expand(k, -1))
             assert (mask[row, :, seq_len[row]:].sum(dim=1) == level).all()
             assert mask[row, torch.arange(k), slots[row]].all()
 
 
 def test_bad_tree_arguments_raise():
     head = EagleHeadModel.from_target(make_tiny("llama"), AUX)
-    for kwargs, match in [(dict(tree_topk=0), "tree_topk must be"), (dict(tree_topk=2, tree_depth=0), "tree_depth must"),
+    for kwargs, match in [(dict(tree_topk=0), "tree_topk must be"),
+                          (dict(tree_topk=2, tree_depth=0), "tree_depth must"),
                           (dict(tree_topk=2, tree_nodes=0), "tree_nodes must"),
                           (dict(tree_topk=2, tree_depth=2, tree_nodes=7), "exceeds the 6 candidates"),
                           (dict(tree_topk=1, tree_depth=3, tree_nodes=4), "exceeds the 3 candidates"),
