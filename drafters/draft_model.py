@@ -28,6 +28,7 @@ from specdec.verifiers.acceptance import StepOutcome, sample, warp_probs
 from specdec.verifiers.tree import DraftTree
 
 from .base import DecodeContext, DraftSpec, Drafter, VocabularyMismatchError
+from .tree_search import TreeSearch, top_children
 
 SCHEDULES = ("constant", "adaptive")
 
@@ -56,6 +57,7 @@ class DraftModel(Drafter):
         # Candidates a tree can have: width children of the root, then width^2 per further level.
         candidates = tree_width + (self.tree_depth - 1) * tree_width * tree_width
         self.tree_nodes = min(tree_nodes or 2 * tree_width * self.tree_depth, candidates)
+        self.search = TreeSearch(tree_width, self.tree_depth, self.tree_nodes) if tree_width > 1 else None
         self.model = model
         self.runner = ModelRunner(model, fuse=None)   # fused projections where the layers allow
         self.num_tokens = num_tokens
@@ -164,107 +166,20 @@ class DraftModel(Drafter):
         self.cache.lengths.copy_(ctx.seq_len)
         return out.logits[:, 0]
 
-    def _children(self, logits, ctx: DecodeContext, width: int):
-        """Top ``width`` children of each node: ``(tokens, logq, q)``; tokens/logq ``[..., width]``.
-
-        Greedy: the most likely tokens. Sampling: ``width`` draws without replacement from the
-        warped q (Gumbel top-k), in draw order. ``q`` is the warped distribution (or None)."""
-        if ctx.params.do_sample:
-            q = warp_probs(logits, ctx.params)
-            logq = q.clamp(min=1e-30).log().masked_fill(q == 0, float("-inf"))
-            gumbel = -torch.empty_like(logq).exponential_(1.0).log()
-            key, tok = (logq + gumbel).topk(width, dim=-1)
-            return tok, logq.gather(-1, tok), key, q
-        logq = logits.float().log_softmax(dim=-1)
-        key, tok = logq.topk(width, dim=-1)
-        return tok, key, key, None
-
     def _propose_tree(self, ctx: DecodeContext) -> DraftTree:
-        b, dev = ctx.tokens.shape[0], ctx.tokens.device
-        k, depth_max, n_keep = self.tree_width, self.tree_depth, self.tree_nodes
-        root_logits = self._read_root(ctx)
-        tok, logq, key, q = self._children(root_logits, ctx, k)  # [B, K]
-        # Candidate lists; "rank" is the selection key: cumulative, and capped by the parent's so
-        # that every kept set of siblings is a prefix of its draw order.
-        c_tok, c_rank, c_par, c_depth = [tok], [key], [torch.full((b, k), -1, device=dev)], [torch.ones(b, k, device=dev)]
-        c_valid = [logq > float("-inf")]
-        c_q = [q.unsqueeze(1).expand(b, k, q.shape[-1])] if q is not None else None
-        frontier = torch.arange(k, device=dev).expand(b, k)  # candidate indices to feed next
-        scratch = (depth_max - 1) * k
-        anc_rows = torch.zeros(b, 0, scratch, dtype=torch.bool, device=dev)  # per candidate: fed ancestors
-        j = torch.arange(ctx.max_seq_len + scratch, device=dev)
-        prefix = (j >= ctx.start[:, None]) & (j < ctx.seq_len[:, None])  # [B, S]
-        for level in range(1, depth_max):
-            flat_tok, flat_rank = torch.cat(c_tok, 1), torch.cat(c_rank, 1)
-            flat_par = torch.cat(c_par, 1)
-            n_c = flat_tok.shape[1]
-            # Ancestor rows of every candidate over the scratch slots fed so far.
-            if anc_rows.shape[1] < n_c:
-                par = flat_par[:, anc_rows.shape[1]:]
-                if anc_rows.shape[1] == 0:  # level 1: children of the root have no fed ancestors
-                    rows = torch.zeros(b, par.shape[1], scratch, dtype=torch.bool, device=dev)
-                else:
-                    rows = anc_rows.gather(1, par.clamp(min=0).unsqueeze(-1).expand(*par.shape, scratch))
-                    rows = rows & (par >= 0).unsqueeze(-1)
-                anc_rows = torch.cat([anc_rows, rows], dim=1)
-            r = (level - 1) * k + torch.arange(k, device=dev)  # scratch slots of this level
-            feed_rows = anc_rows.gather(1, frontier.unsqueeze(-1).expand(b, k, scratch)).clone()
-            # Each frontier node also sees its own slot (a mask, not an indexed write: capturable).
-            feed_rows |= (torch.arange(scratch, device=dev) == r.unsqueeze(1)).unsqueeze(0)
-            anc_rows = anc_rows.scatter(1, frontier.unsqueeze(-1).expand(b, k, scratch), feed_rows)
-            view = ctx.max_seq_len + scratch
-            mask = prefix[:, :view].unsqueeze(1).expand(b, k, view).clone()
-            cols = (ctx.seq_len.unsqueeze(1) + torch.arange(scratch, device=dev)).unsqueeze(1).expand(b, k, scratch)
-            mask.scatter_(2, cols, feed_rows)
-            slots = ctx.seq_len.unsqueeze(1) + r
-            pos = (ctx.seq_len - 1 - ctx.start).unsqueeze(1) + level
-            out = self._forward(self.cache, flat_tok.gather(1, frontier), pos.expand(b, k), slots,
-                                torch.eye(k, dtype=torch.bool, device=dev).expand(b, k, k), view_len=view, mask=mask)
-            tok, logq, key, q = self._children(out.logits, ctx, k)  # [B, K, K]
-            parent_rank = flat_rank.gather(1, frontier)
-            # Cumulative (perturbed, when sampling) log-probability, never above the parent's.
-            rank = torch.minimum(parent_rank.unsqueeze(2), parent_rank.unsqueeze(2) + key)
-            c_tok.append(tok.reshape(b, k * k))
-            c_rank.append(rank.reshape(b, k * k))
-            c_par.append(frontier.unsqueeze(2).expand(b, k, k).reshape(b, k * k))
-            c_depth.append(torch.full((b, k * k), level + 1.0, device=dev))
-            parent_valid = torch.cat(c_valid, 1).gather(1, frontier)
-            c_valid.append(((logq > float("-inf")) & parent_valid.unsqueeze(2)).reshape(b, k * k))
-            if c_q is not None:
-                c_q.append(q.unsqueeze(2).expand(b, k, k, q.shape[-1]).reshape(b, k * k, q.shape[-1]))
-            frontier = rank.reshape(b, k * k).topk(k, dim=1).indices + n_c
-        return self._select(c_tok, c_rank, c_par, c_depth, c_valid, c_q, n_keep)
+        """`TreeSearch` over the draft's own cache: frontier nodes in scratch slots past the root."""
+        b, dev, k = ctx.tokens.shape[0], ctx.tokens.device, self.tree_width
+        eye = torch.eye(k, dtype=torch.bool, device=dev).expand(b, k, k)
 
-    @staticmethod
-    def _select(c_tok, c_rank, c_par, c_depth, c_valid, c_q, n_keep) -> DraftTree:
-        """Keep the ``n_keep`` best candidates (ancestor-closed) and renumber them parents-first."""
-        tok, rank, par = torch.cat(c_tok, 1), torch.cat(c_rank, 1), torch.cat(c_par, 1)
-        depth, valid = torch.cat(c_depth, 1), torch.cat(c_valid, 1)
-        b, n_c = tok.shape
-        n_keep = min(n_keep, n_c)
-        idx = torch.arange(n_c, device=tok.device).float()
-        # Order: rank (desc), then depth (asc), then creation order (draw order within siblings).
-        score = torch.where(valid, rank, torch.full_like(rank, float("-inf")))
-        order = torch.stack([-score, depth, idx.expand(b, n_c)], dim=-1)
-        perm = torch.arange(n_c, device=tok.device).expand(b, n_c)
-        for col in (2, 1, 0):  # stable sorts, least significant key first
-            vals = order[..., col].gather(1, perm)
-            perm = perm.gather(1, vals.argsort(dim=1, stable=True))
-        kept = perm[:, :n_keep]
-        # Parents first: sort the kept candidates by (depth, creation index).
-        d_kept = depth.gather(1, kept)
-        by_depth = (d_kept * n_c + kept.float()).argsort(dim=1)
-        kept = kept.gather(1, by_depth)
-        new_of_old = torch.full((b, n_c), -1, dtype=torch.long, device=tok.device)
-        new_of_old.scatter_(1, kept, torch.arange(n_keep, device=tok.device).expand(b, n_keep))
-        old_par = par.gather(1, kept)
-        new_par = torch.where(old_par >= 0, new_of_old.gather(1, old_par.clamp(min=0)), torch.full_like(old_par, -1))
-        keep_valid = valid.gather(1, kept) & ((old_par < 0) | (new_par >= 0))
-        q = None
-        if c_q is not None:
-            q_all = torch.cat(c_q, 1)
-            q = q_all.gather(1, kept.unsqueeze(-1).expand(b, n_keep, q_all.shape[-1]))
-        return DraftTree(tokens=tok.gather(1, kept), parents=new_par, valid=keep_valid, q=q)
+        def step(tokens, hidden, positions, slots, mask, view):
+            return self._forward(self.cache, tokens, positions, slots, eye, view_len=view, mask=mask).logits, None
+
+        def expand(logits):
+            return top_children(logits, ctx.params, k, None, self.runner.vocab_size)
+
+        root = expand(self._read_root(ctx).unsqueeze(1))
+        return self.search.run(root, None, step, ctx.seq_len, ctx.start, ctx.max_seq_len + self.search.scratch,
+                               expand)
 
     def propose(self, ctx: DecodeContext) -> DraftTree:
         if self.tree_width > 1:

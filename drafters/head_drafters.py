@@ -33,6 +33,7 @@ from specdec.verifiers.tree import DraftTree
 
 from .base import DecodeState, DraftSpec, Drafter, VocabularyMismatchError
 from .heads import EagleHeadModel, MedusaHeadsModel
+from .tree_search import Children, TreeSearch, top_children
 
 CHUNK = 256  # queries per catch-up forward in begin/resync
 
@@ -71,32 +72,50 @@ def _chunks(lo: int, hi: int, size: int):
 
 
 class EagleHead(Drafter):
-    """An EAGLE-3 style head (`EagleHeadModel`) drafting a chain of ``num_tokens`` per step.
+    """An EAGLE-3 style head (`EagleHeadModel`) drafting a chain of ``num_tokens``, or an EAGLE-2
+    dynamic tree when ``tree_topk`` is given.
 
     Example::
 
         head = EagleHeadModel.from_pretrained("runs/eagle/head")
         spec = specdec.wrap(target, drafter=EagleHead(head, num_tokens=4))
+        tree = specdec.wrap(target, drafter=EagleHead(head, tree_topk=4, tree_depth=5, tree_nodes=24))
 
-    Per step: the head re-reads the last ``num_tokens + 1`` committed slots (every slot the
-    previous step committed is among them, now with the target's true features), which gives the
-    first draft token at the root; then ``num_tokens - 1`` one-token forwards on its own output
-    state extend the chain in scratch slots of its own cache (rolled back by being overwritten).
-    With sampling each token is drawn from the warped head distribution, mapped to the target
-    vocabulary (``d2t``), and ``q`` carries that distribution.
+    Per step: the head re-reads the last ``D + 1`` committed slots (D the depth: ``num_tokens``
+    or ``tree_depth``), which hold every slot the previous step committed, now with the target's
+    true features: the accepted path's head K/V is recomputed in this one forward rather than
+    copied from scratch (computed from the head's own guessed states), and rollback is just
+    overwriting scratch slots. The root's output gives the first draft tokens.
+
+    - Chain: ``num_tokens - 1`` one-token forwards on the head's own output state extend it in
+      scratch slots of its cache. With sampling each token is drawn from the warped head
+      distribution, mapped to the target vocabulary (``d2t``), and ``q`` carries it.
+    - Tree (`specdec.drafters.tree_search.TreeSearch`): the root's top ``tree_topk`` tokens,
+      then ``tree_depth - 1`` forwards of the ``tree_topk`` best frontier nodes at once (each
+      reads its parent's output state, under an ancestor mask over ``(tree_depth - 1) *
+      tree_topk`` scratch slots), then the ``tree_nodes`` best by cumulative log-probability.
+      ``tree_depth`` defaults to ``num_tokens`` and ``tree_nodes`` to ``tree_topk * tree_depth``.
+      Sampling draws siblings without replacement; each node's ``q`` is its parent's warped
+      distribution, as the tree's speculative sampling needs.
     """
 
-    def __init__(self, head: EagleHeadModel, num_tokens: int = 4):
+    def __init__(self, head: EagleHeadModel, num_tokens: int = 4, tree_topk: int | None = None,
+                 tree_depth: int | None = None, tree_nodes: int | None = None):
         if num_tokens < 1:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
         if not isinstance(head, EagleHeadModel):
             raise TypeError(f"EagleHead needs an EagleHeadModel, got {type(head).__name__}")
+        self.search = TreeSearch.from_args("EagleHead", tree_topk, tree_depth, tree_nodes, num_tokens)
+        if self.search and self.search.topk > head.draft_vocab_size:
+            raise ValueError(f"EagleHead: tree_topk={tree_topk} exceeds the draft vocabulary ({head.draft_vocab_size})")
         self.head, self.num_tokens = head.eval(), num_tokens
-        self.window = num_tokens + 1  # committed slots re-read per step: a step commits at most this many
+        depth = self.search.depth if self.search else num_tokens
+        self.window = depth + 1  # committed slots re-read per step: a step commits at most this many
         self.counts = tuple(sorted({a for a in head.aux_layers if a > 0}))  # aux id 0 is the embedding
         # Entry j - window reads feature j - window - 1: the engine left-pads so that slot exists.
-        self.spec = DraftSpec(num_nodes=num_tokens, lookback=self.window + 1, hidden_layers=self.counts,
-                              forwards_per_step=num_tokens)
+        self.spec = DraftSpec(num_nodes=self.search.nodes if self.search else num_tokens, lookback=self.window + 1,
+                              scratch_slots=self.search.scratch if self.search else 0,
+                              hidden_layers=self.counts, forwards_per_step=depth)
         self.runner = None
         self.feature: Tensor | None = None  # [B, L, H] fused target features by slot (head dtype)
         self.cache: KVCache | None = None   # the head's own K/V by slot
@@ -105,11 +124,13 @@ class EagleHead(Drafter):
 
     @classmethod
     def from_pretrained(cls, folder, num_tokens: int = 4, target=None, device=None,
-                        dtype: torch.dtype | str | None = None) -> "EagleHead":
+                        dtype: torch.dtype | str | None = None, tree_topk: int | None = None,
+                        tree_depth: int | None = None, tree_nodes: int | None = None) -> "EagleHead":
         """Load a speculators folder (`EagleHeadModel.save_pretrained`); ``target`` supplies a
-        left-out embedding. ``dtype`` (e.g. ``"bf16"``) casts the head; default fp32."""
+        left-out embedding. ``dtype`` (e.g. ``"bf16"``) casts the head; default fp32. The tree
+        arguments are the constructor's."""
         return cls(_cast(EagleHeadModel.from_pretrained(folder, target=target, device=device), dtype),
-                   num_tokens=num_tokens)
+                   num_tokens=num_tokens, tree_topk=tree_topk, tree_depth=tree_depth, tree_nodes=tree_nodes)
 
     def compile(self, options: dict | None) -> None:
         from specdec.step import compiled
@@ -160,9 +181,18 @@ class EagleHead(Drafter):
         ``slots`` [B, Q]; query i attends to head slots ``start .. sees_to[:, i]`` and itself."""
         j = torch.arange(view, device=tokens.device)
         mask = (j >= state.start[:, None, None]) & (j <= sees_to[:, :, None]) | (j == slots[:, :, None])
+        positions = (slots - state.start[:, None]).clamp(min=0)
+        return self._masked_step(tokens, hidden, positions, slots, mask, view)
+
+    def _masked_step(self, tokens: Tensor, hidden: Tensor, positions: Tensor, slots: Tensor, mask: Tensor,
+                     view: int):
+        """One head forward writing at ``slots`` [B, Q], attending where ``mask`` [B, Q, view] allows."""
         self.cache.write_slots, self.cache.view_len = slots, view
-        return self._forward(tokens, hidden, (slots - state.start[:, None]).clamp(min=0), cache=self.cache,
-                             mask=mask.unsqueeze(1))
+        return self._forward(tokens, hidden, positions, cache=self.cache, mask=mask.unsqueeze(1))
+
+    def _tree_step(self, *args) -> tuple[Tensor, Tensor]:
+        out = self._masked_step(*args)
+        return out.logits, out.hidden
 
     # ------------------------------------------------------------------ protocol
     def begin(self, state: DecodeState) -> None:
@@ -182,13 +212,21 @@ class EagleHead(Drafter):
         """After undrafted steps (from committed length ``since`` on): recompute what they skipped."""
         self._catch_up(state, max(since - self.window - 2, 0))
 
-    def propose(self, state: DecodeState) -> DraftTree:
-        b, dev, k, w = state.tokens.shape[0], state.tokens.device, self.num_tokens, self.window
-        view = state.max_seq_len + k  # committed head entries plus the chain's scratch slots
+    def _read_root(self, state: DecodeState, view: int) -> tuple[Tensor, Tensor]:
+        """Re-read the last ``window`` committed slots with their true features; return the
+        root's draft logits [B, Vd] and output state [B, 1, H]."""
+        b, dev, w = state.tokens.shape[0], state.tokens.device, self.window
         slots = state.seq_len.unsqueeze(1) - w + torch.arange(w, device=dev)               # [B, W]
         feats = self.feature.gather(1, (slots - 1).unsqueeze(-1).expand(b, w, self.feature.shape[-1]))
         out = self._head_step(state, state.tokens.gather(1, slots), feats, slots, slots, view)
-        logits, hidden = out.logits[:, -1], out.hidden[:, -1:]                            # [B, Vd], [B, 1, H]
+        return out.logits[:, -1], out.hidden[:, -1:]
+
+    def propose(self, state: DecodeState) -> DraftTree:
+        if self.search is not None:
+            return self._propose_tree(state)
+        k = self.num_tokens
+        view = state.max_seq_len + k  # committed head entries plus the chain's scratch slots
+        logits, hidden = self._read_root(state, view)                                     # [B, Vd], [B, 1, H]
         drafted, dists = [], []
         for d in range(k):
             token, q = self._choose(logits, state)
@@ -200,6 +238,17 @@ class EagleHead(Drafter):
                 logits, hidden = out.logits[:, -1], out.hidden
         q = torch.stack(dists, dim=1) if state.params.do_sample else None                 # [B, K, V]
         return DraftTree.chain(torch.stack(drafted, dim=1), q=q)
+
+    def _propose_tree(self, state: DecodeState) -> DraftTree:
+        view = state.max_seq_len + self.search.scratch
+        logits, hidden = self._read_root(state, view)
+        vocab = None if self.head.draft_vocab_size == self.runner.vocab_size else self.vocab_ids
+
+        def expand(lg: Tensor) -> Children:
+            return top_children(lg, state.params, self.search.topk, vocab, self.runner.vocab_size)
+
+        return self.search.run(expand(logits.unsqueeze(1)), hidden, self._tree_step, state.seq_len, state.start,
+                               view, expand)
 
     def _choose(self, logits: Tensor, state: DecodeState) -> tuple[Tensor, Tensor | None]:
         """(token [B] target id, warped q [B, V] over the target vocabulary or None) from draft
