@@ -38,6 +38,12 @@ def assert_sparse(drafter, budget):
     assert ((context > budget) & (selected < context)).any(), "the test never exercised a sparse selection"
 
 
+def assert_all_accepted(stats):
+    """Every step but a row's last (cut by max_new_tokens or EOS) kept its whole proposal and a bonus."""
+    for accepted, proposed in zip(stats.accepted_lengths, stats.proposed):
+        assert accepted[:-1] == [p + 1 for p in proposed[:-1]]
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("lengths", [[23], [13, 30, 2, 19]], ids=["batch1", "batch4"])
 def test_greedy_equals_hf(arch, lengths):
@@ -67,7 +73,7 @@ def test_full_budget_self_draft_is_exact():
     seq, stats = generate(model, SparseSelfDraft(num_tokens=4, sink=2, window=64, chunk=4, top_chunks=0), ids, mask,
                           n=25)
     assert torch.equal(seq, ref)
-    assert stats.acceptance_rate == 1.0
+    assert_all_accepted(stats)
 
 
 def test_hierarchical_with_an_exact_middle_keeps_its_tokens():
@@ -82,8 +88,9 @@ def test_hierarchical_with_an_exact_middle_keeps_its_tokens():
     seq, stats = generate(model, Hierarchical(PromptLookup(num_tokens=3, max_ngram=2), middle, rounds=2), ids, mask,
                           n=25)
     assert torch.equal(seq, ref)
-    assert stats.acceptance_rate == 1.0
-    assert stats.tau > 3.0  # two rounds give at least 2 drafted tokens + the bonus
+    assert_all_accepted(stats)
+    # Two rounds give at least 2 drafted tokens, plus the target's bonus token.
+    assert all(min(row[:-1]) >= 3 for row in stats.accepted_lengths)
 
 
 def test_bad_options_are_refused():
