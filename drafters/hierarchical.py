@@ -23,6 +23,7 @@ their own (``DraftModel``, ``EagleHead``) are refused at construction.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -147,13 +148,18 @@ class Hierarchical(Drafter):
         return out.scatter(1, a[:, None], own)
 
 
-def TriForce(top: Drafter | None = None, num_tokens: int = 8, rounds: int = 2, sink: int = 4, window: int = 256,
+def TriForce(top: Drafter | Mapping | None = None, num_tokens: int = 8, rounds: int = 2, sink: int = 4, window: int = 256,
              chunk: int = 16, top_chunks: int = 8) -> Hierarchical:
     """TriForce's hierarchy: ``top`` (default prompt lookup of 4 tokens) drafts for a sparse-KV
-    self-draft of ``num_tokens`` tokens per step, which drafts for the full target.
+    self-draft of ``num_tokens`` tokens per step, which drafts for the full target. ``top`` may be
+    a drafter config mapping (Hydra's ``conf/drafter/triforce.yaml``).
 
     Example: ``specdec.wrap(model, drafter=TriForce(window=128, top_chunks=4))``.
     """
+    if isinstance(top, Mapping):  # a config: {"_target_": "specdec.drafters.PromptLookup", ...}
+        from specdec.drafters import build_drafter
+
+        top = build_drafter(top)
     top = PromptLookup(num_tokens=4) if top is None else top
     middle = SparseSelfDraft(num_tokens=num_tokens, sink=sink, window=window, chunk=chunk, top_chunks=top_chunks)
     return Hierarchical(top, middle, rounds=rounds)

@@ -114,3 +114,48 @@ def test_sampling_preserves_target(params, kind):
     drafter = sparse if kind == "sparse" else Hierarchical(PromptLookup(num_tokens=2, max_ngram=2), sparse, rounds=2)
     counts = sampled_joint(specdec.wrap(target, drafter=drafter), params)
     assert chi2_pvalue(counts, exact_joint(target, params)) > 1e-3
+
+
+def test_triforce_config_builds_the_hierarchy():
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from specdec.drafters import build_drafter
+
+    with initialize_config_module("specdec.conf", version_base=None):
+        tri = compose("generate", overrides=["drafter=triforce", "drafter.window=32"]).drafter
+        sparse = compose("generate", overrides=["drafter=sparse_self"]).drafter
+    tri = build_drafter(OmegaConf.to_container(tri, resolve=True))
+    assert isinstance(tri, Hierarchical) and isinstance(tri.top, PromptLookup) and tri.middle.window == 32
+    assert tri.num_nodes == 8 and tri.rounds == 2
+    sparse = build_drafter(OmegaConf.to_container(sparse, resolve=True))
+    assert isinstance(sparse, SparseSelfDraft) and sparse.budget == 4 + 256 + 8 * 16
+
+
+def long_prompt(tok, tokens=4000):
+    """About ``tokens`` tokens of the standard library's own source, then a question about it."""
+    import inspect
+    import json.decoder
+    import textwrap
+
+    source = inspect.getsource(textwrap) + inspect.getsource(json.decoder)
+    ids = tok(source).input_ids[:tokens]
+    return tok.decode(ids) + "\n\n# Question: what does the function dedent above do? Answer:\n"
+
+
+@pytest.mark.slow
+def test_smollm2_4k_prompt_greedy_equality(smollm2):
+    model, tok = smollm2
+    enc = tok([long_prompt(tok)], return_tensors="pt")
+    assert enc.input_ids.shape[1] > 3900
+    kw = dict(attention_mask=enc.attention_mask, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    ref = model.generate(enc.input_ids, **kw)
+    sparse = Recording(num_tokens=4, sink=4, window=256, chunk=16, top_chunks=8)
+    sparse.seen = []
+    middle = Recording(num_tokens=6, sink=4, window=256, chunk=16, top_chunks=8)
+    middle.seen = []
+    for name, drafter in {"sparse": sparse, "triforce": Hierarchical(PromptLookup(num_tokens=3), middle)}.items():
+        out = specdec.wrap(model, drafter=drafter).generate(enc.input_ids, **kw, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, ref), f"{name} differs from HF greedy on a 4K-token prompt"
+        print(f"{name}: tau={out.spec_stats.tau:.2f} acceptance={out.spec_stats.acceptance_rate:.2f}")
+        assert_sparse(drafter if name == "sparse" else middle, sparse.budget)
