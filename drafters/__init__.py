@@ -19,6 +19,8 @@ from .layerskip import LayerSkip
 from .lookup import PromptLookup
 from .rest import RestDrafter
 from .swift import Swift
+from .sparse_kv import SparseSelfDraft
+from .hierarchical import Hierarchical, TriForce
 
 DRAFTERS = {
     "lookup": PromptLookup,
@@ -27,6 +29,8 @@ DRAFTERS = {
     "layerskip": LayerSkip,
     "kangaroo": LayerSkip.kangaroo,
     "swift": Swift,
+    "sparse_self": SparseSelfDraft,
+    "triforce": TriForce,
     "del": DynamicExit,
     "dynamic_exit": DynamicExit,
     "copyspec": CopySpec,
@@ -73,6 +77,6 @@ def build_drafter(cfg: Mapping | None, target=None):
     return fn(**cfg)
 
 
-__all__ = ["CopySpec", "DecodeContext", "DraftSpec", "Drafter", "NullDrafter", "DraftModel", "EagleHead", "KangarooAdapter", "MedusaHeads", "RestDrafter", "DynamicExit", "LayerSkip", "PromptLookup", "Swift",
+__all__ = ["CopySpec", "DecodeContext", "DraftSpec", "Drafter", "NullDrafter", "DraftModel", "EagleHead", "KangarooAdapter", "MedusaHeads", "RestDrafter", "DynamicExit", "LayerSkip", "PromptLookup", "Swift", "SparseSelfDraft", "Hierarchical", "TriForce",
            "VocabularyMismatchError",
            "build_drafter", "make_drafter", "DRAFTERS"]

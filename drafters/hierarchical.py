@@ -1,0 +1,165 @@
+"""Hierarchical speculative decoding: a fast drafter drafts for a slower drafter, which drafts for
+the target (TriForce, Sun et al. 2024, without its StreamingLLM draft model).
+
+Each step runs ``rounds`` rounds. In a round the ``top`` drafter proposes a chain of ``γ_top``
+tokens after the current end of the step's proposal; the ``middle`` drafter (a
+``SparseSelfDraft``) scores the current root and that chain in one forward over its sparse cache
+and keeps the longest prefix it agrees with plus one token of its own:
+
+- greedy: top tokens while they equal the middle's argmax, then the middle's argmax;
+- sampling: speculative sampling inside the middle level (accept x with probability
+  min(1, p(x) / q(x)), else draw from the residual max(p - q, 0)), so every kept token is
+  distributed exactly as the middle's own draft distribution p, which is the ``q`` the target's
+  acceptance rule then sees. Top drafters without probabilities are point masses.
+
+So a round yields 1 to γ_top + 1 tokens; the step's proposal (at most ``middle.num_tokens``
+tokens) is what the full target verifies, which keeps decoding lossless. Everything is device
+work with static shapes (one middle forward per round), so the drafter is ``device_only``.
+
+The top drafter must propose from the committed tokens alone (``PromptLookup``): it is asked for
+drafts after tokens the target has not seen, through a shadow state. Drafters with caches of
+their own (``DraftModel``, ``EagleHead``) are refused at construction.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from specdec.verifiers.acceptance import sample, warp_probs
+from specdec.verifiers.tree import DraftTree
+
+from .base import DecodeContext, DraftSpec, Drafter
+from .lookup import PromptLookup
+from .sparse_kv import SparseSelfDraft
+
+STATELESS_TOPS = (PromptLookup,)
+
+
+class Hierarchical(Drafter):
+    """``top`` drafts for ``middle``; ``middle``'s verified proposal goes to the target.
+
+    Example::
+
+        Hierarchical(PromptLookup(num_tokens=4), SparseSelfDraft(num_tokens=8, window=64), rounds=3)
+
+    γ per level: ``top.num_nodes`` tokens per round (a chain), ``middle.num_tokens`` tokens per
+    step for the target; ``rounds`` middle forwards per step.
+    """
+
+    def __init__(self, top: Drafter, middle: SparseSelfDraft, rounds: int = 2):
+        if not isinstance(top, STATELESS_TOPS):
+            raise ValueError(f"Hierarchical: the top drafter must propose from the committed tokens alone "
+                             f"({', '.join(t.__name__ for t in STATELESS_TOPS)}); got {type(top).__name__}, whose "
+                             "own cache cannot follow tokens the target has not verified")
+        if getattr(top, "num_branches", 1) != 1:
+            raise ValueError("Hierarchical: the top drafter must propose a chain (num_branches=1)")
+        if not isinstance(middle, SparseSelfDraft):
+            raise ValueError(f"Hierarchical: the middle drafter must be a SparseSelfDraft, got {type(middle).__name__}")
+        if rounds < 1:
+            raise ValueError(f"Hierarchical: rounds must be >= 1, got {rounds}")
+        self.top, self.middle, self.rounds = top, middle, rounds
+        self.gamma_top = top.num_nodes
+        # The sparse cache's scratch must hold every token a round feeds.
+        middle.scratch = lambda: rounds * (self.gamma_top + 1) + 1
+        k = min(middle.num_tokens, rounds * (self.gamma_top + 1))
+        self.spec = DraftSpec(num_nodes=k, lookback=max(top.spec.lookback, middle.spec.lookback),
+                              forwards_per_step=rounds)
+
+    @property
+    def num_nodes(self) -> int:
+        return self.spec.num_nodes
+
+    def bind(self, target) -> None:
+        self.top.bind(target)
+        self.middle.bind(target)
+
+    def compile(self, options: dict | None) -> None:
+        self.top.compile(options)
+        self.middle.compile(options)
+
+    def begin(self, ctx: DecodeContext) -> None:
+        self.top.begin(ctx)
+        self.middle.begin(ctx)
+
+    def propose(self, ctx: DecodeContext) -> DraftTree:
+        self.middle.select(ctx)
+        b, dev, k = ctx.tokens.shape[0], ctx.tokens.device, self.num_nodes
+        room = self.rounds * (self.gamma_top + 1)
+        out = torch.zeros(b, room, dtype=torch.long, device=dev)  # the step's proposal, per row
+        q = torch.zeros(b, room, self.middle.runner.vocab_size, device=dev) if ctx.params.do_sample else None
+        shadow = torch.cat([ctx.tokens[:, : ctx.max_seq_len], torch.zeros(b, room, dtype=torch.long, device=dev)], 1)
+        made = torch.zeros(b, dtype=torch.long, device=dev)  # tokens proposed so far
+        for r in range(self.rounds):
+            view = dataclasses.replace(ctx, tokens=shadow, seq_len=ctx.seq_len + made,
+                                       max_seq_len=ctx.max_seq_len + r * (self.gamma_top + 1),
+                                       capacity=shadow.shape[1])
+            kept, probs, count = self.round(ctx, shadow, made, self.top.propose(view))
+            where = made[:, None] + torch.arange(self.gamma_top + 1, device=dev)  # [B, γ_top + 1]
+            fresh = torch.arange(self.gamma_top + 1, device=dev)[None, :] < count[:, None]
+            target = torch.where(fresh, where, room)  # entries past count go nowhere (dropped column)
+            out = torch.cat([out, out[:, :1]], 1).scatter(1, target, kept)[:, :room]
+            if q is not None:
+                q = torch.cat([q, q[:, :1]], 1).scatter(1, target[..., None].expand_as(probs), probs)[:, :room]
+            shadow = shadow.scatter(1, (ctx.seq_len[:, None] + where).clamp(max=shadow.shape[1] - 1),
+                                    torch.where(fresh, kept, shadow.gather(1, (ctx.seq_len[:, None] + where)
+                                                                          .clamp(max=shadow.shape[1] - 1))))
+            made = made + count
+        valid = torch.arange(k, device=dev)[None, :] < made[:, None]
+        return DraftTree.chain(out[:, :k].contiguous(), valid, q=None if q is None else q[:, :k].contiguous())
+
+    def round(self, ctx: DecodeContext, shadow: Tensor, made: Tensor, tree: DraftTree):
+        """One middle forward over the current root and the top's chain.
+
+        Returns the round's tokens ``[B, γ_top + 1]`` (the first ``count`` are kept), the middle's
+        draft distribution at each ``[B, γ_top + 1, V]`` (None when greedy) and ``count`` ``[B]``.
+        """
+        b, g = tree.tokens.shape
+        root = shadow.gather(1, (ctx.seq_len + made - 1).unsqueeze(1))
+        logits = self.middle.forward_sparse(ctx, torch.cat([root, tree.tokens], 1), made)  # [B, g + 1, V]
+        draft = tree.tokens
+        if not ctx.params.do_sample:
+            agree = (logits[:, :g].argmax(-1) == draft) & tree.valid
+            a = agree.long().cumprod(1).sum(1)  # [B] top tokens kept
+            own = logits.argmax(-1).gather(1, a[:, None])  # the middle's token after them
+            return self._join(draft, own, a), None, a + 1
+        p = warp_probs(logits, ctx.params)  # [B, g + 1, V]
+        p_x = p[:, :g].gather(2, draft[..., None]).squeeze(-1)
+        q_x = torch.ones_like(p_x) if tree.q is None else tree.q.gather(2, draft[..., None]).squeeze(-1)
+        ok = (torch.rand_like(p_x) * q_x < p_x) & tree.valid
+        a = ok.long().cumprod(1).sum(1)
+        p_a = p.gather(1, a.view(b, 1, 1).expand(b, 1, p.shape[2])).squeeze(1)  # [B, V]
+        rejected = (a < g) & tree.valid.gather(1, a.clamp(max=g - 1)[:, None]).squeeze(1)
+        if tree.q is None:
+            q_a = torch.zeros_like(p_a).scatter_(1, draft.gather(1, a.clamp(max=g - 1)[:, None]), 1.0)
+        else:
+            q_a = tree.q.gather(1, a.clamp(max=g - 1).view(b, 1, 1).expand(b, 1, p.shape[2])).squeeze(1)
+        residual = (p_a - q_a).clamp(min=0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_a)
+        own = sample(torch.where(rejected[:, None], residual / residual.sum(-1, keepdim=True), p_a))
+        return self._join(draft, own[:, None], a), p, a + 1
+
+    @staticmethod
+    def _join(draft: Tensor, own: Tensor, a: Tensor) -> Tensor:
+        """``draft`` ``[B, g]`` with ``own`` ``[B, 1]`` placed at column ``a``: ``[B, g + 1]``."""
+        out = torch.cat([draft, own], 1)
+        return out.scatter(1, a[:, None], own)
+
+
+def TriForce(top: Drafter | Mapping | None = None, num_tokens: int = 8, rounds: int = 2, sink: int = 4, window: int = 256,
+             chunk: int = 16, top_chunks: int = 8) -> Hierarchical:
+    """TriForce's hierarchy: ``top`` (default prompt lookup of 4 tokens) drafts for a sparse-KV
+    self-draft of ``num_tokens`` tokens per step, which drafts for the full target. ``top`` may be
+    a drafter config mapping (Hydra's ``conf/drafter/triforce.yaml``).
+
+    Example: ``specdec.wrap(model, drafter=TriForce(window=128, top_chunks=4))``.
+    """
+    if isinstance(top, Mapping):  # a config: {"_target_": "specdec.drafters.PromptLookup", ...}
+        from specdec.drafters import build_drafter
+
+        top = build_drafter(top)
+    top = PromptLookup(num_tokens=4) if top is None else top
+    middle = SparseSelfDraft(num_tokens=num_tokens, sink=sink, window=window, chunk=chunk, top_chunks=top_chunks)
+    return Hierarchical(top, middle, rounds=rounds)

@@ -1,0 +1,161 @@
+"""Sparse-KV self-drafting (TriForce's middle level) and the Hierarchical / TriForce drafters:
+lossless against HF greedy with sparsity actually exercised, and the target's law kept under
+sampling."""
+import pytest
+import torch
+from test_sampling import PARAMS, chi2_pvalue, exact_joint, sampled_joint
+from tiny import ARCHS, hf_greedy, make_tiny, ragged_batch
+
+import specdec
+from specdec.drafters import DraftModel, Hierarchical, PromptLookup, SparseSelfDraft, TriForce, make_drafter
+
+
+class Recording(SparseSelfDraft):
+    """Records, at every step, how many committed slots were selected and how many existed."""
+
+    def select(self, ctx):
+        super().select(ctx)
+        self.seen.append((self.selected.clone(), self.context.clone()))
+
+
+def small_sparse(**kw):
+    d = Recording(**{"num_tokens": 3, "sink": 2, "window": 4, "chunk": 3, "top_chunks": 2, **kw})
+    d.seen = []
+    return d
+
+
+def generate(model, drafter, ids, mask, n=20):
+    out = specdec.wrap(model, drafter=drafter).generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                                                       pad_token_id=0, return_dict_in_generate=True)
+    return out.sequences, out.spec_stats
+
+
+def assert_sparse(drafter, budget):
+    """Some step saw a context larger than the budget, and there the selection was strictly smaller."""
+    selected = torch.stack([s for s, _ in drafter.seen])
+    context = torch.stack([c for _, c in drafter.seen])
+    assert (selected <= budget).all() and (selected <= context).all()
+    assert ((context > budget) & (selected < context)).any(), "the test never exercised a sparse selection"
+
+
+def assert_all_accepted(stats):
+    """Every step but a row's last (cut by max_new_tokens or EOS) kept its whole proposal and a bonus."""
+    for accepted, proposed in zip(stats.accepted_lengths, stats.proposed):
+        assert accepted[:-1] == [p + 1 for p in proposed[:-1]]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("lengths", [[23], [13, 30, 2, 19]], ids=["batch1", "batch4"])
+def test_greedy_equals_hf(arch, lengths):
+    model = make_tiny(arch, num_layers=3)
+    ids, mask = ragged_batch(lengths, 256, seed=len(lengths))
+    ref = hf_greedy(model, ids, mask, max_new_tokens=20)
+    sparse = small_sparse()
+    seq, stats = generate(model, sparse, ids, mask)
+    assert torch.equal(seq, ref), f"SparseSelfDraft differs from HF greedy ({arch}, {lengths})"
+    assert stats.drafter == "Recording"
+    assert_sparse(sparse, sparse.budget)
+    middle = small_sparse(num_tokens=6)
+    seq, _ = generate(model, Hierarchical(PromptLookup(num_tokens=3, max_ngram=2), middle, rounds=2), ids, mask)
+    assert torch.equal(seq, ref), f"Hierarchical(lookup, sparse) differs from HF greedy ({arch}, {lengths})"
+    assert_sparse(middle, middle.budget)
+    tri = TriForce(num_tokens=5, rounds=3, sink=1, window=5, chunk=4, top_chunks=1)
+    seq, _ = generate(model, tri, ids, mask)
+    assert torch.equal(seq, ref), f"TriForce differs from HF greedy ({arch}, {lengths})"
+
+
+def test_full_budget_self_draft_is_exact():
+    # When the budget covers the whole context the sparse draft is the target itself: every token
+    # is accepted (the gathered cache and its per-row padding reproduce full attention).
+    model = make_tiny("llama", num_layers=3)
+    ids, mask = ragged_batch([5, 11], 256, seed=4)
+    ref = hf_greedy(model, ids, mask, max_new_tokens=25)
+    seq, stats = generate(model, SparseSelfDraft(num_tokens=4, sink=2, window=64, chunk=4, top_chunks=0), ids, mask,
+                          n=25)
+    assert torch.equal(seq, ref)
+    assert_all_accepted(stats)
+
+
+def test_hierarchical_with_an_exact_middle_keeps_its_tokens():
+    # With a full-budget middle the middle is the target, so every proposed token is accepted and
+    # τ counts the tokens the hierarchy produced: more than one round's worth of one token each.
+    model = make_tiny("llama", num_layers=3)
+    ids, mask = ragged_batch([4, 4], 256, seed=5)
+    ids = torch.cat([ids, ids, ids], 1)  # repeats: lookup proposes real drafts
+    mask = torch.ones_like(ids)
+    ref = hf_greedy(model, ids, mask, max_new_tokens=25)
+    middle = SparseSelfDraft(num_tokens=6, sink=2, window=64, chunk=4, top_chunks=0)
+    seq, stats = generate(model, Hierarchical(PromptLookup(num_tokens=3, max_ngram=2), middle, rounds=2), ids, mask,
+                          n=25)
+    assert torch.equal(seq, ref)
+    assert_all_accepted(stats)
+    # Two rounds give at least 2 drafted tokens, plus the target's bonus token.
+    assert all(min(row[:-1]) >= 3 for row in stats.accepted_lengths)
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="window"):
+        SparseSelfDraft(window=0)
+    with pytest.raises(ValueError, match="top drafter"):
+        Hierarchical(DraftModel(make_tiny("llama"), num_tokens=2), SparseSelfDraft())
+    with pytest.raises(ValueError, match="middle drafter"):
+        Hierarchical(PromptLookup(), PromptLookup())
+    with pytest.raises(ValueError, match="sliding-window"):
+        generate(make_tiny("mistral", sliding_window=4), SparseSelfDraft(), *ragged_batch([9], 256), n=4)
+    assert isinstance(make_drafter("triforce", window=8), Hierarchical)
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=["t1", "t0.7_k5_p0.9"])
+@pytest.mark.parametrize("kind", ["sparse", "hierarchical"])
+def test_sampling_preserves_target(params, kind):
+    target = make_tiny("llama", vocab_size=8, init_range=0.15, seed=11)
+    torch.manual_seed(4321)
+    sparse = SparseSelfDraft(num_tokens=3, sink=1, window=2, chunk=2, top_chunks=1)  # the 7-token prompt is cut
+    drafter = sparse if kind == "sparse" else Hierarchical(PromptLookup(num_tokens=2, max_ngram=2), sparse, rounds=2)
+    counts = sampled_joint(specdec.wrap(target, drafter=drafter), params)
+    assert chi2_pvalue(counts, exact_joint(target, params)) > 1e-3
+
+
+def test_triforce_config_builds_the_hierarchy():
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from specdec.drafters import build_drafter
+
+    with initialize_config_module("specdec.conf", version_base=None):
+        tri = compose("generate", overrides=["drafter=triforce", "drafter.window=32"]).drafter
+        sparse = compose("generate", overrides=["drafter=sparse_self"]).drafter
+    tri = build_drafter(OmegaConf.to_container(tri, resolve=True))
+    assert isinstance(tri, Hierarchical) and isinstance(tri.top, PromptLookup) and tri.middle.window == 32
+    assert tri.num_nodes == 8 and tri.rounds == 2
+    sparse = build_drafter(OmegaConf.to_container(sparse, resolve=True))
+    assert isinstance(sparse, SparseSelfDraft) and sparse.budget == 4 + 256 + 8 * 16
+
+
+def long_prompt(tok, tokens=4000):
+    """About ``tokens`` tokens of the standard library's own source, then a question about it."""
+    import inspect
+    import json.decoder
+    import textwrap
+
+    source = inspect.getsource(textwrap) + inspect.getsource(json.decoder)
+    ids = tok(source).input_ids[:tokens]
+    return tok.decode(ids) + "\n\n# Question: what does the function dedent above do? Answer:\n"
+
+
+@pytest.mark.slow
+def test_smollm2_4k_prompt_greedy_equality(smollm2):
+    model, tok = smollm2
+    enc = tok([long_prompt(tok)], return_tensors="pt")
+    assert enc.input_ids.shape[1] > 3900
+    kw = dict(attention_mask=enc.attention_mask, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    ref = model.generate(enc.input_ids, **kw)
+    sparse = Recording(num_tokens=4, sink=4, window=256, chunk=16, top_chunks=8)
+    sparse.seen = []
+    middle = Recording(num_tokens=6, sink=4, window=256, chunk=16, top_chunks=8)
+    middle.seen = []
+    for name, drafter in {"sparse": sparse, "triforce": Hierarchical(PromptLookup(num_tokens=3), middle)}.items():
+        out = specdec.wrap(model, drafter=drafter).generate(enc.input_ids, **kw, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, ref), f"{name} differs from HF greedy on a 4K-token prompt"
+        print(f"{name}: tau={out.spec_stats.tau:.2f} acceptance={out.spec_stats.acceptance_rate:.2f}")
+        assert_sparse(drafter if name == "sparse" else middle, sparse.budget)
