@@ -17,6 +17,7 @@ from .head_drafters import EagleHead, MedusaHeads
 from .kangaroo_adapter import KangarooAdapter
 from .layerskip import LayerSkip
 from .lookup import PromptLookup
+from .rapid import Rapid
 from .rest import RestDrafter
 from .swift import Swift
 
@@ -31,6 +32,7 @@ DRAFTERS = {
     "dynamic_exit": DynamicExit,
     "copyspec": CopySpec,
     "rest": RestDrafter.from_index,
+    "rapid": Rapid,
     "eagle": EagleHead.from_pretrained,
     "medusa": MedusaHeads.from_pretrained,
     "kangaroo_adapter": KangarooAdapter.from_pretrained,
@@ -73,6 +75,6 @@ def build_drafter(cfg: Mapping | None, target=None):
     return fn(**cfg)
 
 
-__all__ = ["CopySpec", "DecodeContext", "DraftSpec", "Drafter", "NullDrafter", "DraftModel", "EagleHead", "KangarooAdapter", "MedusaHeads", "RestDrafter", "DynamicExit", "LayerSkip", "PromptLookup", "Swift",
+__all__ = ["CopySpec", "DecodeContext", "DraftSpec", "Drafter", "NullDrafter", "DraftModel", "EagleHead", "KangarooAdapter", "MedusaHeads", "RestDrafter", "DynamicExit", "LayerSkip", "PromptLookup", "Rapid", "Swift",
            "VocabularyMismatchError",
            "build_drafter", "make_drafter", "DRAFTERS"]
