@@ -85,6 +85,7 @@ class Rapid(Drafter):
         self.runner = ModelRunner(draft_model, fuse=None) if draft_model is not None else None
         self.num_tokens, self.context_tokens, self.chunk, self.recent_tokens = num_tokens, context_tokens, chunk, recent
         self.refresh_below, self.window, self.query_tokens, self.ngram = refresh_below, window, query_tokens, ngram
+        self._built, self._built_recent = (num_tokens, context_tokens), recent
         self.cache = None
         self.offset = self.dstart = None  # [B] long on the device (see the module docstring)
         self.refreshes = 0  # rebuilds after a low-acceptance window, over this drafter's life
@@ -95,6 +96,33 @@ class Rapid(Drafter):
     def spec(self) -> DraftSpec:
         return DraftSpec(num_nodes=self.num_tokens, lookback=self.lookback, device_only=False,
                          forwards_per_step=self.num_tokens)
+
+    def budget_configs(self) -> list[dict]:
+        """Draft lengths from the one built down to 1, times context budgets halving from the one
+        built down to ``chunk`` (``specdec.memory.fit`` takes the largest that fits)."""
+        top_k, top_c = self._built
+        contexts = []
+        c = top_c
+        while c >= self.chunk:
+            contexts.append(c)
+            c //= 2
+        return [{"num_tokens": k, "context_tokens": c} for c in contexts for k in range(top_k, 0, -1)]
+
+    def configure(self, num_tokens: int | None = None, context_tokens: int | None = None) -> None:
+        k, c = num_tokens or self.num_tokens, context_tokens or self.context_tokens
+        if k < 1 or c < self.chunk:
+            raise ValueError(f"need num_tokens >= 1 and context_tokens >= chunk ({self.chunk}), got {k} and {c}")
+        self.num_tokens, self.context_tokens = k, c
+        self.recent_tokens = min(self._built_recent, c)
+
+    def memory_bytes(self, batch: int, cache_len: int, new_tokens: int) -> int:
+        """The draft cache over the shortened context plus the new tokens, and the draft logits."""
+        from specdec.memory import kv_slot_bytes
+
+        if self.runner is None:
+            raise ValueError("Rapid.memory_bytes needs the drafter bound to a target (specdec.wrap)")
+        slots = self.context_tokens + new_tokens + 3 * (self.num_tokens + self.lookback)  # as _build sizes it
+        return batch * (slots * kv_slot_bytes(self.runner) + self.num_tokens * self.runner.vocab_size * 4)
 
     def bind(self, target: ModelRunner) -> None:
         """Self-drafting uses the target's runner (with a cache of its own); a draft model must

@@ -92,3 +92,19 @@ def test_sampling_preserves_target(params):
     counts = sampled_joint(specdec.wrap(tgt, drafter=rapid), params)
     assert max(rapid.context_lengths) < len(PROMPT)
     assert chi2_pvalue(counts, exact_joint(tgt, params)) > 1e-3
+
+
+@pytest.mark.slow
+def test_smollm2_long_prompt_greedy_equality(smollm2):
+    """SmolLM2 on a ~4K-token stdlib prompt: Rapid self-drafting over 512 tokens equals plain greedy."""
+    from specdec.bench.long_prompts import long_prompts
+
+    model, tok = smollm2
+    text = long_prompts([4096], per_length=1, tokenizer=tok)[0].turns[0]
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    assert 3900 <= ids.shape[1] <= 4200
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    rapid = Rapid(num_tokens=3, context_tokens=512, chunk=64)
+    out = specdec.wrap(model, drafter=rapid).generate(ids, return_dict_in_generate=True, **kw)
+    assert torch.equal(out.sequences, model.generate(ids, **kw))
+    assert max(rapid.context_lengths) <= 512
