@@ -108,3 +108,12 @@ def test_smollm2_long_prompt_greedy_equality(smollm2):
     out = specdec.wrap(model, drafter=rapid).generate(ids, return_dict_in_generate=True, **kw)
     assert torch.equal(out.sequences, model.generate(ids, **kw))
     assert max(rapid.context_lengths) <= 512
+
+
+def test_paused_drafting_resyncs_losslessly(target):
+    """min_tau pauses drafting (undrafted steps never feed the draft cache); resync rebuilds it."""
+    ids, mask = ragged_batch([80, 50], 64, seed=8)
+    rapid = Rapid(make_tiny("llama", vocab_size=64, num_layers=1, seed=99), num_tokens=3, context_tokens=24, chunk=8)
+    out = run(specdec.wrap(target, drafter=rapid, min_tau=2.5), ids, mask, n=40)
+    assert out.spec_stats.undrafted_steps > 0
+    assert torch.equal(out.sequences, hf_greedy(target, ids, mask, max_new_tokens=40, eos_token_id=None))
