@@ -17,6 +17,7 @@ from .head_drafters import EagleHead, MedusaHeads
 from .kangaroo_adapter import KangarooAdapter
 from .layerskip import LayerSkip
 from .lookup import PromptLookup
+from .rapid import Rapid
 from .rest import RestDrafter
 from .swift import Swift
 from .sparse_kv import SparseSelfDraft
@@ -35,6 +36,7 @@ DRAFTERS = {
     "dynamic_exit": DynamicExit,
     "copyspec": CopySpec,
     "rest": RestDrafter.from_index,
+    "rapid": Rapid,
     "eagle": EagleHead.from_pretrained,
     "medusa": MedusaHeads.from_pretrained,
     "kangaroo_adapter": KangarooAdapter.from_pretrained,
@@ -77,6 +79,8 @@ def build_drafter(cfg: Mapping | None, target=None):
     return fn(**cfg)
 
 
-__all__ = ["CopySpec", "DecodeContext", "DraftSpec", "Drafter", "NullDrafter", "DraftModel", "EagleHead", "KangarooAdapter", "MedusaHeads", "RestDrafter", "DynamicExit", "LayerSkip", "PromptLookup", "Swift", "SparseSelfDraft", "Hierarchical", "TriForce",
+__all__ = ["CopySpec", "DecodeContext", "DraftSpec", "Drafter", "NullDrafter", "DraftModel", "EagleHead", "KangarooAdapter",
+           "MedusaHeads", "RestDrafter", "DynamicExit", "LayerSkip", "PromptLookup", "Rapid", "Swift", "SparseSelfDraft",
+           "Hierarchical", "TriForce",
            "VocabularyMismatchError",
            "build_drafter", "make_drafter", "DRAFTERS"]

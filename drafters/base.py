@@ -78,6 +78,21 @@ class Drafter:
         Drafters with nothing of their own to compile (their work is traced with the step) keep
         this default."""
 
+    def budget_configs(self) -> list[dict]:
+        """The knob settings ``configure`` accepts, for ``wrap(..., memory_budget=...)``
+        (``specdec.memory.fit``). Default: only the drafter as built."""
+        return [{}]
+
+    def configure(self, **knobs) -> None:
+        """Apply one of ``budget_configs()``; called between generate calls, never mid-call."""
+        if knobs:
+            raise ValueError(f"{self.name} has no memory knobs; got {sorted(knobs)}")
+
+    def memory_bytes(self, batch: int, cache_len: int, new_tokens: int) -> int:
+        """Device bytes of the drafter's own buffers (a draft KV cache, head caches) for ``batch``
+        rows, a target cache of ``cache_len`` slots and ``new_tokens`` to generate. Default 0."""
+        return 0
+
     @property
     def name(self) -> str:
         return type(self).__name__

@@ -95,6 +95,28 @@ class DraftModel(Drafter):
     def num_nodes(self) -> int:
         return self.spec.num_nodes
 
+    def budget_configs(self) -> list[dict]:
+        """Chains: every length from the one built down to 1; trees keep their shape."""
+        if self.tree_width > 1:
+            return [{}]
+        top = getattr(self, "_built_tokens", self.num_tokens)
+        self._built_tokens = top
+        return [{"num_tokens": k} for k in range(top, 0, -1)]
+
+    def configure(self, num_tokens: int | None = None) -> None:
+        if num_tokens is None:
+            return
+        if self.tree_width > 1 or num_tokens < 1:
+            raise ValueError(f"num_tokens={num_tokens}: only a chain (tree_width=1) takes a length >= 1")
+        self.num_tokens = num_tokens
+        self.spec = DraftSpec(num_nodes=num_tokens, lookback=2, forwards_per_step=num_tokens)
+
+    def memory_bytes(self, batch: int, cache_len: int, new_tokens: int) -> int:
+        """The draft's KV cache (one slot per target slot) and its per-forward logits."""
+        from specdec.memory import kv_slot_bytes
+
+        return batch * (cache_len * kv_slot_bytes(self.runner) + self.spec.num_nodes * self.runner.vocab_size * 4)
+
     def compile(self, options: dict | None) -> None:
         """``torch.compile`` the draft's per-step forwards (not its prefill), with the target's."""
         from specdec.step import compiled

@@ -17,7 +17,7 @@ import torch
 from transformers import GenerationConfig, StoppingCriteriaList, StopStringCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from specdec import validate
+from specdec import memory, validate
 from specdec.drafters import make_drafter
 from specdec.engine import SpecEngine
 from specdec.stats import SpecStats
@@ -77,7 +77,10 @@ class SpecDecoder:
     def __init__(self, model, drafter=None, acceptance: str | None = None, attention: str = "auto",
                  max_draft_batch: int | None = None, cuda_graphs: bool = False, chunk_steps: int | None = None,
                  compile: bool | dict = False, fuse: bool | None = None, min_tau: float | None = None,
-                 pipeline: bool | None = None, cache_len: int | None = None):
+                 pipeline: bool | None = None, cache_len: int | None = None, memory_budget: int | None = None):
+        if memory_budget is not None and (isinstance(memory_budget, bool) or memory_budget < 1):
+            raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
+        self.__dict__["memory_budget"] = memory_budget
         if isinstance(drafter, str):
             drafter = make_drafter(drafter)
         self.__dict__["model"] = model
@@ -140,8 +143,10 @@ class SpecDecoder:
                 raise ValueError("streaming supports batch size 1 only, as in HF")
             streamer.put(input_ids.cpu())
             on_tokens = lambda row, new: streamer.put(torch.tensor(new, dtype=torch.long)) if new else None  # noqa: E731
+        meter = memory.Meter(self.engine, self.memory_budget, input_ids.shape[0], longest, max_new)
         out = self.engine.generate(input_ids, attention_mask, max_new, params, eos_ids, pad_id,
                                    stop_fn=stop_fn, on_tokens=on_tokens, max_time=gc.max_time)
+        out.stats.memory = meter.report()
         if streamer is not None:
             streamer.end()
 
@@ -234,7 +239,7 @@ def _logits_options(gc: GenerationConfig, eos_ids: set[int], vocab: int) -> Logi
 def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "auto",
          max_draft_batch: int | None = None, cuda_graphs: bool = False, chunk_steps: int | None = None,
          compile: bool | dict = False, fuse: bool | None = None, min_tau: float | None = None,
-         pipeline: bool | None = None, cache_len: int | None = None) -> SpecDecoder:
+         pipeline: bool | None = None, cache_len: int | None = None, memory_budget: int | None = None) -> SpecDecoder:
     """Wrap an HF causal LM for speculative decoding.
 
     ``drafter`` is a Drafter instance, a registered name (``"lookup"``), or None for plain
@@ -263,6 +268,10 @@ def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "a
     ``engine.reserve(batch, max_length)`` ahead of time). ``fuse``: merge each layer's q/k/v and gate/up
     projections into one matmul each (``specdec.fused``; the model's own modules then read views
     of the merged weights, so HF ``generate`` still works); default None: on unless a projection is not a plain ``nn.Linear`` (LoRA, quantised layers).
+    ``memory_budget``: bytes of extra device memory drafting may use (``specdec.memory``); each
+    call picks the drafter's largest configuration that fits at its batch (draft length, Rapid's
+    context) and raises ``MemoryError`` naming the minimum when none does. ``spec_stats.memory``
+    reports the choice and the call's peak (measured on CUDA, the analytic extra elsewhere).
 
     Example::
 
@@ -272,4 +281,5 @@ def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "a
     """
     return SpecDecoder(model, drafter=drafter, acceptance=acceptance, attention=attention,
                        max_draft_batch=max_draft_batch, cuda_graphs=cuda_graphs, chunk_steps=chunk_steps,
-                       compile=compile, fuse=fuse, min_tau=min_tau, pipeline=pipeline, cache_len=cache_len)
+                       compile=compile, fuse=fuse, min_tau=min_tau, pipeline=pipeline, cache_len=cache_len,
+                       memory_budget=memory_budget)

@@ -32,6 +32,8 @@ class SpecStats:
     undrafted_steps: int = 0  # steps the draft policies (max_draft_batch, min_tau) ran without a draft
     draft_pauses: int = 0  # times min_tau paused drafting after a window that did not pay
     undrafted_by_row: list[int] | None = None  # [B]: each row's own steps that ran without a draft
+    # specdec.memory.Meter's report: budget, chosen config, analytic extra_bytes, peak_bytes, measured
+    memory: dict | None = None
 
     @property
     def tau(self) -> float:
