@@ -35,6 +35,11 @@ def drafters(args, model):
         for k in args.eagle_tokens:
             yield f"eagle{k}", EagleHead.from_pretrained(args.eagle, num_tokens=k, target=model, device="cuda",
                                                         dtype="bf16")
+        if args.eagle_tree:
+            k, d, n = args.eagle_tree
+            yield f"eagle-tree{k}x{d}n{n}", EagleHead.from_pretrained(
+                args.eagle, num_tokens=d, tree_topk=k, tree_depth=d, tree_nodes=n, target=model, device="cuda",
+                dtype="bf16")
     if args.medusa:
         yield "medusa", MedusaHeads.from_pretrained(args.medusa, device="cuda", dtype="bf16")
 
@@ -52,6 +57,7 @@ def main() -> None:
     ap.add_argument("--model", default="zoo:smollm2-135m-instruct")
     ap.add_argument("--eagle", default=None)
     ap.add_argument("--eagle-tokens", type=int, nargs="+", default=[4, 6])
+    ap.add_argument("--eagle-tree", type=int, nargs=3, default=None, metavar=("K", "D", "N"))
     ap.add_argument("--medusa", default=None)
     ap.add_argument("--per-category", type=int, default=2)
     ap.add_argument("--humaneval", type=int, default=4)

@@ -143,7 +143,8 @@ class SpecDecoder:
                 raise ValueError("streaming supports batch size 1 only, as in HF")
             streamer.put(input_ids.cpu())
             on_tokens = lambda row, new: streamer.put(torch.tensor(new, dtype=torch.long)) if new else None  # noqa: E731
-        meter = memory.Meter(self.engine, self.memory_budget, input_ids.shape[0], longest, max_new)
+        meter = memory.Meter(self.engine, self.memory_budget, input_ids.shape[0],
+                             int(attention_mask.sum(dim=1).max()), max_new)
         out = self.engine.generate(input_ids, attention_mask, max_new, params, eos_ids, pad_id,
                                    stop_fn=stop_fn, on_tokens=on_tokens, max_time=gc.max_time)
         out.stats.memory = meter.report()
