@@ -28,11 +28,10 @@ from pathlib import Path
 import torch
 
 import specdec
-from gpu_speed import timed  # scripts/ is on sys.path when a script runs
 from specdec.bench.measure import tie_measure
 from specdec.bench.prompts import render
 from specdec.drafters import DraftModel, LayerSkip, PromptLookup
-from specdec.perf import step_floor
+from specdec.perf import step_floor, timed
 
 DEVICE = "cuda"   # tests/test_gpu_fast_tables.py runs the harness on the CPU
 SAMPLING = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0}

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 import specdec
+from specdec.perf import timed
 from specdec.bench.prompts import builtin, humaneval, render
 from specdec.drafters import EagleHead, MedusaHeads, PromptLookup
 
@@ -44,12 +44,6 @@ def drafters(args, model):
         yield "medusa", MedusaHeads.from_pretrained(args.medusa, device="cuda", dtype="bf16")
 
 
-def timed(fn):
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return out, time.perf_counter() - t
 
 
 def main() -> None:

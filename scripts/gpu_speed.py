@@ -10,21 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 
 import torch
 from pathlib import Path
 
 import specdec
+from specdec.perf import timed
 from specdec.drafters import PromptLookup
 
 
-def timed(fn):
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return out, time.perf_counter() - t
 
 
 def main() -> None:

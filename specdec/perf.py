@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import time
+
 import torch
 
 # Peak HBM bandwidth, bytes/s, by a substring of torch.cuda.get_device_name() (first match wins).
@@ -60,3 +62,15 @@ def step_floor(model, batch: int = 1, context: int = 0, bandwidth: float | None 
     if bandwidth is None and embed.is_cuda:
         bandwidth = peak_bandwidth(embed.device)
     return StepFloor(bytes=total, bandwidth=bandwidth, ms=1e3 * total / bandwidth if bandwidth else None)
+
+
+def timed(fn):
+    """``(fn(), seconds)``, synchronising CUDA before and after so the time covers the device work."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t
