@@ -35,6 +35,8 @@ def drafters(args, model):
             return [("none", None)]
         if name == "lookup":
             return [("lookup", PromptLookup(num_tokens=8))]
+        if name == "lookup-gated":  # the min_tau gate switches drafting off where τ stays low
+            return [(f"lookup-gated{args.min_tau}", PromptLookup(num_tokens=8))]
         if name == "eagle" and args.eagle:
             return [(f"eagle{k}", EagleHead.from_pretrained(args.eagle, num_tokens=k, target=model, device="cuda",
                                                             dtype="bf16")) for k in args.eagle_tokens]
@@ -65,7 +67,8 @@ def main() -> None:
     ap.add_argument("--kangaroo", default=None)
     ap.add_argument("--kangaroo-tokens", type=int, default=6)
     ap.add_argument("--kangaroo-stop", type=float, default=None)
-    ap.add_argument("--methods", nargs="+", default=["none", "lookup", "eagle", "eagle-tree", "medusa", "kangaroo"])
+    ap.add_argument("--methods", nargs="+", default=["none", "lookup", "lookup-gated", "eagle", "eagle-tree", "medusa", "kangaroo"])
+    ap.add_argument("--min-tau", type=float, default=1.4)
     ap.add_argument("--per-category", type=int, default=2)
     ap.add_argument("--humaneval", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=256)
@@ -79,7 +82,9 @@ def main() -> None:
              for p in prompts(args.per_category, args.humaneval)]
     rows, ref = [], {}
     for name, drafter in drafters(args, model):
-        spec = specdec.wrap(model, drafter=drafter, cuda_graphs=True, compile=args.compile)
+        gated = name.startswith("lookup-gated")
+        spec = specdec.wrap(model, drafter=drafter, cuda_graphs=True, compile=args.compile,
+                            min_tau=args.min_tau if gated else None)
         for mode in args.modes:
             kw = dict(max_new_tokens=args.max_new_tokens, return_dict_in_generate=True,
                       **(SAMPLE if mode == "sampled" else {"do_sample": False}))
