@@ -105,7 +105,10 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 with open(args.out, "w") as f:
                     json.dump(rows, f, indent=1)
-            prof = spec.engine.step_profile()
+            try:
+                prof = spec.engine.step_profile()
+            except Exception as err:  # noqa: BLE001  (a profile failure must not lose the rows)
+                prof = {'error': repr(err)[:300]}
             rows.append(dict(method=name, mode=mode, profile=prof))
             print(name, mode, "profile", prof, flush=True)
             with open(args.out, "w") as f:
