@@ -398,3 +398,44 @@ def test_host_bound_drafters_are_named_as_one_step_per_sync():
     for name in ("Rapid", "RestDrafter", "Swift", "DynamicExit"):
         row = next(r for r in drafter_rows() if f"`{name}" in r[0])
         assert row[3].startswith("no"), name
+
+
+# ---------------------------------------------------------------- measurements live in docs/RESULTS.md
+MEASUREMENT = re.compile(r"\d+(?:\.\d+)?\s?(?:ms|µs|s|tok/s|tokens/s|steps/s)\b|\d\.\d+\s?×|×\s?\d|τ\s?[=≈]?\s?\d")
+PACKAGES = ("specdec", "drafters", "verifiers", "kernels", "training")
+
+
+def measurements(text: str, echoes: bool = True) -> list[str]:
+    """Lines of ``text`` quoting a speed, a time, a ratio or a τ. Worked examples are not
+    measurements: arithmetic (``a / b``), and an output that echoes the example's own input
+    (``f(0.83)  # "... (×0.83)"``: every number in the match appears on another line too)."""
+    lines, out = text.splitlines(), []
+    for i, ln in enumerate(lines):
+        hits = [m.group(0) for m in MEASUREMENT.finditer(ln)]
+        if not hits or " / " in ln:
+            continue
+        others = "\n".join(lines[:i] + lines[i + 1:])
+        if echoes and all(n in others for h in hits for n in re.findall(r"\d+(?:\.\d+)?", h)):
+            continue
+        out.append(ln.strip())
+    return out
+
+
+def docstrings(path: Path):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=False)
+            if doc:
+                yield getattr(node, "name", path.name), doc
+
+
+def test_no_measurements_in_readme_or_docstrings():
+    for quoted in ("a step of 3.4 ms", "1.25× a plain step", "reached τ 2.25", "345 tok/s", "took 176 s"):
+        assert measurements(quoted), quoted   # the pattern bites
+    assert measurements("Example::\n\n    print(floor.ms)   # 0.09 ms on an H100")
+    found = [f"README.md: {ln}" for ln in measurements(re.sub(r"```.*?```", "", TEXT, flags=re.S), echoes=False)]
+    for folder in PACKAGES:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for name, doc in docstrings(path):
+                found += [f"{path.relative_to(ROOT)} ({name}): {ln}" for ln in measurements(doc)]
+    assert not found, "measurements belong in docs/RESULTS.md:\n" + "\n".join(found)
