@@ -113,7 +113,8 @@ def test_python_block_names_resolve(index):
 def command_lines() -> list[str]:
     lines = []
     for block in blocks("bash"):
-        lines += [ln for ln in block.replace("\\\n", " ").splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        joined = block.replace("\\\n", " ")   # continuation lines
+        lines += [ln for ln in joined.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     start = re.compile(r"(make|specdec(-\w+)?|python3?|pip|\.venv/bin/\S+|source|torchrun|[A-Z_]+=\S+)(\s|$)")
     lines += [c for c in inline_code() if start.match(c)]
     return lines
@@ -123,7 +124,10 @@ def split_sweep(value: str) -> list[str]:
     """``a,b`` -> [a, b]; commas inside brackets or braces stay."""
     out, depth, cur = [], 0, ""
     for ch in value:
-        depth += ch in "[{" and 1 or (-1 if ch in "]}" else 0)
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
         if ch == "," and depth == 0:
             out.append(cur)
             cur = ""
@@ -220,8 +224,8 @@ def test_commands_cover_every_entry_point_and_method():
 def prose_references() -> list[str]:
     refs = []
     for span in inline_code():
-        refs += re.findall(r"\b(?:specdec|spec_stats|out\.spec_stats|spec\.engine|outcome|state|spec)(?:\.[A-Za-z_]\w*)+",
-                           span)
+        refs += re.findall(r"\b(?:specdec|spec_stats|out\.spec_stats|spec\.engine|outcome|state|spec)"
+                           r"(?:\.[A-Za-z_]\w*)+", span)
         refs += [m for m in re.findall(r"\b([A-Z]\w+\.[a-z_]\w*)\b", span)]
     return sorted(set(refs))
 
@@ -335,7 +339,8 @@ def test_drafter_table_signatures():
 
 def test_drafter_table_covers_every_drafter_and_config():
     rows = drafter_rows()
-    classes = {dotted(n.func if isinstance(n, ast.Call) else n).split(".")[0] for c, *_ in rows for n in drafter_calls(c)}
+    classes = {dotted(n.func if isinstance(n, ast.Call) else n).split(".")[0]
+               for cell, *_ in rows for n in drafter_calls(cell)}
     exported = {n for n in drafters.__all__ if isinstance(getattr(drafters, n), type)
                 and issubclass(getattr(drafters, n), drafters.Drafter) and getattr(drafters, n) is not drafters.Drafter}
     exported |= {"TriForce"}   # a factory of Hierarchical drafters
@@ -390,7 +395,7 @@ def test_cuda_graph_column_matches_device_only():
         claimed = column[name].split()[0].strip(",;")
         assert claimed in ("yes", "no"), f"{name}: CUDA-graph cell {column[name]!r} should start with yes or no"
         assert (claimed == "yes") == drafter.spec.device_only, \
-            f"README says {name} runs in CUDA graphs: {column[name]!r}; its spec.device_only is {drafter.spec.device_only}"
+            f"README: {name} in CUDA graphs {column[name]!r}, but its spec.device_only is {drafter.spec.device_only}"
     assert "no with `memory=True`" in column["CopySpec"] and not drafters.CopySpec(memory=True).spec.device_only
 
 
@@ -404,7 +409,9 @@ def test_host_bound_drafters_are_named_as_one_step_per_sync():
 
 
 # ---------------------------------------------------------------- measurements live in docs/RESULTS.md
-MEASUREMENT = re.compile(r"\d+(?:\.\d+)?\s?(?:ms|µs|s|tok/s|tokens/s|steps/s)\b|\d\.\d+\s?×|×\s?\d|τ\s?[=≈]?\s?\d")
+MEASUREMENT = re.compile(r"\d+(?:\.\d+)?\s?(?:ms|µs|s|tok/s|tokens/s|steps/s)\b"   # times and speeds
+                         r"|\d\.\d+\s?×|×\s?\d"                                  # ratios
+                         r"|τ\s?[=≈]?\s?\d")                                       # acceptance lengths
 PACKAGES = ("specdec", "drafters", "verifiers", "kernels", "training")
 
 
