@@ -10,10 +10,9 @@ import ast
 import importlib
 import importlib.util
 import inspect
-import itertools
 import re
 import shlex
-import tomllib
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -29,9 +28,21 @@ from specdec.verifiers.acceptance import StepOutcome
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = (ROOT / "README.md").read_text(encoding="utf-8")
-PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-SCRIPTS = PYPROJECT["project"]["scripts"]
-EXTRAS = set(PYPROJECT["project"]["optional-dependencies"])
+
+
+def entry_points_and_extras() -> tuple[dict[str, str], set[str]]:
+    """``[project.scripts]`` and the extras, from pyproject.toml (Python < 3.11: the installed metadata)."""
+    try:
+        import tomllib
+    except ImportError:
+        scripts = {e.name: e.value for e in metadata.entry_points(group="console_scripts")
+                   if e.value.startswith("specdec.")}
+        return scripts, set(metadata.metadata("specdec").get_all("Provides-Extra") or [])
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    return project["scripts"], set(project["optional-dependencies"])
+
+
+SCRIPTS, EXTRAS = entry_points_and_extras()
 CONF = ROOT / "conf"
 GROUPS = {p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_")}
 MAKE_TARGETS = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(encoding="utf-8"), flags=re.M))
@@ -82,7 +93,10 @@ def python_names(code: str) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for a in node.names:
-                bound[(a.asname or a.name).split(".")[0]] = a.name.split(".")[0] if not a.asname else a.name
+                if a.asname:   # import a.b as c: c is a.b
+                    bound[a.asname] = a.name
+                else:          # import a.b: binds a
+                    bound[a.name.split(".")[0]] = a.name.split(".")[0]
                 names.append(a.name)
         elif isinstance(node, ast.ImportFrom):
             for a in node.names:
