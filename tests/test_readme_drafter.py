@@ -90,8 +90,10 @@ def test_usage_block_runs():
     namespace = {"specdec": specdec, "model": model, cls.__name__: cls,
                  "enc": {"input_ids": ids, "attention_mask": mask}}
     model.generation_config.pad_token_id = 0
-    exec(compile(section_blocks()[1], "README.md:usage", "exec"), namespace)
-    want = hf_greedy(model, ids, attention_mask=mask, max_new_tokens=64)
+    usage = section_blocks()[1]
+    exec(compile(usage, "README.md:usage", "exec"), namespace)
+    new_tokens = int(re.search(r"max_new_tokens=(\d+)", usage).group(1))
+    want = hf_greedy(model, ids, attention_mask=mask, max_new_tokens=new_tokens)
     assert torch.equal(namespace["out"].sequences, want)
 
 
