@@ -48,7 +48,7 @@ class DraftSpec:
 class Drafter:
     """Base class of every drafter: the protocol with its defaults.
 
-    The engine calls, per ``generate`` call: ``begin`` once after the prefill, then per drafted
+    The engine calls, per ``generate`` call: ``begin`` after the prefill, then per drafted
     step ``propose`` -> (verify, accept, commit) -> ``observe``; ``resync`` when drafting resumes
     after undrafted steps. ``bind`` runs once, at ``wrap``. Subclasses override ``propose`` and
     whatever else they need; the defaults do nothing.
