@@ -48,30 +48,66 @@ class DraftSpec:
 class Drafter:
     """Base class of every drafter: the protocol with its defaults.
 
-    ``spec`` is the DraftSpec (a property when it depends on the target, fixed by ``bind``).
-    ``bind(target)`` is called once by ``wrap`` with the target's ModelRunner: check that the
-    drafter fits it (vocabulary, layer count, device) and raise a clear error otherwise.
-    ``begin(state)`` after each prefill; ``propose(state)`` once per drafted step;
-    ``observe(state, outcome)`` after each drafted step's commit; ``resync(state, since)`` when
-    drafting resumes after undrafted steps, with the committed length the pause began at.
+    The engine calls, per ``generate`` call: ``begin`` after the prefill, then per drafted
+    step ``propose`` -> (verify, accept, commit) -> ``observe``; ``resync`` when drafting resumes
+    after undrafted steps. ``bind`` runs once, at ``wrap``. Subclasses override ``propose`` and
+    whatever else they need; the defaults do nothing.
+
+    Under ``cuda_graphs=True`` the Python bodies of ``propose`` and ``observe`` run only while a
+    step is captured; every later step replays the recorded kernels. So a device-only drafter
+    keeps its per-step state in tensors it updates in place, never in Python attributes.
+
+    Example: ``specdec.wrap(model, drafter=PromptLookup(num_tokens=8))``; the README's "Write your
+    own drafter" section has a complete small drafter.
     """
 
-    spec: DraftSpec
+    spec: DraftSpec  # a property when it depends on the target (fixed by ``bind``)
 
     def bind(self, target) -> None:
-        pass
+        """Called once by ``wrap``, before ``spec`` is read, with the target's
+        ``specdec.runner.ModelRunner`` (its ``model``, ``config``, ``device``, layers).
+
+        Check here that the drafter fits the target (vocabulary, layer count, device, dtype) and
+        raise a clear error naming the mismatch (``VocabularyMismatchError`` for vocabularies).
+        Drafters that read the target (self-drafts, heads) keep the runner."""
 
     def begin(self, state: DecodeState) -> None:
-        pass
+        """Called after every prefill, before the first step, with the call's fresh state.
+
+        ``state.tokens[b, state.start[b]:state.seq_len[b]]`` are row b's prompt tokens (left
+        padded, ``[B, L]`` long); the target's cache holds all of them but the last (the root).
+        Reset per-call state here and build any cache of your own over the prompt. The engine
+        may call ``begin`` twice for one call (again after capturing CUDA graphs, whose warm-up
+        ran steps), so it must not depend on being called once."""
 
     def propose(self, state: DecodeState) -> DraftTree:
+        """Return the draft for every row, hanging off its root (``state.tokens[b, seq_len[b] - 1]``).
+
+        Shapes are static: ``tokens``, ``parents`` and ``valid`` are ``[B, spec.num_nodes]``
+        (``q``, if given, ``[B, N, V]`` float: the distribution each node's token was drawn from;
+        None means point masses). Rows with nothing to propose mark their nodes invalid. Read
+        committed tokens only up to ``state.max_seq_len`` (a static bound on every row's
+        ``seq_len``). With ``spec.device_only`` this is device work: no ``.item()``, no Python
+        branch on a tensor's value, no shapes that depend on data."""
         raise NotImplementedError
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
-        pass
+        """Called after each drafted step's commit with what the target kept.
+
+        ``outcome.accept_len`` ``[B]`` counts accepted draft nodes, ``outcome.path`` ``[B, N]``
+        lists them root-down (-1 padded), ``outcome.next_token`` ``[B]`` is the bonus or recovered
+        token (the new root). ``state`` is already committed: ``seq_len`` includes those tokens,
+        and ``state.hidden`` ``[E, B, N + 1, H]`` holds the target's hidden states after each of
+        ``spec.hidden_layers`` at the root and every node. Frozen rows (``state.active == 0``)
+        gained nothing. Adapt here (draft length, tree width, halting, your own cache's
+        rollback); under ``spec.device_only`` on the device only."""
 
     def resync(self, state: DecodeState, since: int) -> None:
-        pass
+        """Called when drafting resumes after undrafted steps (``max_draft_batch``, ``min_tau``),
+        before the next ``propose``. ``since`` is the committed length (padding included, as
+        ``state.seq_len``) of the shortest live row when the pause began: tokens from there to
+        ``state.seq_len`` were committed without this drafter seeing them. A drafter with its
+        own cache re-reads them; one that reads the token buffer each step keeps this no-op."""
 
     def compile(self, options: dict | None) -> None:
         """``wrap(..., compile=True)``: compile the draft phase's own forwards with the target's.

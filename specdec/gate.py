@@ -15,10 +15,10 @@ class DraftGate:
       window of ``window`` steps the gate compares the tokens kept per active row and step (τ)
       with ``min_tau``; below it, the next ``backoff`` steps run undrafted, then drafting is tried
       again. The backoff doubles on every failed try (up to ``max_backoff``) and falls back to its
-      first value when a window pays. Pick ``min_tau`` from the step costs: on the H100 a lookup
-      step of γ = 8 costs 1.25× (Qwen 1.5B) to 1.46× (SmolLM2) a plain one's device time, so
-      drafting below that τ loses time. Bursty drafters (lookup) can lose more to a pause that
-      misses the next burst than they save.
+      first value when a window pays. Pick ``min_tau`` from the step costs: a drafted step costs
+      more device time than a plain one, and drafting at a τ below that cost ratio loses time
+      (``docs/RESULTS.md`` records measured ratios). Bursty drafters (lookup) can lose more to a
+      pause that misses the next burst than they save.
 
     Lossless either way: an undrafted step is plain decoding through the same verification.
 

@@ -8,7 +8,7 @@ host work) and is what to attack next.
 Example::
 
     floor = step_floor(model, batch=1, context=512)
-    print(floor.ms, floor.bytes)        # 0.09 ms, 2.7e8 bytes for SmolLM2 bf16 on an H100 SXM
+    print(floor.ms, floor.bytes)        # the floor in milliseconds, and the bytes one step reads
 """
 from __future__ import annotations
 

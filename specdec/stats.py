@@ -17,45 +17,72 @@ PHASES = ("draft", "verify", "accept", "commit", "host")
 
 @dataclass
 class SpecStats:
-    accepted_lengths: list[list[int]]  # [B][steps]: tokens each row gained per step
-    proposed: list[list[int]]  # [B][steps]: draft tokens each row was offered per step
-    new_tokens: list[int]  # [B]
-    num_steps: int
+    """Statistics of one ``generate`` call: ``out.spec_stats`` with ``return_dict_in_generate=True``.
+
+    B is the batch (prompt rows after ``num_return_sequences``); a *step* is one target forward
+    over every live row's root and draft nodes. A row's steps end at the step that finished it.
+
+    Example, one row, three steps that kept 3, 1 and 2 tokens after drafts 4, 4 and 2 deep::
+
+        accepted_lengths = [[3, 1, 2]]   proposed = [[4, 4, 2]]   new_tokens = [6]
+        tau = 6 / 3 = 2.0                acceptance_rate = (2 + 0 + 1) / (4 + 4 + 2) = 0.3
+    """
+
+    # [B][steps] int: tokens row b kept at each of its steps: accepted draft tokens plus the
+    # bonus/recovered one (1 for an undrafted step), fewer when the row stopped inside the step.
+    accepted_lengths: list[list[int]]
+    # [B][steps] int: depth of the deepest valid draft path row b was offered at each step
+    # (the chain length for a chain; 0 for an undrafted step).
+    proposed: list[list[int]]
+    new_tokens: list[int]  # [B] int: tokens generated per row, EOS included
+    num_steps: int  # steps (target forwards) the call ran, counted once for the whole batch
+    # draft forwards: drafted steps x ``spec.forwards_per_step`` (0 for lookup-style drafters)
     draft_forwards: int
-    verify_forwards: int
-    times: dict[str, float]  # seconds per phase: draft, verify, accept, commit, host
-    wall_time: float
-    lossless: bool = True
-    acceptance: str = "greedy"
-    drafter: str = "none"
-    prefill_time: float = 0.0
+    verify_forwards: int  # target forwards after the prefill (= num_steps)
+    # seconds per phase, after the prefill: draft, verify, accept, commit (device time via CUDA
+    # events on CUDA, host clock elsewhere) and host (the rest: syncs, stopping rules, streaming)
+    times: dict[str, float]
+    wall_time: float  # seconds, the whole call, prefill included
+    lossless: bool = True  # False under a lossy acceptance rule (relaxed, typical)
+    acceptance: str = "greedy"  # the acceptance rule that ran: greedy, speculative, relaxed, typical
+    drafter: str = "none"  # the drafter's name (``Drafter.name``); "none" for plain decoding
+    prefill_time: float = 0.0  # seconds from the call's start to the end of the prefill and ``begin``
     undrafted_steps: int = 0  # steps the draft policies (max_draft_batch, min_tau) ran without a draft
     draft_pauses: int = 0  # times min_tau paused drafting after a window that did not pay
-    undrafted_by_row: list[int] | None = None  # [B]: each row's own steps that ran without a draft
-    # specdec.memory.Meter's report: budget, chosen config, analytic extra_bytes, peak_bytes, measured
+    undrafted_by_row: list[int] | None = None  # [B] int: each row's own steps that ran without a draft
+    # specdec.memory.Meter's report (bytes): the budget, the drafter configuration chosen under it,
+    # the analytic ``extra_bytes`` of drafting, ``peak_bytes`` (the call's rise in
+    # ``torch.cuda.max_memory_allocated`` on CUDA, else the analytic extra) and ``measured``
     memory: dict | None = None
 
     @property
     def tau(self) -> float:
+        """τ, mean tokens kept per row per step: sum of ``accepted_lengths`` over row-steps.
+        1.0 is plain decoding; a drafter pays only when τ exceeds its step's cost ratio."""
         steps = sum(len(r) for r in self.accepted_lengths)
         return sum(map(sum, self.accepted_lengths)) / steps if steps else 0.0
 
     @property
     def acceptance_rate(self) -> float:
+        """α in [0, 1]: accepted draft tokens over offered draft depth, pooled over rows and steps
+        (each step's bonus/recovered token is not a draft token and is left out)."""
         offered = sum(map(sum, self.proposed))
         accepted = sum(sum(a) - len(a) for a in self.accepted_lengths)
         return accepted / offered if offered else 0.0
 
     @property
     def tokens_per_second(self) -> float:
+        """All rows' new tokens over ``wall_time`` (prefill included), in tokens per second."""
         return sum(self.new_tokens) / self.wall_time if self.wall_time > 0 else 0.0
 
     def to_dict(self) -> dict:
+        """The fields plus ``tau``, ``acceptance_rate`` and ``tokens_per_second``, JSON-ready."""
         d = asdict(self)
         d.update(tau=self.tau, acceptance_rate=self.acceptance_rate, tokens_per_second=self.tokens_per_second)
         return d
 
     def summary(self) -> str:
+        """One line for people: drafter, τ, α, steps, tokens, throughput and phase times."""
         t = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.times.items())
         return (f"drafter={self.drafter} tau={self.tau:.2f} acceptance={self.acceptance_rate:.2%} "
                 f"steps={self.num_steps} new_tokens={sum(self.new_tokens)} "

@@ -183,7 +183,7 @@ def first_divergence(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> 
 # Mantissa bits of each float type: the spacing of representable values near x is 2^(e - bits).
 _MANTISSA = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float64: 52}
 # A divergence counts as a near-tie when the target's top-2 logits there are at most this many
-# units of the model dtype's resolution apart (seen on the H100: 0 to 1 bf16 ulp).
+# units of the model dtype's resolution apart (docs/RESULTS.md records the gaps seen on GPUs).
 NEAR_TIE_ULPS = 2.0
 
 
@@ -223,8 +223,8 @@ def divergence_gap(model, tokenizer, prompt: Prompt, base: Decoded, drafted: Dec
     top logit, ``gap_ulps``, the two tokens that parted (``baseline_token``, ``drafter_token``),
     whether they are the top two (``top2``), how far below the top logit the lower of the two lies
     (``parted_ulps``), and ``near_tie``: both parted tokens within ``NEAR_TIE_ULPS`` of the top
-    logit. Three-way ties happen (SmolLM2 on the H100: three logits within 0.4 bf16 ulps, the
-    outputs parted on the 2nd and 3rd), so "top two" alone is too strict. A divergence that is not
+    logit. Three-way ties happen (the parted tokens can be the 2nd and 3rd of three logits within
+    an ulp of each other), so "top two" alone is too strict. A divergence that is not
     a near-tie is a bug, not rounding.
     """
     turn, index = divergence["turn"], divergence["index"]
