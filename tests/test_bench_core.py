@@ -219,3 +219,44 @@ def test_the_sweep_plot_keeps_its_legend_inside_the_axes():
     legend, box = ax.get_legend().get_window_extent(), ax.get_window_extent()
     assert box.x0 <= legend.x0 and legend.x1 <= box.x1 and box.y0 <= legend.y0 and legend.y1 <= box.y1
     assert len(ax.get_legend().get_texts()) == 3
+
+
+# ---------------------------------------------------------------- scripts are recipes over the harness
+
+RECIPES = {"bench_fast.sh": "OUT", "bench_heads.sh": "OUT E M", "bench_pair.sh": "OUT"}
+
+
+def test_every_recipe_line_is_a_valid_harness_command(tmp_path):
+    """Each ``python -m specdec.bench`` line of each recipe parses: known options, drafter specs
+    with registered names, valid settings (recorded by a stand-in ``python``, run nothing)."""
+    from specdec.bench.command import parser, settings_from
+    from specdec.drafters import DRAFTERS
+
+    record = tmp_path / "calls"
+    stand_in = (f'python() {{ if [ "$1" = -c ]; then "{sys.executable}" "$@"; '
+                f'else printf "%s\\0" "$@" "--END--" >> {record}; fi; }}\npython3() {{ python "$@"; }}\n')
+    for recipe, args in RECIPES.items():
+        script = stand_in + f"ASSISTANT=zoo:qwen2.5-coder-0.5b-instruct source {REPO / 'scripts' / recipe} {args}\n"
+        done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == 0, recipe + done.stderr
+    calls, argv = [], []
+    for arg in record.read_text().split("\0")[:-1]:
+        if arg == "--END--":
+            calls.append(argv)
+            argv = []
+        else:
+            argv.append(arg)
+    assert len(calls) == 5   # fp32, bf16 and batch; heads; pair
+    for argv in calls:
+        assert argv[:2] == ["-m", "specdec.bench"], argv
+        s = settings_from(parser().parse_args(argv[2:]))
+        assert all(d["name"] in DRAFTERS or d["name"] == "none" for d in s.drafters), s.drafters
+    assert any(s for s in calls if "--hf-assistant" in s and "humaneval" not in s)
+
+
+def test_no_script_imports_another_through_sys_path():
+    for path in (REPO / "scripts").glob("*.py"):
+        text = path.read_text()
+        assert "sys.path.insert(0, str(" not in text and "scripts/ is on sys.path" not in text, path.name
+        for other in (REPO / "scripts").glob("*.py"):
+            assert f"from {other.stem} import" not in text and f"import {other.stem}\n" not in text, (path, other)

@@ -125,7 +125,10 @@ def run(settings: BenchSettings, prompts: Sequence[Prompt], out_dir: str | Path)
 
 
 def build_contenders(specs: Sequence[Mapping], model, settings: BenchSettings) -> list[Contender]:
-    """Every drafter of a benchmark is built here, once, through ``build_drafter``."""
+    """Every drafter of a benchmark is built here, once, through ``build_drafter``. A spec by
+    registered name that leaves out ``dtype``, ``device`` or ``target`` gets the target model's,
+    where the drafter's factory takes them (a draft model or head then sits beside the target;
+    ``dtype=null`` keeps a head's own fp32)."""
     from specdec.drafters import DRAFTERS, build_drafter
 
     out, seen = [], set()
@@ -133,11 +136,13 @@ def build_contenders(specs: Sequence[Mapping], model, settings: BenchSettings) -
     for spec in specs:
         spec = dict(spec)
         policy = {k: spec.pop(k, getattr(settings, k)) for k in POLICY_KEYS}
+        name, params = drafter_name(spec), drafter_params(spec)
         factory = DRAFTERS.get(spec.get("name")) if "_target_" not in spec else None
         if factory is not None:   # a registered name: weights land on the target's dtype and device
             accepted = inspect.signature(factory).parameters
-            spec |= {k: v for k, v in (("dtype", dtype), ("device", device)) if k in accepted and k not in spec}
-        contender = Contender(drafter_name(spec), drafter_params(spec), policy, build_drafter(spec, target=model))
+            given = (("dtype", dtype), ("device", device), ("target", model))
+            spec |= {k: v for k, v in given if k in accepted and k not in spec}
+        contender = Contender(name, params, policy, build_drafter(spec, target=model))
         if contender.label in seen:
             raise ValueError(f"drafter {contender.label!r} is given twice; give each configuration once")
         seen.add(contender.label)
