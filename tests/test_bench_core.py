@@ -12,7 +12,8 @@ from transformers import AutoTokenizer
 from specdec.bench import core
 from specdec.bench.command import load_prompts, main, parse_spec
 from specdec.bench.prompts import Prompt, builtin, select
-from specdec.bench.report import collect, read_rows, sweep_axis, sweep_figure, sweep_lines
+from specdec.bench.plots import sweep_axis, sweep_figure, sweep_lines
+from specdec.bench.report import collect, read_rows
 from specdec.loading import dense_zoo_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,3 +261,40 @@ def test_no_script_imports_another_through_sys_path():
         assert "sys.path.insert(0, str(" not in text and "scripts/ is on sys.path" not in text, path.name
         for other in (REPO / "scripts").glob("*.py"):
             assert f"from {other.stem} import" not in text and f"import {other.stem}\n" not in text, (path, other)
+
+
+# ---------------------------------------------------------------- runs split to fit a time limit
+
+def test_runs_split_by_category_pool_into_one_table(tiny_folder, tmp_path):
+    """GPU runs are split by category to fit a device call's limit; collecting their folders must
+    pool them as one run would: total tokens over total time, not a mean of rates."""
+    for category in ("coding", "editing"):
+        prompts = select(builtin(), num_prompts=2, categories=[category])
+        core.run(settings(tiny_folder, drafters=({"name": "lookup", "num_tokens": 3},)), prompts,
+                 tmp_path / category)
+    (run,) = collect(tmp_path)
+    rows = read_rows(tmp_path / "coding" / "rows.jsonl") + read_rows(tmp_path / "editing" / "rows.jsonl")
+    assert run["prompts"] == 4 and set(run["categories"]) == {"coding", "editing"}
+    assert run["tokens_per_s"] == pytest.approx(sum(r["new_tokens"] for r in rows) / sum(r["wall_time"] for r in rows))
+    base = [r["baseline"] for r in rows]
+    assert run["baseline_tokens_per_s"] == pytest.approx(sum(b["new_tokens"] for b in base)
+                                                         / sum(b["wall_time"] for b in base))
+    assert run["matches_baseline"] == "4/4"
+    assert "| lookup | num_tokens=3 | greedy |" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.zoo
+def test_smollm2_every_gpu_table_drafter_equals_the_baseline_on_the_cpu(tmp_path):
+    """The drafters of the GPU tables (lookup, LayerSkip, Kangaroo) on the real SmolLM2, fp32 CPU,
+    greedy and sampled: every greedy output equals the baseline's and HF's tokens."""
+    drafters = ({"name": "lookup", "num_tokens": 8}, {"name": "layerskip", "exit_layer": 20, "num_tokens": 4},
+                {"name": "kangaroo", "exit_layer": 20, "num_tokens": 6, "stop_threshold": 0.6})
+    prompts = select(builtin(), num_prompts=1, categories=["summarization"])
+    result = core.run(core.BenchSettings(drafters=drafters, device="cpu", dtype="float32", max_new_tokens=6,
+                                         modes=("greedy", "sample"), warmup=0, threads=1, progress=False),
+                      prompts, tmp_path)
+    greedy = [r for r in result.rows if r["mode"] == "greedy"]
+    assert len(greedy) == 3 and len(result.rows) == 6
+    for r in greedy:
+        assert r["new_tokens"] == 6 and r["matches_baseline"] and r["hf_matches_baseline"] == {"hf": True}
+    assert all(r["new_tokens"] == 6 and r["hf"] is not None for r in result.rows if r["mode"] == "sample")
