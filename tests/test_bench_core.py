@@ -298,3 +298,28 @@ def test_smollm2_every_gpu_table_drafter_equals_the_baseline_on_the_cpu(tmp_path
     for r in greedy:
         assert r["new_tokens"] == 6 and r["matches_baseline"] and r["hf_matches_baseline"] == {"hf": True}
     assert all(r["new_tokens"] == 6 and r["hf"] is not None for r in result.rows if r["mode"] == "sample")
+
+
+def test_sampling_options_without_the_sample_mode_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["--temperature", "0.3", "--out", "unused"])
+    assert "--temperature applies to the sample mode only; add --modes greedy sample" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_on_cuda_the_first_call_captures_and_timed_calls_never_do(tiny_folder, tmp_path):
+    """With cuda_graphs and compile, every cache bucket is captured before timing: the first call
+    captures graphs, no timed call captures or compiles, each run has a step profile, and fp32
+    greedy output still equals the baseline's."""
+    prompts = select(builtin(), num_prompts=3, categories=["coding", "editing", "qa"])
+    result = core.run(settings(tiny_folder, device="cuda", cuda_graphs=True, compile=True, batch_sizes=(1, 2),
+                               drafters=({"name": "lookup", "num_tokens": 4},)), prompts, tmp_path)
+    for r in result.rows:
+        assert r["matches_baseline"], r["question_id"]
+        assert r["captures"] == r["baseline"]["captures"] == {"graphs": 0, "compiles": 0}
+    firsts = [r["first_call"] for r in result.rows if r["batch_index"] == 0]
+    assert all(f["graphs"] > 0 for f in firsts)
+    profiles = json.loads((tmp_path / "step_profile.json").read_text())
+    assert set(profiles) == {"lookup num_tokens=4 batch 1", "lookup num_tokens=4 batch 2"}
+    assert all(p["drafter"]["verify"] > 0 and p["baseline"]["verify"] > 0 for p in profiles.values())
+    assert "Device ms per step" in (tmp_path / "summary.md").read_text()

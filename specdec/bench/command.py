@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 from specdec.bench.prompts import Prompt, builtin, humaneval, select, specbench
 
+SAMPLING = {"temperature": 0.7, "top_p": 1.0, "top_k": 0}   # the sample mode's defaults
+
 
 def parse_spec(text: str, what: str = "drafter") -> tuple[str, dict]:
     """``"lookup:num_tokens=8,max_ngram=3"`` -> ``("lookup", {"num_tokens": 8, "max_ngram": 3})``.
@@ -90,7 +92,7 @@ def load_prompts(sources: Sequence[str]) -> list[Prompt]:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m specdec.bench", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m specdec.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add = ap.add_argument
     add("--model", default="zoo:smollm2-135m-instruct", help="HF id, folder, .gguf or zoo:NAME")
@@ -102,9 +104,9 @@ def parser() -> argparse.ArgumentParser:
     add("--num-prompts", type=int, default=None, help="at most this many, round-robin over categories")
     add("--batch-size", type=int, nargs="+", default=[1], help="one or more batch sizes")
     add("--modes", nargs="+", default=["greedy"], choices=["greedy", "sample"])
-    add("--temperature", type=float, default=0.7, help="for the sample mode")
-    add("--top-p", type=float, default=1.0)
-    add("--top-k", type=int, default=0)
+    add("--temperature", type=float, default=None, help="sample mode only (default 0.7)")
+    add("--top-p", type=float, default=None, help="sample mode only (default 1.0)")
+    add("--top-k", type=int, default=None, help="sample mode only (default 0: no top-k filter)")
     add("--max-new-tokens", type=int, default=128, help="per turn")
     add("--warmup", type=int, default=1, help="untimed batches per method; the first one is the timed first call")
     add("--seed", type=int, default=0)
@@ -130,12 +132,17 @@ def settings_from(args: argparse.Namespace):
     """``BenchSettings`` for parsed arguments."""
     from specdec.bench.core import BenchSettings
 
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    given = [k for k, v in sampling.items() if v is not None]
+    if given and "sample" not in args.modes:
+        raise ValueError(f"--{given[0].replace('_', '-')} applies to the sample mode only; add --modes greedy sample")
+    sampling = {k: v if v is not None else SAMPLING[k] for k, v in sampling.items()}
     compile_ = json.loads(args.compile) if args.compile not in ("true", "false") else args.compile == "true"
     drafters = tuple(dict(name=name, **options) for name, options in map(parse_spec, args.drafter or ["lookup"]))
     return BenchSettings(
         model=args.model, dtype=args.dtype, device=args.device, drafters=drafters,
         batch_sizes=tuple(args.batch_size), modes=tuple(args.modes),
-        sampling={"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k},
+        sampling=sampling,
         max_new_tokens=args.max_new_tokens, warmup=args.warmup, seed=args.seed, threads=args.threads,
         cuda_graphs=args.cuda_graphs, compile=compile_, chunk_steps=args.chunk_steps, pipeline=args.pipeline,
         cache_len=args.cache_len, max_draft_batch=args.max_draft_batch, min_tau=args.min_tau,
