@@ -20,7 +20,8 @@ USAGE = """usage: specdec COMMAND [hydra overrides...]
 commands:
   generate   one chat completion with speculative decoding (conf/generate.yaml)
   train      train a drafter (conf/train.yaml); same as specdec-train
-  bench      acceptance and speed sweeps (conf/bench.yaml); same as specdec-bench
+  bench      acceptance and speed sweeps (conf/bench.yaml); same as specdec-bench, a Hydra
+             layer over `python -m specdec.bench` (plain arguments, no Hydra)
 
 Overrides use Hydra syntax, e.g. `specdec generate drafter=none max_new_tokens=32`;
 add --help after the command to list the config groups and options.

@@ -194,8 +194,9 @@ class _Bench:
                 w.engine.reserve(size, longest)
         others = self.hf_others(size)
         hf: dict[str, dict[int, list]] = {}   # HF method -> batch index -> results, measured once
+        hf_first: dict[str, dict | None] = {}   # HF method -> its first call, measured once
         for mode in self.s.modes:
-            self.mode(mode, size, batches, baseline, wrapped, others, hf)
+            self.mode(mode, size, batches, baseline, wrapped, others, (hf, hf_first))
             if mode == "greedy" and self.s.cuda_graphs:
                 self.profile(size, baseline, wrapped)
 
@@ -214,9 +215,11 @@ class _Bench:
             return {}
         return others
 
-    def mode(self, mode, size, batches, baseline, wrapped, others, hf) -> None:
+    def mode(self, mode, size, batches, baseline, wrapped, others, hf_state) -> None:
         """One mode at one batch size: warm-up (first calls timed), then per batch the baseline,
-        each drafter and HF in turn, so load on a shared machine hits them all alike."""
+        each drafter and HF in turn, so load on a shared machine hits them all alike. HF is
+        greedy only, measured in the first mode and reused (``hf_state``: results, first calls)."""
+        hf, hf_first = hf_state
         sampling = {} if mode == "greedy" else dict(self.s.sampling)
         kwargs = {k: v for k, v in self.common.items()} | {"do_sample": mode == "sample", **sampling}
         engines = [("baseline", baseline), *((c.label, w) for c, w in zip(self.contenders, wrapped) if w)]
@@ -228,7 +231,9 @@ class _Bench:
             hf_methods |= {k: hf_method(self.model, **self.common, do_sample=False, **extra)
                            for k, extra in others.items() if k not in hf}
         wrappers = dict(engines)
-        first = {name: self.first_call(m, wrappers.get(name), batches) for name, m in {**methods, **hf_methods}.items()}
+        first = {name: self.first_call(m, wrappers.get(name), batches) for name, m in methods.items()}
+        hf_first |= {name: self.first_call(m, None, batches) for name, m in hf_methods.items()}
+        first |= hf_first
         settings = {"mode": mode, "temperature": sampling.get("temperature"), "top_p": sampling.get("top_p"),
                     "top_k": sampling.get("top_k"), "batch_size": size}
         drafters = {c.label: c.drafter for c in self.contenders}
