@@ -224,7 +224,7 @@ def test_the_sweep_plot_keeps_its_legend_inside_the_axes():
 
 # ---------------------------------------------------------------- scripts are recipes over the harness
 
-RECIPES = {"bench_fast.sh": "OUT", "bench_heads.sh": "OUT E M", "bench_pair.sh": "OUT"}
+RECIPES = {"bench_fast.sh": "OUT", "bench_heads.sh": "OUT", "bench_pair.sh": "OUT"}
 
 
 def test_every_recipe_line_is_a_valid_harness_command(tmp_path):
@@ -237,7 +237,7 @@ def test_every_recipe_line_is_a_valid_harness_command(tmp_path):
     stand_in = (f'python() {{ if [ "$1" = -c ]; then "{sys.executable}" "$@"; '
                 f'else printf "%s\\0" "$@" "--END--" >> {record}; fi; }}\npython3() {{ python "$@"; }}\n')
     for recipe, args in RECIPES.items():
-        script = stand_in + f"ASSISTANT=zoo:qwen2.5-coder-0.5b-instruct source {REPO / 'scripts' / recipe} {args}\n"
+        script = stand_in + f"ASSISTANT=zoo:q EAGLE=e MEDUSA=m KANGAROO=k source {REPO / 'scripts' / recipe} {args}\n"
         done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=REPO)
         assert done.returncode == 0, recipe + done.stderr
     calls, argv = [], []
