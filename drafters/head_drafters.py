@@ -173,22 +173,25 @@ class EagleHead(Drafter):
         """Head entries of slots ``lo .. hi - 1`` (token j, feature j - 1), causal over the head cache."""
         b, dev = state.tokens.shape[0], state.tokens.device
         slots = torch.arange(lo, hi, device=dev).expand(b, hi - lo)
-        self._head_step(state, state.tokens[:, lo:hi], self.feature[:, lo - 1:hi - 1], slots, slots, hi)
+        self._head_step(state, state.tokens[:, lo:hi], self.feature[:, lo - 1:hi - 1], slots, slots, hi, eager=True)
 
     def _head_step(self, state: DecodeState, tokens: Tensor, hidden: Tensor, slots: Tensor, sees_to: Tensor,
-                   view: int):
+                   view: int, eager: bool = False):
         """One head forward: ``tokens`` [B, Q] with input states ``hidden`` [B, Q, H] written at
-        ``slots`` [B, Q]; query i attends to head slots ``start .. sees_to[:, i]`` and itself."""
+        ``slots`` [B, Q]; query i attends to head slots ``start .. sees_to[:, i]`` and itself.
+        ``eager``: skip the compiled forward (the host-side catch-up, whose shapes follow the prompt
+        length, so compiling it would recompile for every new length)."""
         j = torch.arange(view, device=tokens.device)
         mask = (j >= state.start[:, None, None]) & (j <= sees_to[:, :, None]) | (j == slots[:, :, None])
         positions = (slots - state.start[:, None]).clamp(min=0)
-        return self._masked_step(tokens, hidden, positions, slots, mask, view)
+        return self._masked_step(tokens, hidden, positions, slots, mask, view, eager)
 
     def _masked_step(self, tokens: Tensor, hidden: Tensor, positions: Tensor, slots: Tensor, mask: Tensor,
-                     view: int):
+                     view: int, eager: bool = False):
         """One head forward writing at ``slots`` [B, Q], attending where ``mask`` [B, Q, view] allows."""
         self.cache.write_slots, self.cache.view_len = slots, view
-        return self._forward(tokens, hidden, positions, cache=self.cache, mask=mask.unsqueeze(1))
+        forward = self.head.forward if eager else self._forward
+        return forward(tokens, hidden, positions, cache=self.cache, mask=mask.unsqueeze(1))
 
     def _tree_step(self, *args) -> tuple[Tensor, Tensor]:
         out = self._masked_step(*args)

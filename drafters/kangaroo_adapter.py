@@ -193,15 +193,17 @@ class KangarooAdapter(Drafter):
         self.runner = target
 
     # ------------------------------------------------------------------ adapter steps
-    def _adapter_step(self, state: DecodeState, exits: Tensor, slots: Tensor, view: int) -> Tensor:
+    def _adapter_step(self, state: DecodeState, exits: Tensor, slots: Tensor, view: int, eager: bool = False) -> Tensor:
         """Adapter over exit states ``exits`` [B, Q, H] written at ``slots`` [B, Q] (ascending,
         contiguous); query i attends to adapter slots ``start .. slots[:, i]``. Returns the normed
-        states [B, Q, H] (`logits` turns them into next-token logits)."""
+        states [B, Q, H] (`logits` turns them into next-token logits). ``eager``: skip the compiled
+        adapter (the host-side catch-up, whose shapes follow the prompt length)."""
         j = torch.arange(view, device=slots.device)
         mask = (j >= state.start[:, None, None]) & (j <= slots[:, :, None]) | (j == slots[:, :, None])
         self.cache.write_slots, self.cache.view_len = slots, view
-        return self._adapt(exits.to(self.adapter.norm.weight.dtype), (slots - state.start[:, None]).clamp(min=0),
-                           cache=self.cache, mask=mask.unsqueeze(1))
+        adapt = self.adapter.forward if eager else self._adapt
+        return adapt(exits.to(self.adapter.norm.weight.dtype), (slots - state.start[:, None]).clamp(min=0),
+                     cache=self.cache, mask=mask.unsqueeze(1))
 
     def logits(self, normed: Tensor) -> Tensor:
         """[B, Q, H] adapter outputs -> [B, Q, V] fp32 logits through the target's LM head."""
@@ -229,7 +231,7 @@ class KangarooAdapter(Drafter):
             z = min(a + room, hi - 1)
             slots = torch.arange(a, z, device=dev).expand(b, z - a)
             exits = target_states(state, slots, (self.exit_layer,))[0]                  # [B, Q, H]
-            self._adapter_step(state, exits, slots, z)
+            self._adapter_step(state, exits, slots, z, eager=True)
 
     # ------------------------------------------------------------------ protocol
     def begin(self, state: DecodeState) -> None:
