@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 import specdec
-from gpu_fast import best_of, builtin   # scripts/ is on sys.path when a script runs
-from specdec.bench.prompts import render
+from specdec.bench.prompts import builtin, render, select
 from specdec.drafters import PromptLookup
+from specdec.perf import timed
 
 TUNED = {"coordinate_descent_tuning": True}
 
@@ -83,6 +83,12 @@ def kernel_table(spec, enc, new: int, top: int = 18) -> dict:
                      "share": total[n] / all_us} for n in rows]}
 
 
+def best_of(reps: int, fn):
+    """The output and the shortest time of ``reps`` timed calls."""
+    runs = [timed(fn) for _ in range(reps)]
+    return min(runs, key=lambda run: run[1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="zoo:smollm2-135m-instruct")
@@ -97,8 +103,8 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown variant(s) {unknown}; choose from {sorted(names)}")
     model, tok = specdec.load_model(args.model, dtype="bfloat16", device="cuda")
-    prompts = builtin(["summarization", "coding"], 1)
-    encs = [tok([render(tok, p["turns"][:1], [])], return_tensors="pt", add_special_tokens=False).to("cuda")
+    prompts = select(builtin(), num_prompts=2, categories=["summarization", "coding"])
+    encs = [tok([render(tok, p.turns[:1], [])], return_tensors="pt", add_special_tokens=False).to("cuda")
             for p in prompts]
     result = {"model": args.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "variants": {}}

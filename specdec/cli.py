@@ -20,7 +20,8 @@ USAGE = """usage: specdec COMMAND [hydra overrides...]
 commands:
   generate   one chat completion with speculative decoding (conf/generate.yaml)
   train      train a drafter (conf/train.yaml); same as specdec-train
-  bench      acceptance and speed sweeps (conf/bench.yaml); same as specdec-bench
+  bench      acceptance and speed sweeps (conf/bench.yaml); same as specdec-bench, a Hydra
+             layer over `python -m specdec.bench` (plain arguments, no Hydra)
 
 Overrides use Hydra syntax, e.g. `specdec generate drafter=none max_new_tokens=32`;
 add --help after the command to list the config groups and options.
@@ -80,7 +81,16 @@ def run_generate(cfg) -> dict:
     if not cfg.stream:
         print(completion)
     print(f"\n[specdec] {out.spec_stats.summary()}")
-    return {"completion": completion, "stats": out.spec_stats.to_dict()}
+    result = {"completion": completion, "stats": out.spec_stats.to_dict()}
+    if cfg.get("output_dir"):
+        import json
+        from pathlib import Path
+
+        path = Path(cfg.output_dir) / "result.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+        print(f"[specdec] wrote {path}")
+    return result
 
 
 def _hydra_entry(config_name: str, fn):
@@ -94,6 +104,9 @@ def _hydra_entry(config_name: str, fn):
 
 
 def generate_main() -> None:
+    """``specdec generate``: writes no Hydra run folder (outputs/, .hydra/) unless ``output_dir=`` is given."""
+    if not any(arg.lstrip("+").startswith("output_dir=") for arg in sys.argv[1:]):
+        sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null"]
     _hydra_entry("generate", run_generate)()
 
 

@@ -1,4 +1,5 @@
 """`specdec generate` composes its Hydra config, runs the engine, and rejects unknown keys."""
+import json
 import os
 import subprocess
 import sys
@@ -55,3 +56,24 @@ def test_unknown_command(capsys):
         main(["frobnicate"])
     main(["--help"])
     assert "generate" in capsys.readouterr().out
+
+
+def test_generate_leaves_no_hydra_folders_unless_asked(tiny_folder, tmp_path):
+    """`specdec generate` writes nothing into the working directory (no outputs/, .hydra/,
+    multirun/, no log file); with output_dir=DIR, Hydra's record and the result go there."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cli = [sys.executable, "-c", "from specdec.cli import main; main()", "generate", f"model.spec={tiny_folder}",
+           "model.device=cpu", "model.dtype=float32", "max_new_tokens=4", "prompt=the cat"]
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    done = subprocess.run(cli, capture_output=True, text=True, env=env, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    assert "tau=" in done.stdout
+    assert sorted(p.name for p in cwd.iterdir()) == []
+    done = subprocess.run(cli + ["output_dir=runs/one"], capture_output=True, text=True, env=env, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in cwd.iterdir()) == ["runs"]
+    record = cwd / "runs" / "one"
+    assert (record / ".hydra" / "config.yaml").is_file()
+    result = json.loads((record / "result.json").read_text())
+    assert result["stats"]["new_tokens"] == [4] and result["completion"] in done.stdout

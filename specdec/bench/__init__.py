@@ -1,26 +1,32 @@
 """specdec-bench: acceptance and speed of drafters against a same-engine baseline.
 
 Every run decodes the same prompts with the engine and no drafter (the baseline), with the
-engine and the configured drafter, and with HF's own greedy ``generate``; it writes JSONL rows,
-a markdown table by category and plots. ``collect`` merges a multirun sweep into one table.
+engine and each drafter, and with HF's own greedy ``generate``; it writes JSONL rows, a markdown
+table by category and plots. ``core`` is the harness (torch and transformers only):
+
+    python -m specdec.bench --drafter lookup:num_tokens=8 --drafter none --num-prompts 12
+
+``specdec-bench`` is the Hydra layer over it; ``collect`` merges a multirun sweep into one table:
 
     specdec-bench drafter=lookup num_prompts=12
     specdec-bench -m drafter=lookup,draft_model drafter.num_tokens=2,4,8
 """
-from specdec.bench.prompts import Prompt, builtin, humaneval, select, specbench
+from specdec.bench.prompts import Prompt, PromptFileError, builtin, humaneval, select, specbench
 from specdec.bench.report import collect
 
-_RUN = ("CollectCallback", "hydra_main", "make_row", "run_bench")
+_LAZY = {"BenchSettings": "core", "make_row": "rows",
+         "CollectCallback": "run", "hydra_main": "run", "run_bench": "run"}
 
 
 def __getattr__(name):
-    """The Hydra runner loads on first use, so ``specdec.bench.measure`` and the GPU scripts
-    import without hydra-core (the GPU machine has none)."""
-    if name in _RUN:
-        from specdec.bench import run
+    """The harness and the Hydra layer load on first use: ``specdec.bench.prompts`` imports
+    without torch's model stack, and nothing here imports hydra-core until the Hydra layer is asked for."""
+    if name in _LAZY:
+        import importlib
 
-        return getattr(run, name)
+        return getattr(importlib.import_module(f"specdec.bench.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'specdec.bench' has no attribute {name!r}")
 
-__all__ = ["CollectCallback", "Prompt", "builtin", "collect", "humaneval", "hydra_main", "make_row",
-           "run_bench", "select", "specbench"]
+
+__all__ = ["BenchSettings", "CollectCallback", "Prompt", "PromptFileError", "builtin", "collect", "humaneval",
+           "hydra_main", "make_row", "run_bench", "select", "specbench"]

