@@ -157,9 +157,13 @@ def chat(tok, ids):
     return enc
 
 
+def greedy_kwargs(tok, enc, n=24) -> dict:
+    return dict(attention_mask=enc.attention_mask, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+
+
 def decode(model, tok, drafter, enc, n=24):
     """(HF greedy sequences, the engine's output with ``drafter``)."""
-    kw = dict(attention_mask=enc.attention_mask, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+    kw = greedy_kwargs(tok, enc, n)
     ref = model.generate(enc.input_ids, **kw)
     out = specdec.wrap(model, drafter=drafter).generate(enc.input_ids, return_dict_in_generate=True, **kw)
     return ref, out
@@ -182,9 +186,11 @@ def test_trained_head_beats_an_untrained_one(smollm2, shipped_eagle):
     enc = chat(tok, PROMPT_IDS[1:2])
     untrained = EagleHeadModel.from_target(model, shipped_eagle.aux_layers, shipped_eagle.to_target(
         torch.arange(shipped_eagle.draft_vocab_size)))
-    taus = {}
+    kw = greedy_kwargs(tok, enc, n=16)
+    ref, taus = model.generate(enc.input_ids, **kw), {}
     for name, head in (("trained", shipped_eagle), ("untrained", untrained)):
-        ref, out = decode(model, tok, EagleHead(head, num_tokens=4), enc)
+        out = specdec.wrap(model, drafter=EagleHead(head, num_tokens=4)).generate(
+            enc.input_ids, return_dict_in_generate=True, **kw)
         assert torch.equal(out.sequences, ref), name
         taus[name] = out.spec_stats.tau
     assert taus["trained"] > 1.5 and taus["untrained"] < 1.2 and taus["trained"] > taus["untrained"] + 0.4, taus
