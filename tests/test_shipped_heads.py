@@ -169,6 +169,24 @@ def decode(model, tok, drafter, enc, n=24):
     return ref, out
 
 
+def test_drafter_eagle_config_defaults_to_the_shipped_head(smollm2):
+    """`drafter=eagle` with no folder builds the shipped head; wrap binds it to SmolLM2 (the
+    verifier on record matches) and fills its left-out embedding with the target's."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from specdec.drafters import build_drafter
+
+    model, _ = smollm2
+    with initialize_config_module("specdec.conf", version_base=None):
+        cfg = compose("generate", overrides=["drafter=eagle", "model.device=cpu"])
+    assert cfg.drafter.folder == EAGLE
+    drafter = build_drafter(OmegaConf.to_container(cfg.drafter, resolve=True), target=model)
+    assert isinstance(drafter, EagleHead) and drafter.head.borrows_embedding
+    specdec.wrap(model, drafter=drafter)
+    assert torch.equal(drafter.head.embed_tokens.weight, model.get_input_embeddings().weight)
+
+
 @pytest.mark.parametrize("shape", ["chain", "tree"])
 def test_shipped_eagle_equals_hf_greedy_at_batch_1(smollm2, shipped_eagle, shape):
     """Token-identical to HF greedy, and the trained head keeps more than 1.5 tokens per step."""
