@@ -283,7 +283,8 @@ def is_available(name: str) -> bool:
 #     specdec/data/heads/<name>/config.json + model.safetensors
 # `zoo:<name>` reaches them through the head classes' `from_pretrained`.
 
-__all__ += ["HeadEntry", "HEADS", "ZooHeadMissing", "register_head", "get_head", "head_names", "head_dir"]
+__all__ += ["HeadEntry", "HEADS", "ZooHeadMissing", "register_head", "get_head", "head_names", "head_dir",
+            "head_dir_path"]
 
 
 class ZooHeadMissing(ZooError, FileNotFoundError):
