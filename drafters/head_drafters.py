@@ -32,7 +32,7 @@ from specdec.verifiers.acceptance import StepOutcome, sample, warp_probs
 from specdec.verifiers.tree import DraftTree
 
 from .base import DecodeState, DraftSpec, Drafter, VocabularyMismatchError
-from .heads import EagleHeadModel, MedusaHeadsModel
+from .heads import EagleHeadModel, MedusaHeadsModel, check_verifier
 from .tree_search import Children, TreeSearch, top_children
 
 CHUNK = 256  # queries per catch-up forward in begin/resync
@@ -126,9 +126,10 @@ class EagleHead(Drafter):
     def from_pretrained(cls, folder, num_tokens: int = 4, target=None, device=None,
                         dtype: torch.dtype | str | None = None, tree_topk: int | None = None,
                         tree_depth: int | None = None, tree_nodes: int | None = None) -> "EagleHead":
-        """Load a speculators folder (`EagleHeadModel.save_pretrained`); ``target`` supplies a
-        left-out embedding. ``dtype`` (e.g. ``"bf16"``) casts the head; default fp32. The tree
-        arguments are the constructor's."""
+        """Load a speculators folder (`EagleHeadModel.save_pretrained`) or a shipped head by zoo
+        name, e.g. ``"zoo:smollm2-135m-instruct-eagle"``. A left-out embedding comes from
+        ``target``, or from the target the drafter binds to. ``dtype`` (e.g. ``"bf16"``) casts the
+        head; default fp32. The tree arguments are the constructor's."""
         return cls(_cast(EagleHeadModel.from_pretrained(folder, target=target, device=device), dtype),
                    num_tokens=num_tokens, tree_topk=tree_topk, tree_depth=tree_depth, tree_nodes=tree_nodes)
 
@@ -138,14 +139,17 @@ class EagleHead(Drafter):
         self._forward = compiled(self.head.forward, options or True)
 
     def bind(self, target) -> None:
-        """Check the head fits ``target``: hidden size, vocabulary, aux layers, device."""
+        """Check the head fits ``target``: verifier, hidden size, vocabulary, aux layers, device;
+        a head saved without its embedding takes the target's here."""
         cfg, n = self.head.config, target.num_layers
         _check_fits("EagleHead", cfg.hidden_size, self.head.embed_tokens.num_embeddings, self.head.lm_head.weight.device,
-                    target)
+                    target, self.head.verifier)
         bad = [a for a in self.head.aux_layers if not 0 <= a < n]
         if bad:
             raise ValueError(f"EagleHead: aux layers {bad} are outside this {n}-layer target's 0..{n - 1}; "
                              "the head was trained for another target")
+        if self.head.borrows_embedding:
+            self.head.take_embedding(target.model)
         self.runner = target
         self.vocab_ids = self.head.to_target(torch.arange(self.head.draft_vocab_size, device=target.device))
 
@@ -306,12 +310,14 @@ class MedusaHeads(Drafter):
     @classmethod
     def from_pretrained(cls, folder, tree: Sequence[Sequence[int]] | None = None, device=None,
                         dtype: torch.dtype | str | None = None) -> "MedusaHeads":
+        """Load a speculators folder (`MedusaHeadsModel.save_pretrained`) or a shipped head by zoo
+        name, e.g. ``"zoo:smollm2-135m-instruct-medusa"``; ``dtype`` casts the heads."""
         return cls(_cast(MedusaHeadsModel.from_pretrained(folder, device=device), dtype), tree=tree)
 
     def bind(self, target) -> None:
         cfg = self.heads.config
         _check_fits("MedusaHeads", cfg.hidden_size, self.heads.vocab_size,
-                    self.heads.blocks[0].layers[0].weight.device, target)
+                    self.heads.blocks[0].layers[0].weight.device, target, self.heads.verifier)
         self.heads.share_lm_head(target.model)
         if cfg.num_hidden_layers != target.num_layers:
             raise ValueError(f"MedusaHeads were trained on a {cfg.num_hidden_layers}-layer target; this one has "
@@ -390,7 +396,10 @@ def _cast(module, dtype):
     return module if dtype in (None, "auto") else module.to(dtype)
 
 
-def _check_fits(name: str, hidden: int, vocab: int, device, target) -> None:
+def _check_fits(name: str, hidden: int, vocab: int, device, target, verifier: dict) -> None:
+    """Raise unless a head of ``hidden`` size and ``vocab`` on ``device``, trained on ``verifier``,
+    fits the ``target`` runner."""
+    check_verifier(name, verifier, target.config)
     target_hidden = target.config.hidden_size
     if hidden != target_hidden:
         raise ValueError(f"{name}: hidden size {hidden} does not match the target's {target_hidden}")

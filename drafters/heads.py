@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,12 +36,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from specdec import zoo
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
 class HeadCheckpointError(ValueError):
     """A head folder that does not fit the model it claims to hold; the message names the problem."""
+
+
+class VerifierMismatchError(ValueError):
+    """A head used with another target than the one its config.json records as its verifier."""
 
 
 @dataclass
@@ -170,6 +177,8 @@ class EagleHeadModel(nn.Module):
         self.rotary_emb = classes["rotary"](config=config)
         self.register_buffer("d2t", torch.zeros(self.draft_vocab_size, dtype=torch.long))
         self.register_buffer("t2d", torch.full((vocab,), self.draft_vocab_size == vocab, dtype=torch.bool))
+        self.borrows_embedding = False  # its checkpoint left the embedding out: `take_embedding` fills it
+        self._embedding_ready = True
 
     @classmethod
     def from_target(cls, target, aux_layers: Sequence[int] | None = None,
@@ -210,6 +219,17 @@ class EagleHeadModel(nn.Module):
         self.t2d.zero_()
         self.t2d[vocab] = True
 
+    def take_embedding(self, target) -> None:
+        """Copy ``target``'s input embedding into the frozen ``embed_tokens`` (a checkpoint saved
+        with ``include_embedding=False`` borrows it; `EagleHead` does this when it binds)."""
+        weight = target.get_input_embeddings().weight
+        if weight.shape != self.embed_tokens.weight.shape:
+            raise VerifierMismatchError(f"EagleHead: the target's embedding is {tuple(weight.shape)}, the head "
+                                        f"needs {tuple(self.embed_tokens.weight.shape)}")
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(weight)
+        self._embedding_ready = True
+
     def to_target(self, draft_ids: Tensor) -> Tensor:
         """Draft-vocabulary ids (any shape) -> target ids (same shape)."""
         return draft_ids + self.d2t[draft_ids]
@@ -234,6 +254,9 @@ class EagleHeadModel(nn.Module):
                 `HeadCache` only): `causal_mask` over the cache's past slots and the new tokens.
         """
         b, q = token_ids.shape
+        if not self._embedding_ready:
+            raise RuntimeError("this head's checkpoint left its embedding out: call take_embedding(target) first "
+                               "(EagleHead does when it binds), or load it with from_pretrained(..., target=target)")
         if mask is None:
             if cache is not None and not isinstance(cache, HeadCache):
                 raise ValueError("pass mask= with a cache other than HeadCache (its slots are the caller's)")
@@ -270,16 +293,25 @@ class EagleHeadModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, target=None, device=None) -> "EagleHeadModel":
-        """Load a `save_pretrained` folder (fp32); ``target`` supplies a left-out embedding."""
+        """Load a `save_pretrained` folder or a shipped ``zoo:<head>`` name (fp32).
+
+        A checkpoint without its embedding takes ``target``'s; with no ``target`` the head
+        borrows it later (`take_embedding`, which `EagleHead` calls when it binds).
+
+        Example:
+            >>> head = EagleHeadModel.from_pretrained("zoo:smollm2-135m-instruct-eagle")  # doctest: +SKIP
+        """
+        folder = resolve_folder(folder, "eagle3")
         config, tensors = _read_folder(folder, "eagle3")
         head = cls(_config_from_dict(config["transformer_layer_config"], folder),
                    config["eagle_aux_hidden_state_layer_ids"], config.get("draft_vocab_size"),
                    config.get("speculators_config", {}).get("verifier"))
         if "embed_tokens.weight" not in tensors:
-            if target is None:
-                raise HeadCheckpointError(f"{Path(folder) / WEIGHTS_NAME} has no embed_tokens.weight; "
-                                          "pass target= to take the target's embedding")
-            tensors["embed_tokens.weight"] = target.get_input_embeddings().weight.detach().float().cpu()
+            if target is not None:
+                tensors["embed_tokens.weight"] = target.get_input_embeddings().weight.detach().float().cpu()
+            else:
+                tensors["embed_tokens.weight"] = torch.zeros_like(head.embed_tokens.weight)
+                head.borrows_embedding, head._embedding_ready = True, False
         _load_checked(head, tensors, folder)
         return head.to(device) if device is not None else head
 
@@ -381,7 +413,9 @@ class MedusaHeadsModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, device=None, target=None) -> "MedusaHeadsModel":
-        """Load a `save_pretrained` folder (fp32); heads that share the LM head take it from ``target``."""
+        """Load a `save_pretrained` folder or a shipped ``zoo:<head>`` name (fp32); heads that share
+        the LM head take it from ``target``."""
+        folder = resolve_folder(folder, "medusa")
         config, tensors = _read_folder(folder, "medusa")
         heads = cls(_config_from_dict(config["transformer_layer_config"], folder), config["medusa_num_heads"],
                     config["medusa_num_layers"], config.get("speculators_config", {}).get("verifier"),
@@ -402,6 +436,64 @@ def draft_vocab_from_counts(counts: Tensor, size: int) -> Tensor:
 
 
 # ---- the speculators folder -----------------------------------------------------------------
+_LOADERS = {"eagle3": "EagleHead", "medusa": "MedusaHeads", "kangaroo": "KangarooAdapter"}
+
+
+def resolve_folder(folder, model_type: str) -> Path:
+    """The head folder ``folder`` names: a path, or ``zoo:<head>`` for a head shipped in the
+    package (`specdec.zoo.head_dir`, which names the build command when it is missing).
+
+    Example: ``resolve_folder("zoo:smollm2-135m-instruct-eagle", "eagle3")`` is
+    ``<site-packages>/specdec/data/heads/smollm2-135m-instruct-eagle``.
+    """
+    text = os.fspath(folder)
+    if not text.startswith("zoo:"):
+        return Path(text)
+    entry = zoo.get_head(text)
+    if entry.kind != model_type:
+        raise HeadCheckpointError(f"{text} is a {entry.kind} head, not a {model_type} one; load it with "
+                                  f"{_LOADERS.get(entry.kind, entry.kind)}.from_pretrained")
+    return zoo.head_dir(entry.name)
+
+
+def model_identity(name_or_path) -> str | None:
+    """What the verifier check compares: ``zoo:<name>`` for a zoo model (its name, or its dense
+    cache folder ``.../zoo/<name>/dense`` on any machine), a resolved path for an existing
+    folder, else the name as given; None when there is none.
+
+    Example: ``model_identity("/root/.cache/specdec/zoo/smollm2-135m-instruct/dense")`` is
+    ``"zoo:smollm2-135m-instruct"``.
+    """
+    if not name_or_path:
+        return None
+    text = str(name_or_path).rstrip("/")
+    if text.startswith("zoo:"):
+        return text
+    parts = Path(text).parts
+    if len(parts) >= 3 and parts[-3] == "zoo" and parts[-1] == "dense" and parts[-2] in zoo.ZOO:
+        return f"zoo:{parts[-2]}"
+    path = Path(text).expanduser()
+    return str(path.resolve()) if path.exists() else text
+
+
+def check_verifier(name: str, verifier: dict, config) -> None:
+    """Raise `VerifierMismatchError` when a head's recorded verifier ({"name_or_path",
+    "architectures"} from its config.json) is another model than the target's HF ``config``.
+    A side that records nothing is not compared (random-init models carry no name)."""
+    want_arch, got_arch = set(verifier.get("architectures") or []), set(getattr(config, "architectures", None) or [])
+    want, got = model_identity(verifier.get("name_or_path")), model_identity(getattr(config, "name_or_path", None))
+    fix = ("use it with the target it was trained on, or train one for this target (specdec-train "
+           "method=eagle|medusa|kangaroo model.spec=...)")
+    if want_arch and got_arch and not want_arch & got_arch:
+        raise VerifierMismatchError(f"{name}: the head was trained on a {sorted(want_arch)} target, this one is "
+                                    f"{sorted(got_arch)}; {fix}")
+    if want and got and want != got:
+        raise VerifierMismatchError(
+            f"{name}: the head was trained on {want} (config.json speculators_config.verifier.name_or_path) but "
+            f"the target is {got}; {fix}. If they are the same model under two names, set verifier.name_or_path "
+            f"in the head's config.json to {got}")
+
+
 def _proposal(algorithm: str, speculative_tokens: int, verifier: dict) -> dict:
     return {"algorithm": algorithm, "default_proposal_method": "greedy",
             "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": int(speculative_tokens)}],

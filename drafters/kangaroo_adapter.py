@@ -40,8 +40,8 @@ from specdec.verifiers.tree import DraftTree
 
 from .base import DecodeState, DraftSpec, Drafter
 from .head_drafters import _cast, _check_fits, target_states
-from .heads import (cache_kwargs, _config_dict, _config_from_dict, _load_checked, _proposal, _read_folder, _write_folder,
-                    arch_classes, causal_mask, layer_config)
+from .heads import (cache_kwargs, _config_dict, _config_from_dict, _in_dtype, _load_checked, _proposal, _read_folder,
+                    _write_folder, arch_classes, causal_mask, layer_config, resolve_folder)
 
 CHUNK = 256  # queries per catch-up forward in begin/resync
 
@@ -126,12 +126,15 @@ class KangarooAdapterModel(nn.Module):
                 "target_hidden_size": self.config.hidden_size, "draft_vocab_size": self.config.vocab_size,
                 "speculators_config": _proposal("kangaroo", speculative_tokens, self.verifier)}
 
-    def save_pretrained(self, folder, speculative_tokens: int = 6):
-        return _write_folder(folder, self.speculators_config(speculative_tokens), self.state_dict())
+    def save_pretrained(self, folder, speculative_tokens: int = 6, dtype: torch.dtype | None = None):
+        """Write config.json and model.safetensors (in ``dtype``, e.g. torch.bfloat16, if given)."""
+        return _write_folder(folder, self.speculators_config(speculative_tokens), _in_dtype(self.state_dict(), dtype))
 
     @classmethod
     def from_pretrained(cls, folder, device=None) -> "KangarooAdapterModel":
-        """Load a `save_pretrained` folder (fp32); names, shapes and dtypes are checked."""
+        """Load a `save_pretrained` folder or a shipped ``zoo:<head>`` name (fp32); names, shapes
+        and dtypes are checked."""
+        folder = resolve_folder(folder, "kangaroo")
         config, tensors = _read_folder(folder, "kangaroo")
         adapter = cls(_config_from_dict(config["transformer_layer_config"], folder), config["exit_layer"],
                       config.get("speculators_config", {}).get("verifier"))
@@ -171,7 +174,8 @@ class KangarooAdapter(Drafter):
     @classmethod
     def from_pretrained(cls, folder, num_tokens: int = 6, stop_threshold: float | None = None, device=None,
                         dtype: torch.dtype | str | None = None) -> "KangarooAdapter":
-        """Load a speculators folder (`KangarooAdapterModel.save_pretrained`); ``dtype`` casts the adapter."""
+        """Load a speculators folder (`KangarooAdapterModel.save_pretrained`) or a shipped adapter by
+        zoo name, e.g. ``"zoo:smollm2-135m-instruct-kangaroo"``; ``dtype`` casts the adapter."""
         return cls(_cast(KangarooAdapterModel.from_pretrained(folder, device=device), dtype), num_tokens=num_tokens,
                    stop_threshold=stop_threshold)
 
@@ -184,7 +188,8 @@ class KangarooAdapter(Drafter):
     def bind(self, target) -> None:
         """Check the adapter fits ``target``: hidden size, vocabulary, exit layer, device."""
         cfg, n = self.adapter.config, target.num_layers
-        _check_fits("KangarooAdapter", cfg.hidden_size, cfg.vocab_size, self.adapter.norm.weight.device, target)
+        _check_fits("KangarooAdapter", cfg.hidden_size, cfg.vocab_size, self.adapter.norm.weight.device, target,
+                    self.adapter.verifier)
         if not 1 <= self.exit_layer < n:
             raise ValueError(f"KangarooAdapter: exit layer {self.exit_layer} is outside this {n}-layer target's "
                              f"1..{n - 1}; the adapter was trained for another target")

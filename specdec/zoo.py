@@ -276,3 +276,93 @@ def is_available(name: str) -> bool:
     except ZooPackageMissing:
         return False
     return True
+
+
+# ---- draft heads shipped inside the package ----------------------------------------------------
+# Trained draft heads for zoo targets travel as package data, one speculators folder each:
+#     specdec/data/heads/<name>/config.json + model.safetensors
+# `zoo:<name>` reaches them through the head classes' `from_pretrained`.
+
+__all__ += ["HeadEntry", "HEADS", "ZooHeadMissing", "register_head", "get_head", "head_names", "head_dir",
+            "head_dir_path"]
+
+
+class ZooHeadMissing(ZooError, FileNotFoundError):
+    """A registered zoo head whose folder is not in the package; the message has the command that builds it."""
+
+
+@dataclass(frozen=True)
+class HeadEntry:
+    """One shipped draft head: what it is, which zoo model it drafts for, and how it was trained.
+
+    Example: ``HeadEntry("smollm2-135m-instruct-eagle", "eagle3", "smollm2-135m-instruct",
+    "eagle", "eagle_smollm2_gpu")`` is reached as ``EagleHead.from_pretrained("zoo:smollm2-135m-instruct-eagle")``.
+    """
+
+    name: str        # zoo name, as in "zoo:<name>"; also the folder name under data/heads/
+    kind: str        # the folder's speculators_model_type: eagle3 | medusa | kangaroo
+    target: str      # the zoo model (a ZOO key) it was trained on
+    method: str      # the specdec-train method and scripts/gpu_train_heads.sh argument
+    experiment: str  # the conf/experiment/ file that trains it
+
+    @property
+    def build_command(self) -> str:
+        """The commands that reproduce the folder: the GPU recipe, or specdec-train itself."""
+        return (f"source scripts/gpu_train_heads.sh {self.method} OUTDIR (on a GPU machine), or "
+                f"specdec-train +experiment={self.experiment} output_dir=OUTDIR; "
+                f"then copy OUTDIR/head to {head_dir_path(self.name)}")
+
+
+HEADS: dict[str, HeadEntry] = {}
+
+
+def register_head(entry: HeadEntry) -> HeadEntry:
+    """Add (or replace) a shipped head under `entry.name` and return it."""
+    HEADS[entry.name] = entry
+    return entry
+
+
+def head_names() -> list[str]:
+    """The registered zoo head names, sorted."""
+    return sorted(HEADS)
+
+
+def get_head(name: str) -> HeadEntry:
+    """The head entry for `name` (a leading "zoo:" is accepted); unknown names list the known heads."""
+    name = name.removeprefix("zoo:")
+    try:
+        return HEADS[name]
+    except KeyError:
+        raise UnknownZooModel(f"unknown zoo head {name!r}; known zoo heads: {', '.join(head_names())}") from None
+
+
+def head_dir_path(name: str) -> Path:
+    """Where the package keeps head `name` (whether or not the folder is there)."""
+    from importlib import resources
+
+    return Path(str(resources.files("specdec"))) / "data" / "heads" / name.removeprefix("zoo:")
+
+
+def head_dir(name: str) -> Path:
+    """The shipped folder of zoo head `name`, with its config.json and model.safetensors.
+
+    Raises `ZooHeadMissing`, naming the folder and the command that builds it, when the package
+    does not hold it yet.
+
+    Example:
+        >>> head_dir("zoo:smollm2-135m-instruct-eagle").name  # doctest: +SKIP
+        'smollm2-135m-instruct-eagle'
+    """
+    entry = get_head(name)
+    folder = head_dir_path(entry.name)
+    missing = [f for f in ("config.json", "model.safetensors") if not (folder / f).is_file()]
+    if missing:
+        raise ZooHeadMissing(f"zoo head {entry.name!r} ({entry.kind} for zoo:{entry.target}) is not in this "
+                             f"install: {folder} has no {' or '.join(missing)}. Build it with: {entry.build_command}")
+    return folder
+
+
+for _method, _kind in (("eagle", "eagle3"), ("medusa", "medusa"), ("kangaroo", "kangaroo")):
+    register_head(HeadEntry(name=f"smollm2-135m-instruct-{_method}", kind=_kind, target="smollm2-135m-instruct",
+                            method=_method, experiment=f"{_method}_smollm2_gpu"))
+del _method, _kind

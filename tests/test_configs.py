@@ -70,3 +70,15 @@ def test_head_drafter_configs_build_their_drafter(option, tmp_path):
                                              "model.device=cpu"])
     drafter = build_drafter(OmegaConf.to_container(cfg.drafter, resolve=True), target=target)
     assert isinstance(drafter, {"eagle": EagleHead, "medusa": MedusaHeads, "kangaroo_adapter": KangarooAdapter}[option])
+
+
+def test_kangaroo_gpu_experiment_saves_bf16_and_halts_like_the_drafter_config():
+    """The shipped-adapter run writes bf16 like the EAGLE and Medusa runs, drafts as many tokens
+    as drafter=kangaroo_adapter does, and measures its τ with that config's halting threshold."""
+    with initialize_config_module("specdec.conf", version_base=None):
+        cfg = compose("train", overrides=["+experiment=kangaroo_smollm2_gpu"])
+        drafter = compose("generate", overrides=["drafter=kangaroo_adapter"]).drafter
+        heads = [compose("train", overrides=[f"+experiment={m}_smollm2_gpu"]).method for m in ("eagle", "medusa")]
+    assert cfg.method.name == "kangaroo" and cfg.method.save_dtype == "bf16" == heads[0].save_dtype == heads[1].save_dtype
+    assert cfg.eval.num_tokens == drafter.num_tokens and cfg.method.stop_threshold == drafter.stop_threshold
+    assert drafter.folder == "zoo:smollm2-135m-instruct-kangaroo"

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from tiny import ARCHS, make_tiny
 
 from specdec.drafters.heads import (EagleHeadModel, HeadCache, HeadCheckpointError, MedusaHeadsModel,
-                                    causal_mask, draft_vocab_from_counts, eagle3_aux_layers)
+                                    VerifierMismatchError, causal_mask, draft_vocab_from_counts, eagle3_aux_layers)
 from specdec.training.heads import ttt_mask
 
 AUX = (1, 2, 3)
@@ -131,10 +131,18 @@ def test_eagle_without_its_embedding_takes_the_targets(tmp_path):
     target, head, ids, aux = _eagle_and_inputs("qwen3")
     head.save_pretrained(tmp_path / "head", include_embedding=False)
     assert "embed_tokens.weight" not in load_file(str(tmp_path / "head" / "model.safetensors"))
-    with pytest.raises(HeadCheckpointError, match="pass target="):
-        EagleHeadModel.from_pretrained(tmp_path / "head")
     loaded = EagleHeadModel.from_pretrained(tmp_path / "head", target=target)
     assert torch.equal(loaded.embed_tokens.weight, target.model.embed_tokens.weight)
+    pos = positions(2, 6)
+    expected = loaded(ids, loaded.fuse(aux), pos).logits
+    borrowing = EagleHeadModel.from_pretrained(tmp_path / "head")  # no target: it borrows one later
+    assert borrowing.borrows_embedding
+    with pytest.raises(RuntimeError, match="take_embedding"):
+        borrowing(ids, borrowing.fuse(aux), pos)
+    borrowing.take_embedding(target)
+    assert torch.equal(borrowing(ids, borrowing.fuse(aux), pos).logits, expected)
+    with pytest.raises(VerifierMismatchError, match="embedding"):
+        borrowing.take_embedding(make_tiny("llama", vocab_size=128, num_layers=4))
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])

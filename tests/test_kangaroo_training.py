@@ -112,3 +112,18 @@ def test_adapter_mask_in_a_literal_case():
     mask = adapter_mask(torch.tensor([[False, True, True]]))
     assert mask.shape == (1, 1, 3, 3)
     assert mask[0, 0].int().tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+
+
+def test_save_dtype_writes_a_bf16_folder_that_loads(setup):
+    """method.save_dtype=bf16 stores every float tensor in bf16 (as for eagle and medusa); the folder
+    records eval.num_tokens as its draft length and loads back, in fp32, to the bf16 values."""
+    from safetensors.torch import load_file
+
+    result = train(kangaroo_config(setup, "bf16", **{"steps": 2, "eval.every": 0, "eval.num_tokens": 5,
+                                                     "method.save_dtype": "bf16"}))
+    stored = load_file(str(result.draft_dir / "model.safetensors"))
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    proposal = json.loads((result.draft_dir / "config.json").read_text())["speculators_config"]["proposal_methods"]
+    assert proposal[0]["speculative_tokens"] == 5
+    loaded = KangarooAdapterModel.from_pretrained(result.draft_dir).state_dict()
+    assert all(loaded[k].dtype == torch.float32 and torch.equal(loaded[k].bfloat16(), v) for k, v in stored.items())

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from specdec.drafters.kangaroo_adapter import KangarooAdapter, KangarooAdapterModel
 
 from .data import Batch
-from .heads import HeadTrainer, TargetView, Unrolled, shifted
+from .heads import HeadTrainer, TargetView, Unrolled, _save_dtype, shifted
 from .trainer import TrainResult
 
 
@@ -72,7 +72,7 @@ class KangarooTrainer(HeadTrainer):
                                stop_threshold=self.method.stop_threshold)
 
     def save_output(self, path: Path) -> None:
-        self.head.save_pretrained(path, speculative_tokens=self.cfg.eval.num_tokens)
+        self.head.save_pretrained(path, speculative_tokens=self.cfg.eval.num_tokens, dtype=_save_dtype(self.method))
 
 
 def train_kangaroo(cfg) -> TrainResult:
