@@ -53,8 +53,10 @@ def drafter(kind, model):
     return {
         "none": lambda: None,
         "lookup": lambda: PromptLookup(num_tokens=4),
-        # The target drafting for itself: long unprocessed drafts that processing must cut at the right node.
+        # The target drafting for itself: processed like the target, its drafts are kept whole; drafting
+        # from the raw logits, long drafts that verification must cut at the right node.
         "draft_model": lambda: DraftModel(model, num_tokens=4),
+        "raw_self_draft": lambda: UnprocessedDraft(model, num_tokens=4),
         "draft_tree": lambda: DraftModel(model, num_tokens=3, tree_width=2, tree_nodes=6),
         "lookup_branches": lambda: PromptLookup(num_tokens=3, num_branches=2),
         # Drafters with their own scores (processed draft q): heads, early exits, sparse and short contexts.
@@ -72,14 +74,15 @@ def drafter(kind, model):
     }[kind]()
 
 
-KINDS = ["none", "lookup", "draft_model", "draft_tree", "lookup_branches", "layer_skip", "eagle",
+KINDS = ["none", "lookup", "draft_model", "raw_self_draft", "draft_tree", "lookup_branches", "layer_skip", "eagle",
          "eagle_tree_reduced_vocab", "medusa", "kangaroo", "sparse_self", "rapid", "hierarchical"]
 _HF: dict = {}
 
 
 def hf_rows(model, ids, mask, max_new, **kwargs):
     """HF greedy per row, each prompt on its own (no padding); computed once per setting."""
-    key = (id(model), ids.numpy().tobytes(), max_new, repr(sorted(kwargs.items())))
+    key = (id(model), str(ids.device), ids.cpu().numpy().tobytes(), mask.cpu().numpy().tobytes(), max_new,
+           repr(sorted(kwargs.items())))
     if key not in _HF:
         out = []
         for r in range(ids.shape[0]):
@@ -319,13 +322,27 @@ def processed_joint(model, penalty: float, min_p: float) -> torch.Tensor:
     return p1.unsqueeze(1) * p2
 
 
-@pytest.mark.parametrize("penalty, min_p", [(1.8, 0.0), (1.0, 0.3)], ids=["repetition_penalty", "min_p"])
-@pytest.mark.parametrize("kind", ["draft_model", "lookup_branches", "none"])
-def test_sampling_keeps_the_processed_distribution(penalty, min_p, kind):
+def sampling_drafter(kind, target):
+    """The drafters of tests/test_sampling.py, plus ones whose processed q matters most: the
+    target drafting for itself (q equals the processed p) and a reduced-vocabulary EAGLE tree."""
     from test_sampling import drafter_for
+    if kind == "self_draft":
+        return DraftModel(target, num_tokens=3)
+    if kind == "eagle_tree_reduced_vocab":
+        head = noisy(EagleHeadModel.from_target(target, AUX, draft_vocab=torch.arange(0, V, 2)), scale=0.3)
+        return EagleHead(head, tree_topk=2, tree_depth=2, tree_nodes=4)
+    return None if kind == "none" else drafter_for(kind)
+
+
+@pytest.mark.parametrize("penalty, min_p", [(1.8, 0.0), (1.0, 0.3)], ids=["repetition_penalty", "min_p"])
+@pytest.mark.parametrize("kind", ["draft_model", "self_draft", "draft_tree", "layerskip", "eagle_tree_reduced_vocab",
+                                  "lookup_branches", "none"])
+def test_sampling_keeps_the_processed_distribution(penalty, min_p, kind):
+    """Sampling with processed draft q keeps the processed target distribution (chi-square on
+    the first two tokens), for drafters with q (chains, trees, early exit, a reduced vocabulary)."""
     target = make_tiny("llama", vocab_size=V, init_range=0.15, seed=11)
     torch.manual_seed(4321)
-    spec = specdec.wrap(target, drafter=None if kind == "none" else drafter_for(kind))
+    spec = specdec.wrap(target, drafter=sampling_drafter(kind, target))
     ids = torch.tensor([PROMPT]).repeat(6000, 1)
     out = spec.generate(ids, max_new_tokens=2, do_sample=True, top_k=0, repetition_penalty=penalty, min_p=min_p,
                         pad_token_id=0, eos_token_id=None)
@@ -338,12 +355,14 @@ def test_sampling_keeps_the_processed_distribution(penalty, min_p, kind):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_processors_inside_captured_graphs():
+@pytest.mark.parametrize("kind", ["lookup", "draft_model", "draft_tree", "layer_skip"])
+def test_processors_inside_captured_graphs(kind):
+    """Processed verification and processed drafts (chains, tree search paths) captured whole."""
     model = make_tiny("llama", vocab_size=VOCAB, init_range=0.3).cuda()
     ids, mask = ragged_batch([6, 11, 3, 8], VOCAB, seed=1)
     kwargs = OPTIONS["all_at_once"]
     want = hf_rows(model, ids.cuda(), mask.cuda(), 20, **kwargs)
-    spec = specdec.wrap(model, drafter=PromptLookup(num_tokens=4), cuda_graphs=True)
+    spec = specdec.wrap(model, drafter=drafter(kind, model), cuda_graphs=True)
     got = spec.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=20, pad_token_id=0, **kwargs)
     for r in range(4):
         assert got[r, ids.shape[1]:][: len(want[r])].tolist() == want[r].tolist(), f"row {r}"
