@@ -18,6 +18,9 @@ in scratch slots, and takes each one's top ``tree_width`` children. After ``tree
 the ``tree_nodes`` best candidates are kept. When sampling, children are drawn without
 replacement (Gumbel top-k) and every kept sibling set is a prefix of its draw order, which is
 what recursive rejection sampling needs to stay lossless.
+
+Every draft token and ``q`` comes from the draft's logits processed like the target's, with the
+request's logits processors at that draft position's own prefix (`specdec.drafters.draw`).
 """
 from __future__ import annotations
 

@@ -338,7 +338,8 @@ class MedusaHeads(Drafter):
         head, rank, parent = self.template
         logits = self.heads(self.last)[:, :, 0]                                 # [K, B, V]
         if state.params.processors.active:  # each node ranks its head's logits processed with its parent's path
-            tokens = template_tokens(state, logits[head].transpose(0, 1), parent, rank, self.ranks, len(self.choices[-1]))
+            depth = len(self.choices[-1])
+            tokens = template_tokens(state, logits[head].transpose(0, 1), parent, rank, self.ranks, depth)
         else:
             top = logits.topk(self.ranks, dim=-1).indices                       # [K, B, R]
             tokens = top[head, :, rank].T.contiguous()                          # [B, N]

@@ -62,6 +62,8 @@ def drafter(kind, model):
         # Drafters with their own scores (processed draft q): heads, early exits, sparse and short contexts.
         "layer_skip": lambda: LayerSkip(exit_layer=1, num_tokens=3),
         "eagle": lambda: EagleHead(noisy(EagleHeadModel.from_target(model, AUX)), num_tokens=3),
+        "eagle_reduced_vocab": lambda: EagleHead(
+            noisy(EagleHeadModel.from_target(model, AUX, draft_vocab=torch.arange(1, VOCAB, 2))), num_tokens=3),
         "eagle_tree_reduced_vocab": lambda: EagleHead(
             noisy(EagleHeadModel.from_target(model, AUX, draft_vocab=torch.arange(0, VOCAB, 2))), tree_topk=2,
             tree_depth=3, tree_nodes=6),
@@ -75,7 +77,8 @@ def drafter(kind, model):
 
 
 KINDS = ["none", "lookup", "draft_model", "raw_self_draft", "draft_tree", "lookup_branches", "layer_skip", "eagle",
-         "eagle_tree_reduced_vocab", "medusa", "kangaroo", "sparse_self", "rapid", "hierarchical"]
+         "eagle_reduced_vocab", "eagle_tree_reduced_vocab", "medusa", "kangaroo", "sparse_self", "rapid",
+         "hierarchical"]
 _HF: dict = {}
 
 
@@ -139,7 +142,8 @@ def repeats_a_bigram(seq: list[int]) -> bool:
 
 
 # Drafters whose tokens come from their own (processed) scores; each proposes freely when unprocessed.
-SCORED = ["draft_model", "draft_tree", "layer_skip", "eagle_tree_reduced_vocab", "medusa", "kangaroo", "sparse_self"]
+SCORED = ["draft_model", "draft_tree", "layer_skip", "eagle_reduced_vocab", "eagle_tree_reduced_vocab", "medusa",
+          "kangaroo", "sparse_self"]
 
 
 @pytest.mark.parametrize("kind", SCORED)
