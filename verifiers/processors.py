@@ -28,7 +28,6 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -67,11 +66,14 @@ class LogitsOptions:
         return max(self.no_repeat_ngram_size - 1, longest - 1, 0)
 
 
-@lru_cache(maxsize=256)
-def _ids(values: tuple[int, ...], device: torch.device) -> Tensor:
-    """Token ids as a device tensor, made once: the first (eager) step creates it, so a CUDA-graph
-    capture, which may not copy from the host, only reuses it."""
-    return torch.tensor(values, dtype=torch.long, device=device)
+def _id_mask(values, width: int, device: torch.device) -> Tensor:
+    """``[width]`` bool, True at ``values``. Built on the device from Python scalars, never copied
+    from the host, so a CUDA-graph capture may record it."""
+    cols = torch.arange(width, device=device)
+    mask = torch.zeros(width, dtype=torch.bool, device=device)
+    for v in sorted(set(values)):
+        mask |= cols == v
+    return mask
 
 
 @dataclass
@@ -140,10 +142,10 @@ def process_paths(logits: Tensor, opts: LogitsOptions, paths: DraftPaths, tokens
             _ban_ngrams(banned, tail, ok, from_tree, tokens, seq_len, start, opts.no_repeat_ngram_size, vocab)
     fixed = [w[0] for w in opts.bad_words_ids if len(w) == 1] + list(opts.suppress_tokens)
     if fixed:
-        banned[:, :, _ids(tuple(fixed), x.device)] = True
+        banned |= _id_mask(fixed, vocab + 1, x.device)
     if opts.min_new_tokens and opts.eos_ids:
         young = (seq_len - prompt_end).unsqueeze(1) + paths.length < opts.min_new_tokens  # [B, M]
-        banned[:, :, _ids(opts.eos_ids, x.device)] |= young.unsqueeze(-1)
+        banned |= young.unsqueeze(-1) & _id_mask(opts.eos_ids, vocab + 1, x.device)
     return x.masked_fill(banned[..., :vocab], float("-inf"))
 
 
@@ -182,9 +184,10 @@ def _ban_after(banned: Tensor, tail: Tensor, ok: Tensor, word: tuple[int, ...], 
     """Ban ``word[-1]`` where the prefix ends with ``word[:-1]`` (HF's multi-token bad words)."""
     if not 0 <= word[-1] < vocab:
         return
-    head = _ids(word[:-1], tail.device)
-    k = head.numel()
-    hit = ((tail[..., -k:] == head) & ok[..., -k:]).all(dim=-1)
+    k = len(word) - 1
+    hit = ok[..., -k:].all(dim=-1)
+    for j, t in enumerate(word[:-1]):
+        hit = hit & (tail[..., j - k] == t)
     banned[..., word[-1]] |= hit
 
 
