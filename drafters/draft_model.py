@@ -18,16 +18,21 @@ in scratch slots, and takes each one's top ``tree_width`` children. After ``tree
 the ``tree_nodes`` best candidates are kept. When sampling, children are drawn without
 replacement (Gumbel top-k) and every kept sibling set is a prefix of its draw order, which is
 what recursive rejection sampling needs to stay lossless.
+
+Every draft token and ``q`` comes from the draft's logits processed like the target's, with the
+request's logits processors at that draft position's own prefix (`specdec.drafters.draw`).
 """
 from __future__ import annotations
 
 import torch
 
 from specdec.runner import ModelRunner
-from specdec.verifiers.acceptance import StepOutcome, sample, warp_probs
+from specdec.verifiers.acceptance import StepOutcome
+from specdec.verifiers.processors import DraftPaths
 from specdec.verifiers.tree import DraftTree
 
 from .base import DecodeContext, DraftSpec, Drafter, VocabularyMismatchError
+from .draw import choose, processed
 from .tree_search import TreeSearch, top_children
 
 SCHEDULES = ("constant", "adaptive")
@@ -196,12 +201,12 @@ class DraftModel(Drafter):
         def step(tokens, hidden, positions, slots, mask, view):
             return self._forward(self.cache, tokens, positions, slots, eye, view_len=view, mask=mask).logits, None
 
-        def expand(logits):
-            return top_children(logits, ctx.params, k, None, self.runner.vocab_size)
+        def expand(logits, paths):
+            return top_children(processed(ctx, logits, paths)[0], ctx.params, k, None, self.runner.vocab_size)
 
-        root = expand(self._read_root(ctx).unsqueeze(1))
+        root = expand(self._read_root(ctx).unsqueeze(1), DraftPaths.chain(ctx.tokens[:, :0]))
         return self.search.run(root, None, step, ctx.seq_len, ctx.start, ctx.max_seq_len + self.search.scratch,
-                               expand)
+                               expand, track_paths=ctx.params.processors.active)
 
     def propose(self, ctx: DecodeContext) -> DraftTree:
         if self.tree_width > 1:
@@ -216,13 +221,11 @@ class DraftModel(Drafter):
                 self.cache.lengths.copy_(ctx.seq_len + i - 1)
                 logits = self._forward(self.cache, drafted[-1].unsqueeze(1), slot - ctx.start.unsqueeze(1),
                                        slot, one, view_len=ctx.max_seq_len + i).logits[:, -1]
-            if ctx.params.do_sample:
-                dists.append(warp_probs(logits, ctx.params))
-                drafted.append(sample(dists[-1]))
-            else:
-                drafted.append(logits.argmax(dim=-1))
+            token, q = choose(ctx, logits, drafted)  # processed with this step's draft so far
+            drafted.append(token)
+            dists.append(q)
         valid = (torch.arange(k, device=dev) < self.gamma).expand(b, k)  # the adaptive length masks the chain
-        q = torch.stack(dists, dim=1) if dists else None
+        q = torch.stack(dists, dim=1) if ctx.params.do_sample else None
         return DraftTree.chain(torch.stack(drafted, dim=1), valid, q=q)
 
     def observe(self, ctx: DecodeContext, outcome: StepOutcome) -> None:

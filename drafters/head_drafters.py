@@ -28,10 +28,12 @@ import torch
 from torch import Tensor
 
 from specdec.cache import KVCache
-from specdec.verifiers.acceptance import StepOutcome, sample, warp_probs
+from specdec.verifiers.acceptance import StepOutcome
+from specdec.verifiers.processors import DraftPaths
 from specdec.verifiers.tree import DraftTree
 
 from .base import DecodeState, DraftSpec, Drafter, VocabularyMismatchError
+from .draw import choose, processed, template_tokens
 from .heads import EagleHeadModel, MedusaHeadsModel, check_verifier
 from .tree_search import Children, TreeSearch, top_children
 
@@ -236,7 +238,7 @@ class EagleHead(Drafter):
         logits, hidden = self._read_root(state, view)                                     # [B, Vd], [B, 1, H]
         drafted, dists = [], []
         for d in range(k):
-            token, q = self._choose(logits, state)
+            token, q = choose(state, logits, drafted, self.vocab_ids)  # processed with the chain so far
             drafted.append(token)
             dists.append(q)
             if d + 1 < k:  # feed token d at its slot; the chain sees every committed entry and itself
@@ -251,20 +253,13 @@ class EagleHead(Drafter):
         logits, hidden = self._read_root(state, view)
         vocab = None if self.head.draft_vocab_size == self.runner.vocab_size else self.vocab_ids
 
-        def expand(lg: Tensor) -> Children:
-            return top_children(lg, state.params, self.search.topk, vocab, self.runner.vocab_size)
+        def expand(lg: Tensor, paths: DraftPaths | None) -> Children:
+            lg, ids = processed(state, lg, paths, vocab)
+            return top_children(lg, state.params, self.search.topk, ids, self.runner.vocab_size)
 
-        return self.search.run(expand(logits.unsqueeze(1)), hidden, self._tree_step, state.seq_len, state.start,
-                               view, expand)
-
-    def _choose(self, logits: Tensor, state: DecodeState) -> tuple[Tensor, Tensor | None]:
-        """(token [B] target id, warped q [B, V] over the target vocabulary or None) from draft
-        logits [B, Vd]: greedy argmax, or a draw when sampling."""
-        if not state.params.do_sample:
-            return self.vocab_ids[logits.argmax(dim=-1)], None
-        full = logits.new_full((logits.shape[0], self.runner.vocab_size), float("-inf"))
-        q = warp_probs(full.index_copy(1, self.vocab_ids, logits), state.params)
-        return sample(q), q
+        root = expand(logits.unsqueeze(1), DraftPaths.chain(state.tokens[:, :0]))
+        return self.search.run(root, hidden, self._tree_step, state.seq_len, state.start, view, expand,
+                               track_paths=state.params.processors.active)
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
         """Store the fused target features of the root and the accepted nodes at their slots."""
@@ -351,8 +346,12 @@ class MedusaHeads(Drafter):
     def propose(self, state: DecodeState) -> DraftTree:
         head, rank, parent = self.template
         logits = self.heads(self.last)[:, :, 0]                                 # [K, B, V]
-        top = logits.topk(self.ranks, dim=-1).indices                           # [K, B, R]
-        tokens = top[head, :, rank].T.contiguous()                              # [B, N]
+        if state.params.processors.active:  # each node ranks its head's logits processed with its parent's path
+            depth = len(self.choices[-1])
+            tokens = template_tokens(state, logits[head].transpose(0, 1), parent, rank, self.ranks, depth)
+        else:
+            top = logits.topk(self.ranks, dim=-1).indices                       # [K, B, R]
+            tokens = top[head, :, rank].T.contiguous()                          # [B, N]
         b, n = tokens.shape
         return DraftTree(tokens=tokens, parents=parent.expand(b, n).contiguous(),
                          valid=torch.ones(b, n, dtype=torch.bool, device=tokens.device))

@@ -29,9 +29,11 @@ import torch
 from torch import Tensor
 
 from specdec.verifiers.acceptance import sample, warp_probs
+from specdec.verifiers.processors import DraftPaths
 from specdec.verifiers.tree import DraftTree
 
 from .base import DecodeContext, DraftSpec, Drafter
+from .draw import processed
 from .lookup import PromptLookup
 from .sparse_kv import SparseSelfDraft
 
@@ -119,6 +121,10 @@ class Hierarchical(Drafter):
         b, g = tree.tokens.shape
         root = shadow.gather(1, (ctx.seq_len + made - 1).unsqueeze(1))
         logits = self.middle.forward_sparse(ctx, torch.cat([root, tree.tokens], 1), made)  # [B, g + 1, V]
+        if ctx.params.processors.active:  # position j continues the shadow prefix with the top's first j tokens
+            paths = DraftPaths(tree.tokens.unsqueeze(1).expand(b, g + 1, g), torch.arange(g + 1, device=root.device)
+                               .expand(b, g + 1))
+            logits = processed(dataclasses.replace(ctx, tokens=shadow, seq_len=ctx.seq_len + made), logits, paths)[0]
         draft = tree.tokens
         if not ctx.params.do_sample:
             agree = (logits[:, :g].argmax(-1) == draft) & tree.valid

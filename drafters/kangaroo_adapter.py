@@ -39,6 +39,7 @@ from specdec.verifiers.acceptance import StepOutcome, sample, warp_probs
 from specdec.verifiers.tree import DraftTree
 
 from .base import DecodeState, DraftSpec, Drafter
+from .draw import process_chain
 from .head_drafters import _cast, _check_fits, target_states
 from .heads import (cache_kwargs, _config_dict, _config_from_dict, _in_dtype, _load_checked, _proposal, _read_folder,
                     _write_folder, arch_classes, causal_mask, layer_config, resolve_folder)
@@ -267,7 +268,7 @@ class KangarooAdapter(Drafter):
             for i in range(k):
                 exits = self._exit_state(state, current, i)                            # [B, 1, H]
                 normed = self._adapter_step(state, exits, (state.seq_len - 1 + i).unsqueeze(1), view)
-                logits = self.logits(normed)[:, -1]                                        # [B, V]
+                logits = process_chain(state, self.logits(normed)[:, -1], tokens[:, :i])   # [B, V]
                 if q is not None:
                     probs = warp_probs(logits, state.params)
                     current = sample(probs)

@@ -33,6 +33,7 @@ from specdec.verifiers.acceptance import sample, warp_probs
 from specdec.verifiers.tree import DraftTree
 
 from .base import DecodeContext, DraftSpec, Drafter
+from .draw import process_chain
 
 
 class LayerSkip(Drafter):
@@ -141,7 +142,7 @@ class LayerSkip(Drafter):
         current = ctx.tokens.gather(1, (ctx.seq_len - 1).unsqueeze(1)).squeeze(1)  # the root
         try:
             for i in range(length):
-                logits = self.draft_forward(ctx, current, i, layers)
+                logits = process_chain(ctx, self.draft_forward(ctx, current, i, layers), tokens[:, :i])
                 if q is not None:
                     probs = warp_probs(logits, ctx.params)
                     current = sample(probs)

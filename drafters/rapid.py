@@ -25,10 +25,11 @@ from __future__ import annotations
 import torch
 
 from specdec.runner import ModelRunner
-from specdec.verifiers.acceptance import StepOutcome, sample, warp_probs
+from specdec.verifiers.acceptance import StepOutcome
 from specdec.verifiers.tree import DraftTree
 
 from .base import DecodeContext, DraftSpec, Drafter, VocabularyMismatchError
+from .draw import choose
 
 
 def retrieve(tokens: list[int], context_tokens: int, chunk: int, recent: int, query: int, ngram: int) -> list[int]:
@@ -193,13 +194,12 @@ class Rapid(Drafter):
         for i in range(k):
             if i:  # feed the previous draft token at the next slot
                 logits = self._feed(ctx, drafted[-1].unsqueeze(1), ctx.seq_len + i - 1, reach + i).logits[:, -1]
-            if ctx.params.do_sample:
-                dists.append(warp_probs(logits, ctx.params))
-                drafted.append(sample(dists[-1]))
-            else:
-                drafted.append(logits.argmax(dim=-1))
+            token, q = choose(ctx, logits, drafted)  # processed with this step's draft so far
+            drafted.append(token)
+            dists.append(q)
         valid = torch.ones(b, k, dtype=torch.bool, device=dev)
-        return DraftTree.chain(torch.stack(drafted, dim=1), valid, q=torch.stack(dists, 1) if dists else None)
+        q = torch.stack(dists, 1) if ctx.params.do_sample else None
+        return DraftTree.chain(torch.stack(drafted, dim=1), valid, q=q)
 
     def observe(self, ctx: DecodeContext, outcome: StepOutcome) -> None:
         """Track the batch's acceptance rate; refresh the context when a window's mean is low."""

@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 
 from specdec.cache import KVCache
-from specdec.verifiers.acceptance import sample, warp_probs
 from specdec.verifiers.tree import DraftTree
 
 from .base import DecodeContext, DraftSpec, Drafter
+from .draw import choose
 
 
 class SparseSelfDraft(Drafter):
@@ -160,11 +160,9 @@ class SparseSelfDraft(Drafter):
         current = ctx.tokens.gather(1, (ctx.seq_len - 1).unsqueeze(1))  # [B, 1] the root
         offset = torch.zeros(b, dtype=torch.long, device=dev)
         for i in range(k):
-            logits = self.forward_sparse(ctx, current, offset + i)[:, -1]
+            token, dist = choose(ctx, self.forward_sparse(ctx, current, offset + i)[:, -1], tokens[:, :i])
             if q is not None:
-                q[:, i] = warp_probs(logits, ctx.params)
-                current = sample(q[:, i]).unsqueeze(1)
-            else:
-                current = logits.argmax(dim=-1, keepdim=True)
-            tokens[:, i] = current.squeeze(1)
+                q[:, i] = dist
+            current = token.unsqueeze(1)
+            tokens[:, i] = token
         return DraftTree.chain(tokens, q=q)

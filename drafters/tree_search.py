@@ -29,11 +29,15 @@ import torch
 from torch import Tensor
 
 from specdec.verifiers.acceptance import SamplingParams, warp_probs
+from specdec.verifiers.processors import DraftPaths
 from specdec.verifiers.tree import DraftTree
 
 # step(tokens [B, K], hidden [B, K, H] or None, positions [B, K], slots [B, K], mask [B, K, view], view)
 #   -> (logits [B, K, Vd], hidden [B, K, H] or None): one drafter forward of the frontier.
 Step = Callable[[Tensor, Tensor | None, Tensor, Tensor, Tensor, int], tuple[Tensor, Tensor | None]]
+# expand(logits [B, K, Vd], paths) -> Children: the frontier's children; ``paths`` holds each frontier
+#   node's draft path (its ancestors and itself) when the search tracks them, else None.
+Expand = Callable[[Tensor, DraftPaths | None], "Children"]
 
 
 @dataclass
@@ -106,13 +110,14 @@ class TreeSearch:
         return (self.depth - 1) * self.topk
 
     def run(self, root: Children, root_hidden: Tensor | None, step: Step, seq_len: Tensor, start: Tensor,
-            view: int, expand: Callable[[Tensor], Children]) -> DraftTree:
+            view: int, expand: Expand, track_paths: bool = False) -> DraftTree:
         """Grow the tree from the root's ``root`` children and keep the best ``nodes``.
 
         ``root_hidden`` [B, 1, H] is what the root's children read (the drafter's output state at
         the root; None for drafters without one); ``seq_len``/``start`` [B] locate each row's root
         (slot ``seq_len - 1``) and first slot; ``view`` covers ``max(seq_len) + scratch`` slots;
-        ``expand`` turns a frontier forward's logits into `Children`.
+        ``expand`` turns a frontier forward's logits into `Children`; with ``track_paths`` it also
+        gets each frontier node's draft path (for the logits processors, `specdec.drafters.draw`).
         """
         b, k, dev = seq_len.shape[0], self.topk, seq_len.device
         # Per candidate: token, rank, parent (candidate index, -1 the root), source (index of the
@@ -125,6 +130,7 @@ class TreeSearch:
         prefix = (j >= start[:, None]) & (j < seq_len[:, None])                                   # [B, view]
         cols = (seq_len[:, None, None] + torch.arange(self.scratch, device=dev)).expand(b, k, self.scratch)
         frontier = torch.arange(k, device=dev).expand(b, k)
+        front = root.tokens[:, 0].unsqueeze(-1) if track_paths else None                       # [B, K, level]
         for level in range(1, self.depth):
             n_c = sum(t.shape[1] for t in tok)
             f_src = torch.cat(src, 1).gather(1, frontier)                                        # [B, K]
@@ -135,7 +141,8 @@ class TreeSearch:
             slots = seq_len[:, None] + (level - 1) * k + torch.arange(k, device=dev)
             pos = (seq_len - 1 - start)[:, None] + level
             logits, h_out = step(torch.cat(tok, 1).gather(1, frontier), h_in, pos.expand(b, k), slots, mask, view)
-            kids, parent_rank = expand(logits), torch.cat(rank, 1).gather(1, frontier)
+            paths = None if front is None else DraftPaths(front, torch.full((b, k), level, device=dev))
+            kids, parent_rank = expand(logits, paths), torch.cat(rank, 1).gather(1, frontier)
             parent_valid = torch.cat(valid, 1).gather(1, frontier)
             tok.append(kids.tokens.reshape(b, k * k))
             r = torch.minimum(parent_rank[:, :, None], parent_rank[:, :, None] + kids.key).reshape(b, k * k)
@@ -146,7 +153,11 @@ class TreeSearch:
             src.append(fed[None, :, None].expand(b, k, k).reshape(b, k * k))
             hidden.append(h_out)
             dists.append(kids.q)
-            frontier = r.topk(k, dim=1).indices + n_c
+            best = r.topk(k, dim=1).indices
+            frontier = best + n_c
+            if front is not None:  # the new frontier's paths: its parent's path, then its own token
+                grown = torch.cat([front.unsqueeze(2).expand(b, k, k, level), kids.tokens.unsqueeze(-1)], dim=-1)
+                front = grown.reshape(b, k * k, level + 1).gather(1, best.unsqueeze(-1).expand(b, k, level + 1))
         return self._keep(torch.cat(tok, 1), torch.cat(rank, 1), torch.cat(par, 1), torch.cat(valid, 1),
                           torch.cat(src, 1), None if root.q is None else torch.cat(dists, 1))
 

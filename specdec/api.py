@@ -100,6 +100,37 @@ class SpecDecoder:
     def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
                  stopping_criteria: StoppingCriteriaList | None = None, streamer=None, tokenizer=None, **kwargs):
         """Same arguments as HF ``generate`` (the supported subset; see the module docstring)."""
+        input_ids, attention_mask, gc = self._arguments(inputs, generation_config, kwargs)
+        validate.check_inputs(self.model, input_ids, attention_mask)
+        eos = gc.eos_token_id
+        eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
+        pad_id = gc.pad_token_id if gc.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
+        validate.check_pad_id(self.model, pad_id)
+        attention_mask = _attention_mask(input_ids, attention_mask, gc.pad_token_id, eos_ids)
+        max_new = self._max_new(gc, input_ids, attention_mask)
+        params = _sampling_params(gc, eos_ids, self.model.config.vocab_size)
+        copies = gc.num_return_sequences or 1
+        if copies > 1:  # as HF: every prompt row repeated, each copy decoded on its own
+            input_ids, attention_mask = input_ids.repeat_interleave(copies, 0), attention_mask.repeat_interleave(copies, 0)
+
+        stop_fn = self._stop_fn(gc, stopping_criteria, tokenizer, input_ids.device)
+        on_tokens = _stream_to(streamer, input_ids)
+        meter = memory.Meter(self.engine, self.memory_budget, input_ids.shape[0],
+                             int(attention_mask.sum(dim=1).max()), max_new)
+        out = self.engine.generate(input_ids, attention_mask, max_new, params, eos_ids, pad_id,
+                                   stop_fn=stop_fn, on_tokens=on_tokens, max_time=gc.max_time)
+        out.stats.memory = meter.report()
+        if streamer is not None:
+            streamer.end()
+        sequences = _sequences(input_ids, out.generated, pad_id)
+        if gc.return_dict_in_generate:
+            return SpecGenerateOutput(sequences=sequences, spec_stats=out.stats)
+        return sequences
+
+    def _arguments(self, inputs, generation_config, kwargs: dict):
+        """``(input_ids, attention_mask or None, generation config)`` from HF's generate arguments:
+        unsupported arguments and options refused by name, the rest merged into a copy of the
+        model's (or the given) generation config."""
         for arg in _UNSUPPORTED_ARGS:
             if kwargs.get(arg) not in (None, [], False):
                 raise UnsupportedGenerationOption(f"generate(): {arg!r} is not supported by specdec")
@@ -117,48 +148,7 @@ class SpecDecoder:
             raise UnsupportedGenerationOption(
                 f"generate() got unsupported argument(s) {sorted(unknown)}; specdec passes no extra model inputs")
         self._check_options(gc)
-
-        validate.check_inputs(self.model, input_ids, attention_mask)
-        eos = gc.eos_token_id
-        eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
-        pad_id = gc.pad_token_id if gc.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
-        validate.check_pad_id(self.model, pad_id)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-            if gc.pad_token_id is not None and gc.pad_token_id not in eos_ids:
-                attention_mask = (input_ids != gc.pad_token_id).long()
-        empty = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(f"empty prompt in row(s) {empty}: the attention mask has no real tokens")
-        max_new = self._max_new(gc, input_ids, attention_mask)
-        params = _sampling_params(gc, eos_ids, self.model.config.vocab_size)
-        copies = gc.num_return_sequences or 1
-        if copies > 1:  # as HF: every prompt row repeated, each copy decoded on its own
-            input_ids, attention_mask = input_ids.repeat_interleave(copies, 0), attention_mask.repeat_interleave(copies, 0)
-
-        stop_fn = self._stop_fn(gc, stopping_criteria, tokenizer, input_ids.device)
-        on_tokens = None
-        if streamer is not None:
-            if input_ids.shape[0] != 1:
-                raise ValueError("streaming supports batch size 1 only, as in HF")
-            streamer.put(input_ids.cpu())
-            on_tokens = lambda row, new: streamer.put(torch.tensor(new, dtype=torch.long)) if new else None  # noqa: E731
-        meter = memory.Meter(self.engine, self.memory_budget, input_ids.shape[0],
-                             int(attention_mask.sum(dim=1).max()), max_new)
-        out = self.engine.generate(input_ids, attention_mask, max_new, params, eos_ids, pad_id,
-                                   stop_fn=stop_fn, on_tokens=on_tokens, max_time=gc.max_time)
-        out.stats.memory = meter.report()
-        if streamer is not None:
-            streamer.end()
-
-        width = max(len(g) for g in out.generated)
-        new = torch.full((input_ids.shape[0], width), pad_id, dtype=input_ids.dtype)
-        for r, g in enumerate(out.generated):
-            new[r, : len(g)] = torch.tensor(g, dtype=input_ids.dtype)
-        sequences = torch.cat([input_ids, new.to(input_ids.device)], dim=1)
-        if gc.return_dict_in_generate:
-            return SpecGenerateOutput(sequences=sequences, spec_stats=out.stats)
-        return sequences
+        return input_ids, attention_mask, gc
 
     def _max_new(self, gc: GenerationConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
         longest = int(attention_mask.sum(dim=1).max())
@@ -211,6 +201,39 @@ class SpecDecoder:
             return any(bool(c(t, None).any()) for c in criteria)
 
         return stop
+
+
+def _attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_token_id: int | None,
+                    eos_ids: set[int]) -> torch.Tensor:
+    """The given mask, or HF's default (pad tokens masked when the pad id is not an EOS id);
+    refuses rows with no real token."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+        if pad_token_id is not None and pad_token_id not in eos_ids:
+            attention_mask = (input_ids != pad_token_id).long()
+    empty = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"empty prompt in row(s) {empty}: the attention mask has no real tokens")
+    return attention_mask
+
+
+def _stream_to(streamer, input_ids: torch.Tensor):
+    """The engine's ``on_tokens`` callback feeding an HF streamer (batch 1), or None."""
+    if streamer is None:
+        return None
+    if input_ids.shape[0] != 1:
+        raise ValueError("streaming supports batch size 1 only, as in HF")
+    streamer.put(input_ids.cpu())
+    return lambda row, new: streamer.put(torch.tensor(new, dtype=torch.long)) if new else None
+
+
+def _sequences(input_ids: torch.Tensor, generated: list[list[int]], pad_id: int) -> torch.Tensor:
+    """``[B, prompt + longest]``: each prompt row, then its generated tokens, right padded with ``pad_id``."""
+    width = max(len(g) for g in generated)
+    new = torch.full((input_ids.shape[0], width), pad_id, dtype=input_ids.dtype)
+    for r, g in enumerate(generated):
+        new[r, : len(g)] = torch.tensor(g, dtype=input_ids.dtype)
+    return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
 
 
 def _sampling_params(gc: GenerationConfig, eos_ids: set[int], vocab: int) -> SamplingParams:

@@ -120,7 +120,19 @@ def test_search_keeps_the_best_forest(k, depth, n):
     greedy = SamplingParams()
     view = int(seq_len.max()) + search.scratch
     tree = search.run(top_children(root, greedy, k, None, vocab), None, step, seq_len, start, view,
-                      lambda lg: top_children(lg, greedy, k, None, vocab))
+                      lambda lg, paths: top_children(lg, greedy, k, None, vocab))
+    # Tracking paths (for the logits processors) changes nothing, and each expanded node's path
+    # is its parent's path and then the token fed for it.
+    tracked, seen = LiteralStep(table), []
+    again = search.run(top_children(root, greedy, k, None, vocab), None, tracked, seq_len, start, view,
+                       lambda lg, paths: seen.append(paths) or top_children(lg, greedy, k, None, vocab),
+                       track_paths=True)
+    assert torch.equal(again.tokens, tree.tokens) and torch.equal(again.parents, tree.parents)
+    for level, (paths, (fed, *_)) in enumerate(zip(seen, tracked.calls), start=1):
+        assert (paths.length == level).all() and torch.equal(paths.tokens[..., -1], fed)
+        for row in range(b):
+            before = {tuple(p) for p in seen[level - 2].tokens[row].tolist()} if level > 1 else {()}
+            assert all(tuple(p[:-1]) in before for p in paths.tokens[row].tolist())
     assert_forest(tree, n)
     assert len(step.calls) == depth - 1
     for row in range(b):

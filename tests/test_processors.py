@@ -1,15 +1,27 @@
 """HF's logits processors under speculation: greedy output equals HF ``generate`` with the same
 options, sampling keeps the processed target distribution, each tree node is processed with its
-own path, and every option specdec does not implement is refused by name."""
+own path, and every option specdec does not implement is refused by name.
+
+The draft is processed like the target (`specdec.drafters.draw`): every drafter that scores
+tokens picks them, and forms its ``q``, from logits processed with the draft position's own
+prefix. So no draft ever proposes a banned token or a repeated n-gram, and a draft equal to the
+target keeps everything it proposes under a strong repetition penalty."""
+import dataclasses
+from collections import Counter
+
 import pytest
 import torch
+from test_head_drafters import noisy
 from test_sampling import PROMPT, V, chi2_pvalue
 from tiny import hf_greedy, make_tiny, ragged_batch
 from transformers import (GenerationConfig, LogitsProcessorList, MinPLogitsWarper, NoBadWordsLogitsProcessor,
                           NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor)
 
 import specdec
-from specdec.drafters import DraftModel, PromptLookup
+from specdec.drafters import (DraftModel, EagleHead, Hierarchical, KangarooAdapter, LayerSkip, MedusaHeads,
+                              PromptLookup, Rapid, SparseSelfDraft)
+from specdec.drafters.heads import EagleHeadModel, MedusaHeadsModel
+from specdec.drafters.kangaroo_adapter import KangarooAdapterModel
 from specdec.verifiers import DraftTree
 from specdec.verifiers.processors import LogitsOptions, process_logits
 
@@ -33,27 +45,57 @@ def model():
     return make_tiny("llama", vocab_size=VOCAB, init_range=0.3)
 
 
+AUX = (0, 1, 1)  # EAGLE aux layers of the 2-layer target: the embedding output and layer 1 twice
+
+
 def drafter(kind, model):
+    sparse = dict(sink=2, window=4, chunk=3, top_chunks=2)
     return {
         "none": lambda: None,
         "lookup": lambda: PromptLookup(num_tokens=4),
-        # The target drafting for itself: long unprocessed drafts that processing must cut at the right node.
+        # The target drafting for itself: processed like the target, its drafts are kept whole; drafting
+        # from the raw logits, long drafts that verification must cut at the right node.
         "draft_model": lambda: DraftModel(model, num_tokens=4),
+        "raw_self_draft": lambda: UnprocessedDraft(model, num_tokens=4),
         "draft_tree": lambda: DraftModel(model, num_tokens=3, tree_width=2, tree_nodes=6),
         "lookup_branches": lambda: PromptLookup(num_tokens=3, num_branches=2),
+        # Drafters with their own scores (processed draft q): heads, early exits, sparse and short contexts.
+        "layer_skip": lambda: LayerSkip(exit_layer=1, num_tokens=3),
+        "eagle": lambda: EagleHead(noisy(EagleHeadModel.from_target(model, AUX)), num_tokens=3),
+        "eagle_reduced_vocab": lambda: EagleHead(
+            noisy(EagleHeadModel.from_target(model, AUX, draft_vocab=torch.arange(1, VOCAB, 2))), num_tokens=3),
+        "eagle_tree_reduced_vocab": lambda: EagleHead(
+            noisy(EagleHeadModel.from_target(model, AUX, draft_vocab=torch.arange(0, VOCAB, 2))), tree_topk=2,
+            tree_depth=3, tree_nodes=6),
+        "medusa": lambda: MedusaHeads(noisy(MedusaHeadsModel.from_target(model, 3))),
+        "kangaroo": lambda: KangarooAdapter(noisy(KangarooAdapterModel.from_target(model, 1)), num_tokens=3),
+        "sparse_self": lambda: SparseSelfDraft(num_tokens=3, **sparse),
+        "rapid": lambda: Rapid(num_tokens=3, context_tokens=12, chunk=4, recent_tokens=4, query_tokens=4),
+        "hierarchical": lambda: Hierarchical(PromptLookup(num_tokens=3, max_ngram=2),
+                                             SparseSelfDraft(num_tokens=6, **sparse), rounds=2),
     }[kind]()
 
 
+KINDS = ["none", "lookup", "draft_model", "raw_self_draft", "draft_tree", "lookup_branches", "layer_skip", "eagle",
+         "eagle_reduced_vocab", "eagle_tree_reduced_vocab", "medusa", "kangaroo", "sparse_self", "rapid",
+         "hierarchical"]
+_HF: dict = {}
+
+
 def hf_rows(model, ids, mask, max_new, **kwargs):
-    """HF greedy per row, each prompt on its own (no padding)."""
-    out = []
-    for r in range(ids.shape[0]):
-        n = int(mask[r].sum())
-        out.append(hf_greedy(model, ids[r:r + 1, ids.shape[1] - n:], max_new_tokens=max_new, **kwargs)[0, n:])
-    return out
+    """HF greedy per row, each prompt on its own (no padding); computed once per setting."""
+    key = (id(model), str(ids.device), ids.cpu().numpy().tobytes(), mask.cpu().numpy().tobytes(), max_new,
+           repr(sorted(kwargs.items())))
+    if key not in _HF:
+        out = []
+        for r in range(ids.shape[0]):
+            n = int(mask[r].sum())
+            out.append(hf_greedy(model, ids[r:r + 1, ids.shape[1] - n:], max_new_tokens=max_new, **kwargs)[0, n:])
+        _HF[key] = out
+    return _HF[key]
 
 
-@pytest.mark.parametrize("kind", ["none", "lookup", "draft_model", "draft_tree", "lookup_branches"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 def test_greedy_with_processors_equals_hf(model, name, kind):
     """Batch 1 and a ragged batch of 4: token for token HF's greedy output with the same options,
@@ -69,6 +111,96 @@ def test_greedy_with_processors_equals_hf(model, name, kind):
         assert got[r, ids.shape[1]:][: len(want[r])].tolist() == want[r].tolist(), f"row {r}"
     one = spec.generate(ids[1:2, -11:], max_new_tokens=max_new, pad_token_id=0, **kwargs)
     assert one[0, 11:][: len(want[1])].tolist() == want[1].tolist()
+
+
+def recording(drafter):
+    """Every proposal of every live row: (committed tokens, the token path of each valid node)."""
+    seen, propose = [], drafter.propose
+
+    def record(state):
+        tree = propose(state)
+        for r in range(tree.batch):
+            if not state.active[r]:
+                continue
+            paths = []
+            for i in range(tree.num_nodes):
+                path, j = [], i
+                while j >= 0:
+                    path.insert(0, int(tree.tokens[r, j]))
+                    j = int(tree.parents[r, j])
+                if tree.valid[r, i]:
+                    paths.append(path)
+            seen.append((state.tokens[r, state.start[r]:state.seq_len[r]].tolist(), paths))
+        return tree
+    drafter.propose = record
+    return seen
+
+
+def repeats_a_bigram(seq: list[int]) -> bool:
+    """Whether ``seq``'s last bigram already occurred earlier in it."""
+    return len(seq) >= 3 and any(seq[i:i + 2] == seq[-2:] for i in range(len(seq) - 2))
+
+
+# Drafters whose tokens come from their own (processed) scores; each proposes freely when unprocessed.
+SCORED = ["draft_model", "draft_tree", "layer_skip", "eagle_reduced_vocab", "eagle_tree_reduced_vocab", "medusa",
+          "kangaroo", "sparse_self"]
+
+
+@pytest.mark.parametrize("kind", SCORED)
+def test_drafts_never_propose_what_the_processed_target_bans(model, kind):
+    """bad_words_ids=[[t]], t the token this drafter proposes most without options: processed,
+    no proposal holds t. no_repeat_ngram_size=2: no proposed node completes a bigram that its
+    prefix (committed tokens, then its path) already holds, while unprocessed drafts do."""
+    ids, mask = ragged_batch([6, 11, 3, 8], VOCAB, seed=1)
+    args = dict(attention_mask=mask, max_new_tokens=24, pad_token_id=0, eos_token_id=None)
+    d = drafter(kind, model)
+    plain = recording(d)
+    specdec.wrap(model, drafter=d).generate(ids, **args)
+    counts = Counter(t for _, paths in plain for path in paths for t in path)
+    t = counts.most_common(1)[0][0]
+    assert any(repeats_a_bigram(c + p[:k]) for c, paths in plain for p in paths for k in range(1, len(p) + 1))
+
+    d = drafter(kind, model)
+    banned = recording(d)
+    specdec.wrap(model, drafter=d).generate(ids, bad_words_ids=[[t]], **args)
+    assert banned and all(t not in path for _, paths in banned for path in paths), f"{kind} proposed {t}"
+
+    d = drafter(kind, model)
+    ngram = recording(d)
+    specdec.wrap(model, drafter=d).generate(ids, no_repeat_ngram_size=2, **args)
+    bad = [(c, p) for c, paths in ngram for p in paths if repeats_a_bigram(c + p)]
+    assert ngram and not bad, f"{kind} proposed a repeated bigram: {bad[:1]}"
+
+
+class UnprocessedDraft(DraftModel):
+    """The draft as it was before its q was processed: it drafts from the raw logits (a test
+    double, to show what processing the draft buys)."""
+
+    def propose(self, state):
+        saved = state.params
+        state.params = dataclasses.replace(saved, processors=LogitsOptions())
+        try:
+            return super().propose(state)
+        finally:
+            state.params = saved
+
+
+@pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "sampling"])
+def test_a_draft_equal_to_the_target_keeps_everything_under_repetition_penalty(model, sampling):
+    """DraftModel(target): processed like the target, its draft is the target's own choice
+    (greedy) or its own distribution (q = p, sampling), so every step keeps all 4 tokens and the
+    bonus one (the last step of a row may be cut by max_new_tokens). Drafting from the raw
+    logits, as before, loses most of that under the same penalty."""
+    ids, mask = ragged_batch([6, 11, 3, 8], VOCAB, seed=1)
+    args = dict(attention_mask=mask, max_new_tokens=41, pad_token_id=0, eos_token_id=None, repetition_penalty=4.0,
+                do_sample=sampling, top_k=0, return_dict_in_generate=True)
+    torch.manual_seed(0)
+    stats = specdec.wrap(model, drafter=DraftModel(model, num_tokens=4)).generate(ids, **args).spec_stats
+    # (Under sampling, draft and verification forwards differ in float rounding: p / q is 1 within ~1e-6.)
+    assert all(set(row[:-1]) == {5} for row in stats.accepted_lengths), stats.accepted_lengths
+    torch.manual_seed(0)
+    raw = specdec.wrap(model, drafter=UnprocessedDraft(model, num_tokens=4)).generate(ids, **args).spec_stats
+    assert raw.tau < stats.tau - 1.0, (raw.tau, stats.tau)
 
 
 def random_forest(g: torch.Generator, n: int):
@@ -194,13 +326,27 @@ def processed_joint(model, penalty: float, min_p: float) -> torch.Tensor:
     return p1.unsqueeze(1) * p2
 
 
-@pytest.mark.parametrize("penalty, min_p", [(1.8, 0.0), (1.0, 0.3)], ids=["repetition_penalty", "min_p"])
-@pytest.mark.parametrize("kind", ["draft_model", "lookup_branches", "none"])
-def test_sampling_keeps_the_processed_distribution(penalty, min_p, kind):
+def sampling_drafter(kind, target):
+    """The drafters of tests/test_sampling.py, plus ones whose processed q matters most: the
+    target drafting for itself (q equals the processed p) and a reduced-vocabulary EAGLE tree."""
     from test_sampling import drafter_for
+    if kind == "self_draft":
+        return DraftModel(target, num_tokens=3)
+    if kind == "eagle_tree_reduced_vocab":
+        head = noisy(EagleHeadModel.from_target(target, AUX, draft_vocab=torch.arange(0, V, 2)), scale=0.3)
+        return EagleHead(head, tree_topk=2, tree_depth=2, tree_nodes=4)
+    return None if kind == "none" else drafter_for(kind)
+
+
+@pytest.mark.parametrize("penalty, min_p", [(1.8, 0.0), (1.0, 0.3)], ids=["repetition_penalty", "min_p"])
+@pytest.mark.parametrize("kind", ["draft_model", "self_draft", "draft_tree", "layerskip", "eagle_tree_reduced_vocab",
+                                  "lookup_branches", "none"])
+def test_sampling_keeps_the_processed_distribution(penalty, min_p, kind):
+    """Sampling with processed draft q keeps the processed target distribution (chi-square on
+    the first two tokens), for drafters with q (chains, trees, early exit, a reduced vocabulary)."""
     target = make_tiny("llama", vocab_size=V, init_range=0.15, seed=11)
     torch.manual_seed(4321)
-    spec = specdec.wrap(target, drafter=None if kind == "none" else drafter_for(kind))
+    spec = specdec.wrap(target, drafter=sampling_drafter(kind, target))
     ids = torch.tensor([PROMPT]).repeat(6000, 1)
     out = spec.generate(ids, max_new_tokens=2, do_sample=True, top_k=0, repetition_penalty=penalty, min_p=min_p,
                         pad_token_id=0, eos_token_id=None)
@@ -213,12 +359,14 @@ def test_sampling_keeps_the_processed_distribution(penalty, min_p, kind):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_processors_inside_captured_graphs():
+@pytest.mark.parametrize("kind", ["lookup", "draft_model", "draft_tree", "layer_skip"])
+def test_processors_inside_captured_graphs(kind):
+    """Processed verification and processed drafts (chains, tree search paths) captured whole."""
     model = make_tiny("llama", vocab_size=VOCAB, init_range=0.3).cuda()
     ids, mask = ragged_batch([6, 11, 3, 8], VOCAB, seed=1)
     kwargs = OPTIONS["all_at_once"]
     want = hf_rows(model, ids.cuda(), mask.cuda(), 20, **kwargs)
-    spec = specdec.wrap(model, drafter=PromptLookup(num_tokens=4), cuda_graphs=True)
+    spec = specdec.wrap(model, drafter=drafter(kind, model), cuda_graphs=True)
     got = spec.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=20, pad_token_id=0, **kwargs)
     for r in range(4):
         assert got[r, ids.shape[1]:][: len(want[r])].tolist() == want[r].tolist(), f"row {r}"

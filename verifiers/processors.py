@@ -1,4 +1,4 @@
-"""HF's logits processors, applied to every verified position with that position's own prefix.
+"""HF's logits processors, applied at every verified and every drafted position with that position's own prefix.
 
 A step verifies the root and every draft node at once. Position 0 (the root) continues the
 committed tokens; position ``1 + i`` (node i) continues the committed tokens followed by node
@@ -6,17 +6,24 @@ i's ancestors and node i itself (its tree path). Each processor reads exactly th
 the processed logits at a node equal what HF's processor would give after generating the path,
 and the acceptance rule judges draft tokens against the processed target.
 
+Drafters go through the same function (`process_paths`, via `specdec.drafters.draw`): the
+draft's logits at a position are processed with the committed tokens plus the draft path so far
+before the draft token is picked and its ``q`` is formed. A draft that equals the target then
+proposes what the processed target would pick (greedy) and ``q`` equals the processed ``p``
+(sampling), so acceptance is not lost to tokens the target can never emit.
+
 Processors, in HF's order: ``repetition_penalty`` (a per-position token-presence mask: the
 committed tokens, gathered once, plus the path's tokens), ``no_repeat_ngram_size`` and
-``bad_words_ids`` (the last tokens of each position's prefix, walked up the tree), then
-``min_new_tokens`` and ``suppress_tokens`` (masks). All device work over static shapes, so it
-runs inside captured CUDA graphs. The draft's q is left as drawn: speculative sampling stays
-exact for any q the draft tokens were really drawn from.
+``bad_words_ids`` (the last tokens of each position's prefix), then ``min_new_tokens`` and
+``suppress_tokens`` (masks). All device work over static shapes, so it runs inside captured
+CUDA graphs.
 
 Example::
 
     opts = LogitsOptions(repetition_penalty=1.1, suppress_tokens=(7,))
     logits = process_logits(logits, opts, tree, state.tokens, state.seq_len, state.start, prompt_end)
+    draft = process_paths(draft_logits, opts, DraftPaths.chain(drafted), state.tokens, state.seq_len,
+                          state.start, prompt_end)
 """
 from __future__ import annotations
 
@@ -69,25 +76,65 @@ def _id_mask(values, width: int, device: torch.device) -> Tensor:
     return mask
 
 
+@dataclass
+class DraftPaths:
+    """The draft tokens between the committed prefix and each of M positions, per row.
+
+    A position's prefix is the row's committed tokens (the root last) followed by
+    ``tokens[b, m, :length[b, m]]``, oldest first; entries past ``length`` are ignored.
+
+    Example: a chain drafter choosing its third token has drafted ``[a, b]``:
+    ``DraftPaths.chain(torch.stack([a, b], dim=1))`` is one position per row with path ``a b``.
+    """
+
+    tokens: Tensor  # [B, M, D] long
+    length: Tensor  # [B, M] long, 0 .. D
+
+    @classmethod
+    def chain(cls, drafted: Tensor) -> "DraftPaths":
+        """One position per row after the chain ``drafted`` ``[B, D]`` (D may be 0: the root)."""
+        b, d = drafted.shape
+        return cls(drafted.unsqueeze(1), torch.full((b, 1), d, dtype=torch.long, device=drafted.device))
+
+    @classmethod
+    def of_tree(cls, tree: DraftTree) -> "DraftPaths":
+        """The ``1 + N`` verified positions of ``tree``: the root (empty path), then every node
+        (its ancestors and itself, in depth order: ancestors have smaller indices)."""
+        b, n, dev = tree.batch, tree.num_nodes, tree.tokens.device
+        on_path = torch.cat([torch.zeros(b, 1, n, dtype=torch.bool, device=dev), tree.ancestors], dim=1)
+        idx = torch.arange(n, device=dev)
+        order = torch.where(on_path, idx, idx + n).argsort(dim=-1)  # [B, 1 + N, N] path nodes first
+        tokens = tree.tokens.unsqueeze(1).expand(b, n + 1, n).gather(2, order)
+        return cls(tokens, on_path.sum(dim=-1))
+
+
 def process_logits(logits: Tensor, opts: LogitsOptions, tree: DraftTree, tokens: Tensor, seq_len: Tensor,
                    start: Tensor, prompt_end: Tensor) -> Tensor:
-    """``logits`` ``[B, 1 + N, V]`` processed per position. ``tokens [B, C]`` holds row b's committed
-    tokens at ``start[b]:seq_len[b]`` (the root last); ``prompt_end [B]`` is seq_len after the prompt."""
+    """``logits`` ``[B, 1 + N, V]`` processed per verified position (the root, then each node with
+    its tree path). ``tokens [B, C]`` holds row b's committed tokens at ``start[b]:seq_len[b]``
+    (the root last); ``prompt_end [B]`` is seq_len after the prompt."""
     if not opts.active:
         return logits
-    b, n, vocab = tree.batch, tree.num_nodes, logits.shape[-1]
+    return process_paths(logits, opts, DraftPaths.of_tree(tree), tokens, seq_len, start, prompt_end)
+
+
+def process_paths(logits: Tensor, opts: LogitsOptions, paths: DraftPaths, tokens: Tensor, seq_len: Tensor,
+                  start: Tensor, prompt_end: Tensor) -> Tensor:
+    """``logits`` ``[B, M, V]`` at M positions, each processed with its own prefix: the committed
+    tokens then ``paths`` (see `DraftPaths`). Verification and drafting both come through here."""
+    if not opts.active:
+        return logits
+    b, m, vocab = logits.shape
     x = logits.float()
-    # [B, 1 + N, N]: the tree nodes on each position's path (none for the root)
-    on_path = torch.cat([torch.zeros(b, 1, n, dtype=torch.bool, device=x.device), tree.ancestors], dim=1)
     if opts.repetition_penalty != 1.0:
-        seen = _presence(tokens, seq_len, start, tree, on_path, vocab)
+        seen = _presence(tokens, seq_len, start, paths, vocab)
         penalised = torch.where(x < 0, x * opts.repetition_penalty, x / opts.repetition_penalty)
         x = torch.where(seen, penalised, x)
-    banned = torch.zeros(b, n + 1, vocab + 1, dtype=torch.bool, device=x.device)  # column V: "nothing"
+    banned = torch.zeros(b, m, vocab + 1, dtype=torch.bool, device=x.device)  # column V: "nothing"
     if opts.no_repeat_ngram_size == 1:  # every token already in the prefix
-        banned[..., :vocab] |= _presence(tokens, seq_len, start, tree, on_path, vocab)
+        banned[..., :vocab] |= _presence(tokens, seq_len, start, paths, vocab)
     if opts.lookback:
-        tail, ok, from_tree = _tails(tree, tokens, seq_len, start, opts.lookback + n)
+        tail, ok, from_tree = _tails(paths, tokens, seq_len, start, opts.lookback + paths.tokens.shape[-1])
         for word in opts.bad_words_ids:
             if len(word) > 1:
                 _ban_after(banned, tail, ok, word, vocab)
@@ -97,45 +144,40 @@ def process_logits(logits: Tensor, opts: LogitsOptions, tree: DraftTree, tokens:
     if fixed:
         banned |= _id_mask(fixed, vocab + 1, x.device)
     if opts.min_new_tokens and opts.eos_ids:
-        depth = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=x.device), tree.depth], dim=1)
-        young = (seq_len - prompt_end).unsqueeze(1) + depth < opts.min_new_tokens  # [B, 1 + N]
+        young = (seq_len - prompt_end).unsqueeze(1) + paths.length < opts.min_new_tokens  # [B, M]
         banned |= young.unsqueeze(-1) & _id_mask(opts.eos_ids, vocab + 1, x.device)
     return x.masked_fill(banned[..., :vocab], float("-inf"))
 
 
-def _presence(tokens: Tensor, seq_len: Tensor, start: Tensor, tree: DraftTree, on_path: Tensor,
-              vocab: int) -> Tensor:
-    """``[B, 1 + N, V]`` bool: whether each token occurs in the position's prefix."""
-    b, n = tree.batch, tree.num_nodes
+def _presence(tokens: Tensor, seq_len: Tensor, start: Tensor, paths: DraftPaths, vocab: int) -> Tensor:
+    """``[B, M, V]`` bool: whether each token occurs in the position's prefix."""
+    b, m, d = paths.tokens.shape
     slot = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
     committed = (slot >= start.unsqueeze(1)) & (slot < seq_len.unsqueeze(1))
     base = torch.zeros(b, vocab + 1, dtype=torch.bool, device=tokens.device)
     base.scatter_(1, torch.where(committed, tokens.clamp(0, vocab - 1), vocab), True)
-    seen = base.unsqueeze(1).repeat(1, n + 1, 1)
-    path_tokens = tree.tokens.clamp(0, vocab - 1).unsqueeze(1).expand(b, n + 1, n)
-    seen.scatter_(2, torch.where(on_path, path_tokens, vocab), True)
+    seen = base.unsqueeze(1).repeat(1, m, 1)
+    real = torch.arange(d, device=tokens.device) < paths.length.unsqueeze(-1)  # [B, M, D]
+    seen.scatter_(2, torch.where(real, paths.tokens.clamp(0, vocab - 1), vocab), True)
     return seen[..., :vocab]
 
 
-def _tails(tree: DraftTree, tokens: Tensor, seq_len: Tensor, start: Tensor, m: int):
+def _tails(paths: DraftPaths, tokens: Tensor, seq_len: Tensor, start: Tensor, m: int):
     """The last ``m`` tokens of each position's prefix, oldest first: ``(tail, ok, from_tree)``,
-    each ``[B, 1 + N, m]``; ``ok`` is False before the prompt's first token, ``from_tree`` marks
-    draft-node tokens. Walks up the tree from each position, then back through the committed ones."""
-    b, n, dev = tree.batch, tree.num_nodes, tokens.device
-    node_tok = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), tree.tokens], dim=1)  # [B, 1 + N]
-    up = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), (tree.parents + 1).clamp(0, n)], dim=1)
-    cur = torch.arange(n + 1, device=dev).expand(b, n + 1)  # 0: in the committed tokens
-    back = torch.zeros(b, n + 1, dtype=torch.long, device=dev)  # committed tokens already walked past
-    out, ok, from_tree = [], [], []
-    for _ in range(m):
-        in_tree = cur > 0
-        slot = seq_len.unsqueeze(1) - 1 - back
-        out.append(torch.where(in_tree, node_tok.gather(1, cur), tokens.gather(1, slot.clamp(min=0))))
-        ok.append(in_tree | (slot >= start.unsqueeze(1)))
-        from_tree.append(in_tree)
-        back = torch.where(in_tree, back, back + 1)
-        cur = torch.where(in_tree, up.gather(1, cur), cur)
-    return (torch.stack(out[::-1], dim=-1), torch.stack(ok[::-1], dim=-1), torch.stack(from_tree[::-1], dim=-1))
+    each ``[B, M, m]``; ``ok`` is False before the prompt's first token, ``from_tree`` marks
+    draft tokens (the path's). Back from the path's end, then through the committed tokens."""
+    b, n, d = paths.tokens.shape
+    back = torch.arange(m - 1, -1, -1, device=tokens.device)  # tokens before the position's end
+    length = paths.length.unsqueeze(-1)  # [B, M, 1]
+    in_path = back < length  # [B, M, m]
+    if d:
+        from_path = paths.tokens.gather(2, (length - 1 - back).clamp(0, d - 1))
+    else:
+        from_path = torch.zeros(b, n, m, dtype=torch.long, device=tokens.device)
+    slot = seq_len.view(b, 1, 1) - 1 - (back - length)  # the committed slot when not in the path
+    committed = tokens.gather(1, slot.clamp(0, tokens.shape[1] - 1).reshape(b, n * m)).view(b, n, m)
+    ok = in_path | (slot >= start.view(b, 1, 1))
+    return torch.where(in_path, from_path, committed), ok, in_path
 
 
 def _ban_after(banned: Tensor, tail: Tensor, ok: Tensor, word: tuple[int, ...], vocab: int) -> None:
