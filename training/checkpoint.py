@@ -84,11 +84,18 @@ def problem(folder: Path) -> str | None:
         return f"{STATE} is missing or unreadable ({type(err).__name__}: {err})"
     if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("files"), dict):
         return f"{STATE} is not a specdec checkpoint state (format {FORMAT} with a file list)"
+    counts = [state.get(k) for k in ("step", "accelerator_step", "world_size")]
+    if not all(type(n) is int and n >= 0 for n in counts) or not state["world_size"]:
+        return f"{STATE} has no valid step, accelerator_step and world_size"
+    if not all(isinstance(state.get(k), dict) for k in ("before", "after")):
+        return f"{STATE} has no evaluations (before, after)"
     needed = {"model.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
-              *(f"rng-{r}.safetensors" for r in range(int(state.get("world_size", 1))))}
+              *(f"rng-{r}.safetensors" for r in range(state["world_size"]))}
     if missing := sorted(needed - set(state["files"])):
         return f"{STATE} lists no {', '.join(missing)}"
     for name, size in state["files"].items():
+        if Path(name).name != name or name.startswith(".") or type(size) is not int:
+            return f"{STATE} lists a file {name!r} of size {size!r}: not a plain file name and size"
         path = folder / name
         if not path.is_file() or path.stat().st_size != size:
             got = f"{path.stat().st_size:,} bytes" if path.is_file() else "missing"
@@ -101,7 +108,7 @@ def problem(folder: Path) -> str | None:
 
 def world_size(folder: Path) -> int:
     """How many processes wrote a checked checkpoint."""
-    return int(json.loads((folder / STATE).read_text()).get("world_size", 1))
+    return json.loads((folder / STATE).read_text())["world_size"]
 
 
 def load(folder: Path, model: torch.nn.Module, optimizer, scheduler, rank: int) -> dict:
