@@ -48,7 +48,8 @@ from pathlib import Path
 __all__ = [
     "ZooEntry", "ZOO", "ZooError", "UnknownZooModel", "ZooPackageMissing", "ZooChecksumError",
     "register", "get", "names", "cache_root", "model_dir", "gguf_path", "is_available",
-    "sha256_file", "check_file", "stamp", "verify", "rebuild_command",
+    "sha256_file", "check_file", "stamp", "verify", "rebuild_command", "remove_cache", "dense_manifest",
+    "DENSE_MANIFEST",
 ]
 
 _CHUNK = 16 << 20  # bytes per read while copying and hashing

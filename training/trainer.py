@@ -246,7 +246,9 @@ def _eos_ids(model, tokenizer) -> list[int]:
 def _checkpoints(output_dir: Path) -> list[Path]:
     """Checkpoint folders (complete or not), oldest first; temporary ones are hidden and left out."""
     root = Path(output_dir) / "checkpoints"
-    return sorted((p for p in root.glob("step-*") if p.is_dir()), key=_step_of) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()), key=_step_of)
 
 
 def _step_of(path: Path) -> int:
