@@ -6,7 +6,6 @@ directly, by registered name with ``make_drafter``, or from a Hydra-style mappin
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 
 from .base import DecodeContext, DraftSpec, Drafter, NullDrafter, VocabularyMismatchError
@@ -43,6 +42,33 @@ DRAFTERS = {
 }
 
 
+class UnregisteredDrafterTarget(ValueError):
+    """A config's ``_target_`` names something that is not a registered drafter (nothing was imported or run)."""
+
+
+def register_drafter(name: str, factory) -> None:
+    """Make ``factory`` (a Drafter class, or a classmethod that builds one) buildable by name and by
+    ``_target_``: ``register_drafter("mine", MyDrafter)`` allows ``{"name": "mine"}`` and
+    ``{"_target_": "mypkg.MyDrafter"}``. Configs can name nothing else."""
+    if not callable(factory):
+        raise TypeError(f"register_drafter({name!r}, ...): the factory must be callable, got {type(factory).__name__}")
+    DRAFTERS[name] = factory
+
+
+def _target_paths(factory) -> set[str]:
+    """The dotted paths a config may use for ``factory``: its defining module's, and for our own
+    drafters the package's (``specdec.drafters.PromptLookup``)."""
+    own = f"{factory.__module__}.{factory.__qualname__}"
+    return {own, f"{__name__}.{factory.__qualname__}"} if own.startswith(f"{__name__}.") else {own}
+
+
+def allowed_targets() -> dict[str, object]:
+    """``_target_`` path -> factory, for every registered drafter and every exported Drafter class."""
+    exported = [obj for obj in map(globals().get, __all__)
+                if isinstance(obj, type) and issubclass(obj, Drafter) and obj is not Drafter]
+    return {path: factory for factory in (*DRAFTERS.values(), *exported) for path in _target_paths(factory)}
+
+
 def make_drafter(name: str, **kwargs):
     """Example: ``make_drafter("lookup", num_tokens=8)``; ``"none"`` gives None (no drafter)."""
     if name in (None, "none"):
@@ -52,19 +78,24 @@ def make_drafter(name: str, **kwargs):
     return DRAFTERS[name](**kwargs)
 
 
-def _locate(path: str):
-    module, _, attr = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError):
-        if "." in module:  # a classmethod such as package.Class.method
-            return getattr(_locate(module), attr)
-        raise
+def resolve_target(path: str):
+    """The registered factory a ``_target_`` names. The path is looked up, never imported, so a config
+    cannot run arbitrary code (``os.system``); anything unregistered raises UnregisteredDrafterTarget."""
+    allowed = allowed_targets()
+    if not isinstance(path, str) or path not in allowed:
+        shown = sorted(p for p in allowed if not p.startswith(f"{__name__}.") or p.split(".")[2][:1].isupper())
+        raise UnregisteredDrafterTarget(
+            f"drafter _target_ {path!r} is not a registered drafter, so it was not imported or called. "
+            f"Use one of: {', '.join(shown)}; or pick a config group (drafter=lookup) or a name "
+            f"(drafter.name=lookup). A drafter of your own must first be registered with "
+            f"specdec.drafters.register_drafter(name, factory).")
+    return allowed[path]
 
 
 def build_drafter(cfg: Mapping | None, target=None):
     """Build from a config mapping: ``{"_target_": "specdec.drafters.PromptLookup", "num_tokens": 4}``
     or ``{"name": "lookup", ...}``. A missing/None target or name ``none`` means no drafter.
+    ``_target_`` must name a registered drafter (see ``resolve_target``).
     ``target`` (the target model) is accepted for drafters that derive from it."""
     if cfg is None:
         return None
@@ -73,7 +104,7 @@ def build_drafter(cfg: Mapping | None, target=None):
     name = cfg.pop("name", None)
     if path is None:
         return make_drafter(name, **cfg)
-    fn = _locate(path)
+    fn = resolve_target(path)
     if getattr(fn, "needs_target", False):
         cfg["target"] = target
     return fn(**cfg)
@@ -83,4 +114,5 @@ __all__ = ["CopySpec", "DecodeContext", "DraftSpec", "Drafter", "NullDrafter", "
            "MedusaHeads", "RestDrafter", "DynamicExit", "LayerSkip", "PromptLookup", "Rapid", "Swift", "SparseSelfDraft",
            "Hierarchical", "TriForce",
            "VocabularyMismatchError",
-           "build_drafter", "make_drafter", "DRAFTERS"]
+           "build_drafter", "make_drafter", "register_drafter", "resolve_target", "allowed_targets",
+           "UnregisteredDrafterTarget", "DRAFTERS"]

@@ -22,6 +22,7 @@ commands:
   train      train a drafter (conf/train.yaml); same as specdec-train
   bench      acceptance and speed sweeps (conf/bench.yaml); same as specdec-bench, a Hydra
              layer over `python -m specdec.bench` (plain arguments, no Hydra)
+  zoo        check or rebuild the zoo cache: `specdec zoo verify [NAME...]`, `specdec zoo rebuild NAME`
 
 Overrides use Hydra syntax, e.g. `specdec generate drafter=none max_new_tokens=32`;
 add --help after the command to list the config groups and options.
@@ -122,7 +123,45 @@ def bench_main() -> None:
     hydra_main()
 
 
-COMMANDS = {"generate": generate_main, "train": train_main, "bench": bench_main}
+def zoo_main(argv: list[str] | None = None) -> None:
+    """``specdec zoo verify [NAME...]``: re-hash every cached file of the named (default: every
+    cached) zoo model, exit 1 if any is damaged; ``specdec zoo rebuild NAME``: delete and rebuild."""
+    import argparse
+
+    from specdec import zoo
+
+    parser = argparse.ArgumentParser(prog="specdec zoo", description="Check or rebuild the zoo cache.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    verify = sub.add_parser("verify", help="re-hash every cached file against its recorded sha256")
+    verify.add_argument("names", nargs="*", help=f"zoo models (default: every cached one of {', '.join(zoo.names())})")
+    rebuild = sub.add_parser("rebuild", help="delete a zoo model's cache folder and build it again")
+    rebuild.add_argument("name", choices=zoo.names())
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.action == "rebuild":
+        from specdec.loading import dense_zoo_dir
+
+        print(f"removed {zoo.remove_cache(args.name)}")
+        print(f"rebuilt {dense_zoo_dir(args.name)}")
+        return
+    try:
+        names = [zoo.get(n).name for n in args.names] or [n for n in zoo.names() if zoo.model_dir(n).exists()]
+    except zoo.UnknownZooModel as err:
+        parser.error(str(err))
+    damaged = []
+    for name in names:
+        results = zoo.verify(name)
+        if not results:
+            print(f"{name}: nothing cached in {zoo.model_dir(name)}")
+        for path, problem in results:
+            print(f"{'ok' if problem is None else 'DAMAGED':8} {path}" + (f": {problem}" if problem else ""))
+        if any(problem for _, problem in results):
+            damaged.append(name)
+    if damaged:
+        sys.exit("specdec zoo verify: damaged files; rebuild with: "
+                 + "; ".join(zoo.rebuild_command(n) for n in damaged))
+
+
+COMMANDS = {"generate": generate_main, "train": train_main, "bench": bench_main, "zoo": zoo_main}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,7 +48,7 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
-_DENSE_MARKER = "specdec-dense.json"
+_DENSE_MARKER = zoo.DENSE_MANIFEST
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
@@ -177,14 +177,18 @@ def _complete_from_metadata(model, tokenizer, meta: dict, stop_tokens: tuple[str
 
 
 def dense_zoo_dir(name: str) -> Path:
-    """The dense float32 safetensors folder of a zoo model, built from its GGUF on first use.
+    """The dense float32 safetensors folder of a zoo model, built from its GGUF on first use, and
+    checked on every use.
 
     Building it takes the GGUF (assembled and checked by `zoo.gguf_path`), dequantises it, and
     writes model, tokenizer and generation config to a temporary folder that is renamed into
-    place with a marker last, so an interrupted build is redone, never half-read.
+    place with a manifest last, so an interrupted build is redone, never half-read.
     Layout: `<zoo.model_dir(name)>/dense/` with `config.json`, `model.safetensors`,
     `generation_config.json`, `tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja`
-    and `specdec-dense.json` (marker: the GGUF's sha256 and the transformers version used).
+    and `specdec-dense.json` (the GGUF's sha256, the transformers version used, and every other
+    file's size and sha256). Each use checks the files against it (`zoo.check_file`: a stat, or a
+    full hash for a file that changed); a damaged file raises `zoo.ZooChecksumError` naming it,
+    the folder and the command that rebuilds it.
 
     Example:
         >>> dense_zoo_dir("zoo:smollm2-135m-instruct")  # doctest: +SKIP
@@ -193,6 +197,7 @@ def dense_zoo_dir(name: str) -> Path:
     entry = zoo.get(name)
     target = zoo.model_dir(entry.name) / "dense"
     if _dense_is_current(target, entry):
+        _check_dense(entry, target)
         return target
     model, tokenizer = load_gguf(zoo.gguf_path(entry.name), dtype=torch.float32, stop_tokens=entry.stop_tokens)
     tmp = Path(tempfile.mkdtemp(prefix=".dense.", dir=target.parent))
@@ -201,11 +206,12 @@ def dense_zoo_dir(name: str) -> Path:
         tokenizer.save_pretrained(tmp)
         del model
         gc.collect()
-        marker = {"zoo": entry.name, "gguf_sha256": entry.sha256, "transformers": transformers.__version__}
-        (tmp / _DENSE_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        files = {p.name: {"size": p.stat().st_size, "sha256": zoo.sha256_file(p)} for p in sorted(tmp.iterdir())}
+        _write_manifest(tmp, entry, files)
         tmp.chmod(0o755)  # mkdtemp makes it owner-only
         if _dense_is_current(target, entry):  # another process finished first: keep theirs
             shutil.rmtree(tmp)
+            _check_dense(entry, target)
             return target
         if target.exists():  # stale: built from another GGUF
             shutil.rmtree(target)
@@ -213,15 +219,64 @@ def dense_zoo_dir(name: str) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for rel, meta in files.items():
+        zoo.stamp(entry.name, target / rel, meta["sha256"])
     return target
 
 
+def _write_manifest(folder: Path, entry: zoo.ZooEntry, files: dict) -> None:
+    manifest = {"zoo": entry.name, "gguf_sha256": entry.sha256, "transformers": transformers.__version__,
+                "files": files}
+    fd, tmp = tempfile.mkstemp(prefix=f".{_DENSE_MARKER}.", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(manifest, indent=1) + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, folder / _DENSE_MARKER)
+
+
 def _dense_is_current(folder: Path, entry: zoo.ZooEntry) -> bool:
+    """True if ``folder`` holds a finished build from this entry's GGUF (its files not yet checked)."""
     try:
         marker = json.loads((folder / _DENSE_MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return marker.get("gguf_sha256") == entry.sha256
+    return isinstance(marker, dict) and marker.get("gguf_sha256") == entry.sha256
+
+
+def _check_dense(entry: zoo.ZooEntry, folder: Path) -> None:
+    """Raise ZooChecksumError unless every file of the manifest is the one the build wrote."""
+    try:
+        files = zoo.dense_manifest(folder)
+    except zoo.ZooChecksumError:  # built before manifests listed files: checked once, then listed
+        files = _adopt_legacy(entry, folder)
+    for rel, meta in sorted(files.items()):
+        if bad := zoo.check_file(entry.name, folder / rel, meta["size"], meta["sha256"]):
+            raise zoo.ZooChecksumError(
+                f"zoo model {entry.name!r}: the dense cache folder {folder} is damaged: {rel}: {bad}. "
+                f"Rebuild it with: {zoo.rebuild_command(entry.name)}")
+
+
+def _adopt_legacy(entry: zoo.ZooEntry, folder: Path) -> dict:
+    """Record the files of a dense folder built before manifests listed them, after checking that
+    every weight is finite (dequantised weights always are)."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                bad = [k for k in f.keys() if not torch.isfinite(f.get_tensor(k)).all()]
+        except Exception as err:  # noqa: BLE001  (any unreadable file is damage)
+            bad = [f"unreadable ({type(err).__name__}: {err})"]
+        if bad:
+            raise zoo.ZooChecksumError(
+                f"zoo model {entry.name!r}: the dense cache folder {folder} is damaged: {path.name}: "
+                f"non-finite or unreadable tensors {bad[:3]}. Rebuild it with: {zoo.rebuild_command(entry.name)}")
+    files = {p.name: {"size": p.stat().st_size, "sha256": zoo.sha256_file(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != _DENSE_MARKER}
+    _write_manifest(folder, entry, files)
+    for rel, meta in files.items():
+        zoo.stamp(entry.name, folder / rel, meta["sha256"])
+    return files
 
 
 # GGUF value type id -> struct format, for the fixed-size scalar types (gguf spec, v2/v3).

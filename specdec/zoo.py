@@ -6,7 +6,15 @@ inside them, the size and sha256 of the GGUF they make, and the cache folder lay
 
     $SPECDEC_CACHE/zoo/<name>/<gguf file>          the assembled GGUF
     $SPECDEC_CACHE/zoo/<name>/<gguf file>.sha256   marker: the file was hashed once and matched
-    $SPECDEC_CACHE/zoo/<name>/dense/               dense safetensors copy (written by `loading`)
+    $SPECDEC_CACHE/zoo/<name>/dense/               dense safetensors copy (written by `loading`), with
+                                                   a manifest of every file's size and sha256
+    $SPECDEC_CACHE/zoo/<name>/stamps.json          each checked file's stat at its last full hash
+
+A cached file is trusted only when checked. A full sha256 runs when a file is first cached and
+whenever its stat (size, mtime, ctime, inode) differs from the stamp its last full hash left;
+otherwise a `stat` suffices. Stamping moves the file's mtime a second into the past, so any
+later write, however soon, changes the stat. `specdec zoo verify` re-hashes everything;
+`specdec zoo rebuild NAME` deletes a model's cache folder and builds it again.
 
 `SPECDEC_CACHE` defaults to `$XDG_CACHE_HOME/specdec`, then `~/.cache/specdec`.
 
@@ -28,8 +36,11 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -37,6 +48,8 @@ from pathlib import Path
 __all__ = [
     "ZooEntry", "ZOO", "ZooError", "UnknownZooModel", "ZooPackageMissing", "ZooChecksumError",
     "register", "get", "names", "cache_root", "model_dir", "gguf_path", "is_available",
+    "sha256_file", "check_file", "stamp", "verify", "rebuild_command", "remove_cache", "dense_manifest",
+    "DENSE_MANIFEST",
 ]
 
 _CHUNK = 16 << 20  # bytes per read while copying and hashing
@@ -166,10 +179,10 @@ def _marker(path: Path) -> Path:
 
 
 def _is_verified(entry: ZooEntry, path: Path) -> bool:
-    """True if `path` has the right size and a marker saying it was hashed and matched."""
+    """True if `path` has a marker saying it was hashed and matched, and it passes `check_file`."""
     marker = _marker(path)
-    return (path.is_file() and path.stat().st_size == entry.size and marker.is_file()
-            and marker.read_text().split()[:1] == [entry.sha256])
+    return (path.is_file() and marker.is_file() and marker.read_text().split()[:1] == [entry.sha256]
+            and check_file(entry.name, path, entry.size, entry.sha256) is None)
 
 
 def _staged_file(entry: ZooEntry) -> Path | None:
@@ -229,25 +242,17 @@ def _assemble(entry: ZooEntry, sources: list[Path], target: Path) -> None:
         raise
 
 
-def _verify_in_place(entry: ZooEntry, path: Path) -> None:
-    """Hash a GGUF already at its cache path (one assembled before its marker was written)."""
-    digest, size = hashlib.sha256(), path.stat().st_size
-    if size == entry.size:
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-    if size != entry.size or digest.hexdigest() != entry.sha256:
-        raise ZooChecksumError(
-            f"zoo model {entry.name!r}: {path} has {size:,} bytes"
-            + (f" and sha256 {digest.hexdigest()}" if size == entry.size else "")
-            + f", expected {entry.size:,} bytes with sha256 {entry.sha256}. Delete it to rebuild it.")
+def rebuild_command(name: str) -> str:
+    """The shell command that deletes and rebuilds the cache of zoo model `name`."""
+    return f"specdec zoo rebuild {get(name).name}"
 
 
 def gguf_path(name: str) -> Path:
     """The verified GGUF of zoo model `name`, assembling and hashing it on first use.
 
-    Later calls check the file size and the marker only, so a 1 GB file is hashed once.
-    Sources, in order of preference: the cache, `$SPECDEC_GGUF_DIR/<gguf_name>`, the packages.
+    Later calls `stat` the file against its stamp, and hash it again only if it changed, so a
+    1 GB file is hashed once. Sources, in order of preference: the cache,
+    `$SPECDEC_GGUF_DIR/<gguf_name>`, the packages.
 
     Example:
         >>> gguf_path("qwen2.5-coder-0.5b-instruct")  # doctest: +SKIP
@@ -255,15 +260,126 @@ def gguf_path(name: str) -> Path:
     """
     entry = get(name)
     target = model_dir(entry.name) / entry.gguf_name
-    if _is_verified(entry, target):
-        return target
     if target.exists():
-        _verify_in_place(entry, target)
+        if bad := check_file(entry.name, target, entry.size, entry.sha256):
+            raise ZooChecksumError(f"zoo model {entry.name!r}: {target} is damaged: {bad}. "
+                                   f"Rebuild it with: {rebuild_command(entry.name)}")
     else:
         staged = _staged_file(entry)
         _assemble(entry, [staged] if staged else _package_files(entry), target)
-    _marker(target).write_text(f"{entry.sha256}  {entry.gguf_name}\n")
+        stamp(entry.name, target, entry.sha256)
+    if not _marker(target).is_file():
+        _marker(target).write_text(f"{entry.sha256}  {entry.gguf_name}\n")
     return target
+
+
+# ---- checked files: sha256 once, then stat against a stamp ------------------------------------
+_STAMPS = "stamps.json"
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _stat(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _read_stamps(name: str) -> dict:
+    try:
+        stamps = json.loads((model_dir(name) / _STAMPS).read_text())
+    except (OSError, ValueError):  # none yet, or torn: every file is hashed again
+        return {}
+    return stamps if isinstance(stamps, dict) else {}
+
+
+def stamp(name: str, path: Path, sha256: str) -> None:
+    """Record that `path` (inside zoo model `name`'s cache folder) was just hashed to `sha256`.
+
+    The file's mtime goes one second into the past first, so any later write changes its stat.
+    A cache we may not write to keeps no stamps, and each use hashes its files in full.
+    """
+    folder = model_dir(name)
+    past = time.time_ns() - 1_000_000_000
+    try:
+        os.utime(path, ns=(past, past))
+        stamps = _read_stamps(name)
+        stamps[path.relative_to(folder).as_posix()] = {"sha256": sha256, "stat": _stat(path)}
+        fd, tmp = tempfile.mkstemp(prefix=f".{_STAMPS}.", dir=folder)
+        with os.fdopen(fd, "w") as f:
+            json.dump(stamps, f, indent=1)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, folder / _STAMPS)  # concurrent writers: the last wins, a lost stamp costs a hash
+    except PermissionError:  # a read-only cache: every use hashes in full instead
+        return
+
+
+def check_file(name: str, path: Path, size: int, sha256: str, full: bool = False) -> str | None:
+    """Why `path` is not the `size`-byte file with `sha256`, or None when it is.
+
+    Hashes only when `full` or when the file's stat differs from its stamp; a good hash stamps it.
+    """
+    if not path.is_file():
+        return "the file is missing"
+    if (got := path.stat().st_size) != size:
+        return f"it is {got:,} bytes where {size:,} were written (cut short or overwritten)"
+    known = _read_stamps(name).get(path.relative_to(model_dir(name)).as_posix())
+    if not full and known == {"sha256": sha256, "stat": _stat(path)}:
+        return None
+    if (digest := sha256_file(path)) != sha256:
+        return f"its sha256 is {digest}, expected {sha256} (same size, changed bytes)"
+    stamp(name, path, sha256)
+    return None
+
+
+def verify(name: str) -> list[tuple[Path, str | None]]:
+    """Fully re-hash every cached file of zoo model `name`: (path, problem or None) for each.
+
+    Covers the GGUF (against the registry's sha256) and the dense folder (against its manifest);
+    files not built yet are left out.
+    """
+    entry, folder = get(name), model_dir(name)
+    results = []
+    gguf = folder / entry.gguf_name
+    if gguf.exists():
+        results.append((gguf, check_file(entry.name, gguf, entry.size, entry.sha256, full=True)))
+    dense = folder / "dense"
+    if dense.exists():
+        try:
+            files = dense_manifest(dense)
+        except ZooChecksumError as err:
+            return results + [(dense / DENSE_MANIFEST, str(err))]
+        results += [(dense / rel, check_file(entry.name, dense / rel, meta["size"], meta["sha256"], full=True))
+                    for rel, meta in sorted(files.items())]
+    return results
+
+
+DENSE_MANIFEST = "specdec-dense.json"
+
+
+def dense_manifest(dense: Path) -> dict:
+    """The {file name: {"size", "sha256"}} that a dense folder's build recorded."""
+    try:
+        manifest = json.loads((dense / DENSE_MANIFEST).read_text())
+        files = manifest["files"]
+        if not isinstance(files, dict) or not all({"size", "sha256"} <= set(v) for v in files.values()):
+            raise ValueError("malformed file list")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ZooChecksumError(f"{dense / DENSE_MANIFEST} has no file list ({type(err).__name__}: {err})") from None
+    return files
+
+
+def remove_cache(name: str) -> Path:
+    """Delete zoo model `name`'s cache folder (GGUF, dense copy, stamps); returns the folder."""
+    folder = model_dir(name)
+    shutil.rmtree(folder, ignore_errors=True)
+    return folder
 
 
 def is_available(name: str) -> bool:

@@ -118,7 +118,7 @@ def test_two_gloo_processes_match_one(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "result.json").read_text())["world_size"] == 2
-    assert len(list((tmp_path / "two" / "checkpoints" / "step-0000003").glob("random_states_*.pkl"))) == 2
+    assert len(list((tmp_path / "two" / "checkpoints" / "step-0000003").glob("rng-*.safetensors"))) == 2
     a, _ = load_draft(tmp_path / "one" / "draft")
     b, _ = load_draft(tmp_path / "two" / "draft")
     start = draft_from_layers(specdec.load_model(str(target))[0], 1)

@@ -10,12 +10,14 @@ One optimizer step, on every process:
 
 The main process evaluates before training, every ``eval.every`` steps and after the last step
 (the method's `evaluate`). Every ``save_every`` steps all processes write a checkpoint (model,
-optimizer, scheduler, RNG states) that ``resume`` picks up; at the end the method saves its
+optimizer, scheduler, RNG states; safetensors and JSON, never pickle: see `checkpoint`) that
+``resume`` picks up, passing over any a kill left incomplete; at the end the method saves its
 output folder. A method is a subclass that fills in the hooks below; the trainer takes a plain
 config object and never imports Hydra.
 """
 import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from . import checkpoint
 from .data import Batch, load_examples, split_examples
 from .evaluate import generate_responses
 from .models import load_model, resolve_dtype
@@ -89,8 +92,7 @@ class Trainer:
                                       weight_decay=optim.weight_decay)
         self.scheduler = get_scheduler(optim.schedule, optimizer, num_warmup_steps=optim.warmup_steps,
                                        num_training_steps=self.cfg.steps)
-        self.model, self.optimizer = self.acc.prepare(model, optimizer)
-        self.acc.register_for_checkpointing(self.scheduler)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)  # the scheduler is ours to save
 
     def _eval_batches(self) -> list[Batch]:
         """Held-out prompts with the target's greedy responses, generated once."""
@@ -130,29 +132,49 @@ class Trainer:
         return self.output_dir / "checkpoints" / f"step-{step:07d}"
 
     def save_checkpoint(self, step: int) -> None:
-        path = self.checkpoint_dir(step)
-        self.acc.save_state(str(path))  # model, optimizer, scheduler and each process's RNG
-        if self.acc.is_main_process:
-            state = {"step": step, "before": self.before, "after": self.after}
-            (path / "trainer_state.json").write_text(json.dumps(state))
-            for old in _checkpoints(self.output_dir)[:-max(1, self.cfg.keep_checkpoints)]:
+        """Write the step's checkpoint (see `checkpoint`): in a temporary folder, renamed when complete."""
+        acc, final = self.acc, self.checkpoint_dir(step)
+        tmp = checkpoint.temp_dir(final)
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a kill mid-write
+            tmp.mkdir(parents=True)
+            checkpoint.save_shared(tmp, acc.unwrap_model(self.model), self.optimizer, self.scheduler)
+        acc.wait_for_everyone()
+        checkpoint.save_rng(tmp, acc.process_index)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"step": step, "accelerator_step": acc.step, "world_size": acc.num_processes,
+                     "before": self.before, "after": self.after}
+            checkpoint.seal(tmp, final, state)
+            older = [p for p in _checkpoints(self.output_dir) if _step_of(p) <= step]
+            for old in older[:-max(1, self.cfg.keep_checkpoints)]:
                 shutil.rmtree(old)
-        self.acc.wait_for_everyone()
+        acc.wait_for_everyone()
 
     def resume(self) -> int:
-        """Load the checkpoint named by ``cfg.resume`` (``auto``: the latest one); the step to go on from."""
+        """Load the checkpoint named by ``cfg.resume``; the step to go on from.
+
+        ``auto`` takes the latest complete checkpoint in ``output_dir``, warning about (and passing
+        over) any newer one a kill left incomplete; a named folder must be complete.
+        """
         choice = self.cfg.resume
         if not choice:
             return 0
         if choice == "auto":
-            found = _checkpoints(self.output_dir)
-            if not found:
+            path = _latest_complete(self.output_dir)
+            if path is None:
                 return 0
-            path = found[-1]
         else:
             path = Path(choice)
-        self.acc.load_state(str(path))
-        state = json.loads((path / "trainer_state.json").read_text())
+            if bad := checkpoint.problem(path):
+                raise ValueError(f"resume={choice}: not a complete checkpoint: {bad}")
+        saved_world = checkpoint.world_size(path)
+        if saved_world != self.acc.num_processes:
+            raise ValueError(f"checkpoint {path} was written by {saved_world} process(es) and this run has "
+                             f"{self.acc.num_processes}; resume with the same number, or set resume=null")
+        state = checkpoint.load(path, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler,
+                                self.acc.process_index)
+        self.acc.step = state["accelerator_step"]
         self.before, self.after = state["before"], state["after"]
         return state["step"]
 
@@ -178,6 +200,8 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         tracker = Tracker(cfg.logger, _plain(cfg), self.output_dir) if acc.is_main_process else None
         step = self.resume()
+        if tracker:
+            tracker.rewind(step)  # rows a killed run logged after its last checkpoint come again
         if step == 0:
             self.before = self.after = self.evaluate()
             if tracker:
@@ -220,9 +244,32 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 def _checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints (their trainer_state.json written last), oldest first."""
+    """Checkpoint folders (complete or not), oldest first; temporary ones are hidden and left out."""
     root = Path(output_dir) / "checkpoints"
-    return sorted(p.parent for p in root.glob("step-*/trainer_state.json")) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()), key=_step_of)
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step-"))
+
+
+def _latest_complete(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint; each newer incomplete one gets a warning naming its fault."""
+    found = _checkpoints(output_dir)
+    for path in reversed(found):
+        bad = checkpoint.problem(path)
+        if bad is None:
+            return path
+        older = [p for p in found if _step_of(p) < _step_of(path)]
+        then = f"falling back to {older[-1].name}" if older else "no earlier checkpoint; starting from step 0"
+        warnings.warn(f"checkpoint {path} is incomplete ({bad}); {then}", CheckpointWarning, stacklevel=3)
+    return None
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was passed over on resume because it is incomplete."""
 
 
 def _plain(cfg) -> dict:
