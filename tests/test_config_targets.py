@@ -51,6 +51,16 @@ def test_bench_refuses_os_system_without_running_it(tiny_folder, tmp_path):
     assert not marker.exists()
 
 
+def test_bench_prompts_refuse_os_system_without_running_it(tiny_folder, tmp_path):
+    marker = tmp_path / "ran"
+    cfg = compose_config("bench", [f"model.spec={tiny_folder}", "num_prompts=1", "max_new_tokens=4",
+                                   "modes=[greedy]", "logger=none", "warmup=0", "threads=1", "progress=false",
+                                   "prompts._target_=os.system", f"+prompts.command='touch {marker}'"])
+    with pytest.raises(ValueError, match="not a prompt loader"):
+        run_bench(cfg, tmp_path / "out")
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("path", ["os.system", "subprocess.run", "builtins.eval", "specdec.drafters.lookup",
                                   "specdec.drafters._target_paths", "antigravity.fly", "specdec.drafters.Drafter"])
 def test_nothing_unregistered_resolves(path):

@@ -38,6 +38,21 @@ def bench_settings(cfg: DictConfig) -> core.BenchSettings:
         chunk_steps=cfg.get("chunk_steps"), **{k: cfg.get(k) for k in _PLAIN if k in cfg})
 
 
+PROMPT_LOADERS = ("specdec.bench.prompts.builtin", "specdec.bench.prompts.humaneval",
+                  "specdec.bench.prompts.specbench", "specdec.bench.long_prompts.long_prompts")
+
+
+def load_prompts(prompts_cfg):
+    """The prompts a ``prompts`` config names. Its ``_target_`` must be one of `PROMPT_LOADERS`
+    (checked before anything is imported), so a config cannot run arbitrary code."""
+    target = prompts_cfg.get("_target_") if hasattr(prompts_cfg, "get") else None
+    if target not in PROMPT_LOADERS:
+        raise ValueError(f"prompts._target_ {target!r} is not a prompt loader, so it was not imported or called; "
+                         f"use one of {', '.join(PROMPT_LOADERS)} (config group prompts=builtin|humaneval|"
+                         f"specbench|long), or a jsonl file through prompts=specbench prompts.path=FILE")
+    return instantiate(prompts_cfg)
+
+
 def run_bench(cfg: DictConfig, out_dir: str | Path) -> dict[str, dict[str, dict]]:
     """Run one benchmark configuration and write its outputs into ``out_dir``.
 
@@ -46,7 +61,7 @@ def run_bench(cfg: DictConfig, out_dir: str | Path) -> dict[str, dict[str, dict]
     Returns ``{mode: {category: aggregate}}``, with an ``"all"`` category.
     """
     settings = bench_settings(cfg)
-    prompts = select(instantiate(cfg.prompts), cfg.num_prompts, cfg.categories)
+    prompts = select(load_prompts(cfg.prompts), cfg.num_prompts, cfg.categories)
     result = core.run(settings, prompts, out_dir)
     (label, summary), = result.summary.items()
     if cfg.logger.name == "wandb":
