@@ -157,6 +157,8 @@ def step_faults(tree: DraftTree, logits: Tensor, path: Tensor, sampling: bool, t
         draws = torch.cat([root, torch.where(path >= 0, path + 1, -1)], dim=1)  # [B, 1 + N] position of each draw
         at = broken.gather(1, draws.clamp(min=0)) & (draws >= 0)
         faults = torch.where(at.any(dim=1), at.long().argmax(dim=1) + 1, faults)
+    if tree.known_forest:
+        return faults
     return torch.where(tree.malformed(), torch.full_like(faults, TREE_FAULT), faults)
 
 

@@ -99,22 +99,25 @@ class StepOutcome:
 
     def emitted(self) -> tuple[Tensor, Tensor]:
         """``(tokens [B, N + 1], count [B])``: accepted tokens, then the next root token."""
-        tok = self.tree.tokens.gather(1, self.path.clamp(min=0)) if self.path.shape[1] else self.path
-        tok = torch.cat([tok, self.next_token.unsqueeze(1)], dim=1)
-        pos = torch.arange(tok.shape[1], device=tok.device).unsqueeze(0)
+        tree = self.tree
+        tok = tree.tokens.gather(1, self.path.clamp(min=0)) if self.path.shape[1] and not tree.is_chain else tree.tokens
+        tok = torch.cat([tok, self.next_token.unsqueeze(1)], dim=1)  # a chain's accepted tokens are its first ones
         # The next token goes right after the last accepted one.
-        tok = torch.where(pos == self.accept_len.unsqueeze(1), self.next_token.unsqueeze(1), tok)
+        tok.scatter_(1, self.accept_len.unsqueeze(1), self.next_token.unsqueeze(1))
         return tok, self.accept_len + 1
 
 
 def _deepest(tree: DraftTree, accepted: Tensor) -> tuple[Tensor, Tensor]:
-    """Deepest accepted node per row (ties: lowest index) -> (node [B] or -1, depth [B])."""
-    score = torch.where(accepted, tree.depth, torch.zeros_like(tree.depth))
-    if score.shape[1] == 0:
-        zero = torch.zeros(score.shape[0], dtype=torch.long, device=score.device)
+    """Deepest accepted node per row (ties: lowest index) -> (node [B] or -1, depth [B]).
+    ``accepted`` must be closed under ancestors (a node is accepted only with its parent)."""
+    if tree.num_nodes == 0:
+        zero = torch.zeros(tree.batch, dtype=torch.long, device=accepted.device)
         return zero - 1, zero
-    depth, node = score.max(dim=1)
-    return torch.where(depth > 0, node, torch.full_like(node, -1)), depth
+    if tree.is_chain:  # the accepted nodes are a prefix
+        depth = accepted.sum(dim=1)
+        return depth - 1, depth
+    depth, node = (accepted * tree.depth).max(dim=1)  # max returns the first index among ties
+    return node.masked_fill(depth == 0, -1), depth
 
 
 class GreedyAcceptance:
@@ -125,9 +128,9 @@ class GreedyAcceptance:
 
     def accept(self, logits: Tensor, tree: DraftTree, params: SamplingParams) -> StepOutcome:
         pred = logits.argmax(dim=-1)  # [B, 1 + N]
-        ok = tree.valid & (tree.tokens == pred.gather(1, tree.parents + 1))
-        # A node survives when it and all its ancestors match.
-        accepted = ~(tree.ancestors & ~ok.unsqueeze(1)).any(dim=-1)
+        ok = tree.valid & (tree.tokens == pred.gather(1, tree.parent_positions()))
+        # A node survives when it and all its ancestors match (ancestor implies match).
+        accepted = (tree.ancestors <= ok.unsqueeze(1)).all(dim=-1)
         node, depth = _deepest(tree, accepted)
         next_token = pred.gather(1, (node + 1).unsqueeze(1)).squeeze(1)
         return StepOutcome(tree, depth, tree.path_to(node, tree.num_nodes), next_token)
@@ -224,11 +227,11 @@ class TypicalAcceptance:
         p_all = warp_probs(logits, params) if params.do_sample else logits.float().softmax(dim=-1)
         entropy = -(p_all * p_all.clamp(min=1e-30).log()).sum(dim=-1)  # [B, 1 + N]
         cut = torch.minimum(torch.full_like(entropy, self.threshold), self.alpha * (-entropy).exp())
-        parent = tree.parents + 1
+        parent = tree.parent_positions()
         p_parent = p_all.gather(1, parent.unsqueeze(-1).expand(*parent.shape, p_all.shape[-1]))
         px = p_parent.gather(2, tree.tokens.unsqueeze(-1)).squeeze(-1)
         ok = tree.valid & (px > cut.gather(1, parent))
-        accepted = ~(tree.ancestors & ~ok.unsqueeze(1)).any(dim=-1)
+        accepted = (tree.ancestors <= ok.unsqueeze(1)).all(dim=-1)
         node, depth = _deepest(tree, accepted)
         final = p_all.gather(1, (node + 1).view(-1, 1, 1).expand(-1, 1, p_all.shape[-1])).squeeze(1)
         nxt = sample(final) if params.do_sample else final.argmax(dim=-1)
