@@ -294,7 +294,7 @@ class DraftTree:
 
     def max_depth(self) -> Tensor:
         """``[B]``: the depth of each row's deepest valid node (0 when none is valid)."""
-        if self.is_chain:  # a chain's valid nodes are a prefix (DraftTree.chain makes them one)
+        if self.is_chain or self.num_nodes == 0:  # a chain's valid nodes are a prefix (DraftTree.chain makes them one)
             return self.valid.sum(dim=1)
         return (self.depth * self.valid).amax(dim=1)
 
