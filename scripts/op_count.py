@@ -2,7 +2,7 @@
 kernel launches, which is what a small model's step costs on a launch-bound GPU.
 
 For no drafter, prompt lookup of 8 tokens and an EAGLE head chain of 4, on a tiny llama
-(tests/tiny.py) and, with ``--zoo``, SmolLM2-135M: the ops of one greedy step after a short
+(tests/tiny.py) and, with ``--zoo``, SmolLM2-135M: the ops of one greedy (``--sample``: sampled) step after a short
 generate call, by phase (``specdec.perf.count_step_ops``), and the drafted step's ops beyond the
 plain step's, op by op.
 
@@ -44,9 +44,10 @@ def zoo_model():
     return model, tok(text, return_tensors="pt").input_ids
 
 
-def count(model, ids, drafter, new: int = 8) -> dict:
+def count(model, ids, drafter, new: int = 8, sample: bool = False):
     spec = specdec.wrap(model, drafter=drafter)
-    spec.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)
+    kw = dict(do_sample=True, temperature=0.7, top_p=0.9) if sample else dict(do_sample=False)
+    spec.generate(ids, max_new_tokens=new, pad_token_id=0, eos_token_id=None, **kw)
     return count_step_ops(spec.engine._decoder)
 
 
@@ -54,6 +55,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--zoo", action="store_true", help="also SmolLM2-135M (zoo:smollm2-135m-instruct)")
     ap.add_argument("--json", type=Path, help="write the counts here")
+    ap.add_argument("--sample", action="store_true", help="sampling (T 0.7, top-p 0.9) instead of greedy")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     models = {"tiny-llama-2L": tiny_model}
@@ -62,7 +64,7 @@ def main(argv=None) -> dict:
     report = {}
     for mname, build in models.items():
         model, ids = build()
-        rows = {name: count(model, ids, make()) for name, make in drafters(model).items()}
+        rows = {name: count(model, ids, make(), sample=args.sample) for name, make in drafters(model).items()}
         base = rows["none"]
         print(f"\n## {mname} ({base.num_layers} layers): kernel-launching aten ops per step")
         print("| drafter | " + " | ".join(PHASES) + " | total | per layer | syncs |")

@@ -15,7 +15,7 @@ import specdec
 from specdec.drafters import EagleHead, PromptLookup
 from specdec.drafters.heads import EagleHeadModel
 from specdec.perf import count_step_ops
-from specdec.verifiers.acceptance import GreedyAcceptance, SamplingParams, TypicalAcceptance
+from specdec.verifiers.acceptance import GreedyAcceptance, SamplingParams, SpeculativeSampling, TypicalAcceptance
 from specdec.verifiers.tree import DraftTree
 
 # Ops a greedy lookup step (a chain of 8) may issue beyond a plain step, its drafting aside.
@@ -121,3 +121,28 @@ def test_chain_path_and_emitted_tokens_literal():
     tokens, count = out.emitted()
     assert count.tolist() == [3, 2]
     assert tokens[0, :3].tolist() == [5, 7, 1] and tokens[1, :2].tolist() == [5, 2]
+
+
+@pytest.mark.parametrize("lenience", [1.0, 0.5])
+@pytest.mark.parametrize("with_q", [False, True])
+def test_chain_sampling_equals_the_tree_walk_draw_for_draw(with_q, lenience):
+    """Speculative sampling on a chain (all nodes judged at once) keeps and draws exactly what the
+    node-by-node tree walk does with the same random numbers."""
+    rule, params = SpeculativeSampling(lenience), SamplingParams(do_sample=True, temperature=0.7, top_p=0.9)
+    g = torch.Generator().manual_seed(1)
+    vocab, batch, n = 5, 6, 4
+    seen = set()
+    for trial in range(60):
+        q = torch.rand(batch, n, vocab, generator=g).softmax(dim=-1) if with_q else None
+        tokens = torch.randint(0, vocab, (batch, n), generator=g)
+        tree = DraftTree.chain(tokens, torch.rand(batch, n, generator=g) > 0.15, q=q)
+        logits = torch.randn(batch, n + 1, vocab, generator=g) * 2
+        logits[:, :n] += 4 * torch.nn.functional.one_hot(tokens, vocab) * (trial % 2)  # often keep them all
+        torch.manual_seed(trial)
+        fast = rule.accept(logits, tree, params)
+        torch.manual_seed(trial)
+        slow = rule.accept(logits, _generic(tree), params)
+        assert torch.equal(fast.accept_len, slow.accept_len) and torch.equal(fast.path, slow.path)
+        assert torch.equal(fast.next_token, slow.next_token)
+        seen.update(fast.accept_len.tolist())
+    assert seen == set(range(n + 1))

@@ -166,6 +166,9 @@ class SpeculativeSampling:
         b, n = tree.tokens.shape
         lam = self.lenience
         p_all = warp_probs(logits, params)  # [B, 1 + N, V]
+        if tree.is_chain:
+            depth, final = self._chain(p_all, tree, torch.rand(b, max(n, 1), device=logits.device))
+            return StepOutcome(tree, depth, tree.path_to(depth - 1, n), sample(final))
         cur = torch.full((b,), -1, dtype=torch.long, device=logits.device)  # deepest kept node
         p_cur = p_all[:, 0]  # [B, V] target (residual) at cur
         q_cur = torch.zeros_like(p_cur) if tree.q is not None else None  # draft (residual) at cur
@@ -199,6 +202,32 @@ class SpeculativeSampling:
         depth = tree.depth.gather(1, cur.clamp(min=0).unsqueeze(1)).squeeze(1) if n else cur + 1
         depth = torch.where(cur >= 0, depth, torch.zeros_like(depth))
         return StepOutcome(tree, depth, tree.path_to(cur, n), sample(p_cur))
+
+
+    def _chain(self, p_all: Tensor, tree: DraftTree, u: Tensor) -> tuple[Tensor, Tensor]:
+        """The walk above on a chain, all nodes at once: node i is tried only when nodes 0 .. i - 1
+        were kept, with the target ``p_all[:, i]`` as it stands (a rejection ends the chain), so
+        the kept nodes are the prefix before the first rejection. Same draws ``u``, same result.
+        Returns (kept depth [B], the distribution the next token is drawn from [B, V])."""
+        b, n = tree.tokens.shape
+        if n == 0:
+            return torch.zeros(b, dtype=torch.long, device=p_all.device), p_all[:, 0]
+        lam, x = self.lenience, tree.tokens.unsqueeze(-1)  # [B, N, 1]
+        px = p_all[:, :n].gather(2, x).squeeze(-1)  # [B, N] target at each node's parent
+        qx = tree.q.gather(2, x).squeeze(-1) if tree.q is not None else torch.ones_like(px)
+        kept = tree.valid & (u[:, :n] * lam * qx < px)
+        depth = kept.long().cumprod(dim=1).sum(dim=1)  # [B]
+        at = depth.clamp(max=n - 1).unsqueeze(1)  # [B, 1] the rejected node, when there is one
+        p_cur = p_all.gather(1, depth.view(b, 1, 1).expand(b, 1, p_all.shape[-1])).squeeze(1)  # [B, V]
+        if tree.q is not None:
+            q_at = tree.q.gather(1, at.unsqueeze(-1).expand(b, 1, tree.q.shape[-1])).squeeze(1)
+            residual = (p_cur - lam * q_at).clamp(min=0)
+        else:
+            residual = p_cur.scatter(1, x.squeeze(-1).gather(1, at), (px.gather(1, at) - lam).clamp(min=0))
+        mass = residual.sum(dim=1, keepdim=True)
+        residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p_cur)
+        rejected = (depth < n) & tree.valid.gather(1, at).squeeze(1)
+        return depth, torch.where(rejected.unsqueeze(1), residual, p_cur)
 
 
 class RelaxedAcceptance(SpeculativeSampling):
