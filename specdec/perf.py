@@ -81,9 +81,10 @@ def timed(fn):
 
 
 # ---------------------------------------------------------------------------------------- op count
-# Ops that launch no kernel: allocations and metadata (views are recognised by their schema).
-_FREE_OPS = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default",
-             "aten.new_empty.default", "aten.new_empty_strided.default", "aten._unsafe_view.default",
+# Ops that launch no kernel: allocations and metadata (views are recognised by their schema), and
+# the host scalar a Python number becomes in ``torch.where(c, x, -1)`` (a CPU tensor even on CUDA).
+_FREE_OPS = {"aten.scalar_tensor.default", "aten.empty.memory_format", "aten.empty_strided.default",
+             "aten.empty_like.default", "aten.new_empty.default", "aten.new_empty_strided.default", "aten._unsafe_view.default",
              "aten.lift_fresh.default", "aten.detach.default", "aten.set_.source_Storage_storage_offset"}
 PHASES = ("draft", "layout", "mask", "forward", "layers", "kv write", "attention", "accept", "commit", "bookkeeping")
 
