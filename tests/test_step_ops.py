@@ -146,3 +146,16 @@ def test_chain_sampling_equals_the_tree_walk_draw_for_draw(with_q, lenience):
         assert torch.equal(fast.next_token, slow.next_token)
         seen.update(fast.accept_len.tolist())
     assert seen == set(range(n + 1))
+
+
+def test_writing_into_a_fixed_trees_parents_makes_it_an_ordinary_tree():
+    """A fixed-shape tree keeps its own parents: writing into them neither changes other trees of
+    that shape nor goes unchecked (the step then marks the tree on the device)."""
+    bad = DraftTree.chain(torch.tensor([[1, 2, 3]] * 2))
+    assert bad.known_forest and bad.is_chain
+    bad.parents[1, 2] = 2
+    assert not bad.known_forest and bad.malformed().tolist() == [False, True]
+    fresh = DraftTree.chain(torch.tensor([[1, 2, 3]]))
+    assert fresh.parents.tolist() == [[-1, 0, 1]] and fresh.known_forest
+    with torch.inference_mode():  # no version counter there: the shape is trusted as built
+        assert DraftTree.chain(torch.tensor([[1, 2]])).is_chain

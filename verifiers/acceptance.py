@@ -166,8 +166,9 @@ class SpeculativeSampling:
         b, n = tree.tokens.shape
         lam = self.lenience
         p_all = warp_probs(logits, params)  # [B, 1 + N, V]
-        if tree.is_chain:
-            depth, final = self._chain(p_all, tree, torch.rand(b, max(n, 1), device=logits.device))
+        if tree.is_chain:  # (no draft: nothing to judge, no uniforms to draw)
+            u = torch.rand(b, n, device=logits.device) if n else None
+            depth, final = self._chain(p_all, tree, u)
             return StepOutcome(tree, depth, tree.path_to(depth - 1, n), sample(final))
         cur = torch.full((b,), -1, dtype=torch.long, device=logits.device)  # deepest kept node
         p_cur = p_all[:, 0]  # [B, V] target (residual) at cur
@@ -204,7 +205,7 @@ class SpeculativeSampling:
         return StepOutcome(tree, depth, tree.path_to(cur, n), sample(p_cur))
 
 
-    def _chain(self, p_all: Tensor, tree: DraftTree, u: Tensor) -> tuple[Tensor, Tensor]:
+    def _chain(self, p_all: Tensor, tree: DraftTree, u: Tensor | None) -> tuple[Tensor, Tensor]:
         """The walk above on a chain, all nodes at once: node i is tried only when nodes 0 .. i - 1
         were kept, with the target ``p_all[:, i]`` as it stands (a rejection ends the chain), so
         the kept nodes are the prefix before the first rejection. Same draws ``u``, same result.
@@ -215,7 +216,7 @@ class SpeculativeSampling:
         lam, x = self.lenience, tree.tokens.unsqueeze(-1)  # [B, N, 1]
         px = p_all[:, :n].gather(2, x).squeeze(-1)  # [B, N] target at each node's parent
         qx = tree.q.gather(2, x).squeeze(-1) if tree.q is not None else torch.ones_like(px)
-        kept = tree.valid & (u[:, :n] * lam * qx < px)
+        kept = tree.valid & (u * lam * qx < px)
         depth = kept.long().cumprod(dim=1).sum(dim=1)  # [B]
         at = depth.clamp(max=n - 1).unsqueeze(1)  # [B, 1] the rejected node, when there is one
         p_cur = p_all.gather(1, depth.view(b, 1, 1).expand(b, 1, p_all.shape[-1])).squeeze(1)  # [B, V]

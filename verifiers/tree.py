@@ -88,9 +88,8 @@ class DraftTree:
     forward references and indices out of range. Trees on the CPU are checked on construction
     (``check``); elsewhere checking needs a host sync, so the engine's step marks a bad tree on
     the device (``malformed``) and the driver raises at its next sync. Trees from ``empty``,
-    ``chain``, ``branches`` and ``from_paths`` are forests by construction and need neither; their
-    ``parents`` is a view of a constant shared by every tree of that shape, so never write into
-    it (assigning a new ``parents`` tensor is fine: the tree then compiles it like any other).
+    ``chain``, ``branches`` and ``from_paths`` are forests by construction and need neither, until
+    their ``parents`` is written into or replaced: the tree is then compiled and checked like any other.
     """
 
     tokens: Tensor  # [B, N] long
@@ -125,26 +124,34 @@ class DraftTree:
             raise ValueError(f"DraftTree: a shape of {len(self._shape)} nodes for {self.num_nodes} nodes")
         if self.parents.device.type == "cpu" and self._shape is None:
             self.check()
+        object.__setattr__(self, "_parents_version", _version(self.parents))  # see _structure
 
     @property
     def known_forest(self) -> bool:
         """Whether the constructor fixed the parents on the host (``empty``, ``chain``, ``branches``,
         ``from_paths``), which makes the tree a forest without a check on the device."""
-        return self._shape is not None
+        return self._structure() is not None
 
     @property
     def is_chain(self) -> bool:
         """Whether node i is the child of node i - 1 for every i, known on the host (``chain``, or
         ``branches`` of one branch, or no nodes): the accepted nodes are always a prefix."""
-        return self._shape is not None and self._structure().chain
+        shape = self._structure()
+        return shape is not None and shape.chain
 
-    def _structure(self) -> _Shape:
-        return _shape(self._shape, self.tokens.device)
+    def _structure(self) -> _Shape | None:
+        """The fixed shape's constants, or None for a tree without one, or whose ``parents`` was
+        written into since construction (torch's version counter says so, with no sync): that
+        tree is compiled and checked from its parents like any other."""
+        if self._shape is not None and _version(self.parents) != self._parents_version:
+            object.__setattr__(self, "_shape", None)
+            object.__setattr__(self, "_compiled", None)
+        return None if self._shape is None else _shape(self._shape, self.tokens.device)
 
     def malformed(self) -> Tensor:
         """``[B]`` bool, computed on the device with no sync: rows with a node whose parent is
         neither -1 nor an earlier node."""
-        if self._shape is not None:
+        if self._structure() is not None:
             return torch.zeros(self.batch, dtype=torch.bool, device=self.tokens.device)
         idx = torch.arange(self.num_nodes, device=self.parents.device)
         return ((self.parents < -1) | (self.parents >= idx)).any(dim=1)
@@ -223,9 +230,9 @@ class DraftTree:
 
     @classmethod
     def _fixed(cls, parents: tuple[int, ...], tokens: Tensor, valid: Tensor, q: Tensor | None) -> "DraftTree":
-        """A tree whose rows all have ``parents``. Its ``parents`` tensor is a view of a shared
-        constant: read it, never write into it."""
-        parent = _shape(parents, tokens.device).parents.expand(tokens.shape[0], len(parents))
+        """A tree whose rows all have ``parents`` (its own copy: writing into it makes the tree
+        an ordinary one, see ``_structure``)."""
+        parent = _shape(parents, tokens.device).parents.expand(tokens.shape[0], len(parents)).clone()
         return cls(tokens=tokens, parents=parent, valid=valid, q=q, _shape=parents)
 
     # ------------------------------------------------------------------ compiled views
@@ -243,9 +250,9 @@ class DraftTree:
         Uses pointer jumping on the parent relation: squaring the reachability matrix
         ceil(log2 N) times closes it transitively, with no per-node Python loop.
         """
-        if self._compiled is None and self._shape is not None:
+        shape = self._structure()
+        if self._compiled is None and shape is not None:
             b, n = self.tokens.shape
-            shape = self._structure()
             self._compiled = (shape.ancestors.expand(b, n, n), shape.depth.expand(b, n))
         if self._compiled is None:
             b, n = self.tokens.shape
@@ -276,8 +283,8 @@ class DraftTree:
         ``offsets = [0, 1, 2]``.
         """
         b, n = self.tokens.shape
-        if self._shape is not None:
-            shape = self._structure()
+        shape = self._structure()
+        if shape is not None:
             return shape.among.expand(b, n + 1, n + 1), shape.offsets.expand(b, n + 1)
         anc, depth = self.compile()
         among = torch.ones(b, n + 1, n + 1, dtype=torch.bool, device=anc.device)
@@ -288,8 +295,9 @@ class DraftTree:
     def parent_positions(self) -> Tensor:
         """``[B, N]``: each node's parent's position in a verification step (``parents + 1``; 0 is
         the root), where the logits that judge the node are."""
-        if self._shape is not None:
-            return self._structure().parent_pos.expand(self.batch, self.num_nodes)
+        shape = self._structure()
+        if shape is not None:
+            return shape.parent_pos.expand(self.batch, self.num_nodes)
         return self.parents + 1
 
     def max_depth(self) -> Tensor:
@@ -328,6 +336,11 @@ class DraftTree:
         idx = torch.arange(n, device=self.tokens.device).expand(b, n)
         path = torch.full((b, width + 1), -1, dtype=torch.long, device=self.tokens.device)
         return path.scatter_(1, column, idx)[:, :max_depth]
+
+
+def _version(t: Tensor) -> int | None:
+    """How often ``t`` was written in place (None under ``torch.inference_mode``, which keeps no count)."""
+    return None if t.is_inference() else t._version
 
 
 def _fault(parents: list[int], node: int) -> str:
