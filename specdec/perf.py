@@ -1,9 +1,13 @@
-"""The memory-bandwidth floor of one decode step: the least time a step can take on a GPU.
+"""Two proxies for what a decode step costs: its memory-bandwidth floor and its op count.
 
 A decode step must read every weight the forward uses once (embeddings: one row per token)
 plus the K/V it attends to. At the card's peak HBM bandwidth that takes ``floor_ms``; a
 measured step time far above it means the step is bound by something else (kernel launches,
 host work) and is what to attack next.
+
+On a launch-bound GPU a step costs roughly one launch per kernel, so ``count_step_ops`` counts
+the aten ops one step issues, by phase, on any device (a CPU run included): what a drafted step
+issues beyond a plain one is what it pays beyond its drafting (``scripts/op_count.py``).
 
 Example::
 
@@ -100,7 +104,9 @@ class StepOps:
     ``forward`` (embedding, rotary tables, final norm, LM head), ``layers`` (the decoder layers but
     their attention), ``kv write`` (new K/V into the cache) and ``attention``; then ``accept`` (logits
     processors and the acceptance rule), ``commit`` (tokens and K/V of the kept path, lengths) and
-    ``bookkeeping`` (per-step statistics, fault marks)."""
+    ``bookkeeping`` (per-step statistics, fault marks). Where a path differs by device the count
+    is the CPU's: the K/V commit of a tree that is not a chain is a gather and a scatter per
+    buffer here, one Triton launch on CUDA (``specdec.kernels.kv_commit``)."""
 
     ops: dict[str, Counter]
     syncs: dict[str, Counter]
