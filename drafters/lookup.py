@@ -76,12 +76,12 @@ class PromptLookup(Drafter):
         # back[:, e, i]: the token i places before e (-1 before the buffer), newest first.
         back = torch.nn.functional.pad(tokens, (top_n - 1, 0), value=-1).unfold(1, top_n, 1).flip(-1)  # [B, L, N]
         run = (back == suffix.unsqueeze(1)).long().cumprod(dim=-1).sum(dim=-1)  # [B, L] matched length at e
-        end = torch.arange(length, device=dev).unsqueeze(0)  # [1, L]
+        after = torch.arange(1, length + 1, device=dev).unsqueeze(0)  # [1, L] the slot after each end e
         # The occurrence starts at or after the row's first real token, as does the suffix itself.
-        n = torch.minimum(torch.minimum(run, end + 1 - start), (seq - start).clamp(max=length - 1))
-        ok = (n >= self.min_ngram) & (end + 1 < seq)  # a real match with at least one token after it
-        full = (end + 1 + k <= seq).long()
-        score = torch.where(ok, (2 * n + full) * length + (end + 1 - n), -1)
+        n = torch.minimum(torch.minimum(run, after - start), (seq - start).clamp(max=length - 1))
+        ok = (n >= self.min_ngram) & (after < seq)  # a real match with at least one token after it
+        full = after <= seq - k  # bool: k tokens follow the match
+        score = torch.where(ok, (2 * n + full) * length + (after - n), -1)
         top, pick = score.topk(min(m, length), dim=1)
         cont = torch.where(top >= 0, pick + 1, -1)  # [B, M'] where each chosen copy starts
         if cont.shape[1] < m:

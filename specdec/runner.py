@@ -158,10 +158,7 @@ class ModelRunner:
         layer_ids = range(self.num_layers) if layers is None else list(layers)
         kernel = None
         if contiguous and mask is None and self._use_kernel(slots.device):
-            # What KVCache.visible adds among the new tokens: padding is never read, self always is.
-            real = slots >= cache.start.unsqueeze(1)
-            eye = torch.eye(slots.shape[1], dtype=torch.bool, device=slots.device)
-            kernel = (cache.start, cache.lengths, (among & real.unsqueeze(1)) | eye)
+            kernel = (cache.start, cache.lengths, self._tree_mask(cache, slots, among))
         masks = {}
         if kernel is None or any(self.windows[i] is not None for i in layer_ids):
             if mask is None:
@@ -198,6 +195,14 @@ class ModelRunner:
     def head(self, hidden: Tensor) -> Tensor:
         """Logits (fp32) from a hidden state: the final norm, then the LM head (early exit)."""
         return self.lm_head(self.base.norm(hidden)).float()
+
+    @staticmethod
+    def _tree_mask(cache: KVCache, slots: Tensor, among: Tensor) -> Tensor:
+        """``[B, Q, Q]``: the tree kernel's mask among the new tokens, what ``KVCache.visible``
+        adds there: padding is never read, every query sees itself."""
+        real = slots >= cache.start.unsqueeze(1)
+        eye = torch.eye(slots.shape[1], dtype=torch.bool, device=slots.device)
+        return (among & real.unsqueeze(1)) | eye
 
     def _use_kernel(self, device: torch.device) -> bool:
         if self.attention == "auto":

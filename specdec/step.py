@@ -44,30 +44,29 @@ class VerifyInputs:
 
 def verify_inputs(tree: DraftTree, tokens: Tensor, seq_len: Tensor, start: Tensor) -> VerifyInputs:
     """Lay out one step's verification: the root (last committed token) and the tree's nodes."""
-    b, k, dev = tokens.shape[0], tree.num_nodes, tokens.device
-    anc, depth = tree.compile()
-    among = torch.ones(b, k + 1, k + 1, dtype=torch.bool, device=dev)
-    among[:, 0, 1:] = False
-    among[:, 1:, 1:] = anc
+    k, dev = tree.num_nodes, tokens.device
+    among, offsets = tree.rooted()  # device constants for a tree of fixed shape
     root_slot = seq_len - 1
     slots = root_slot.unsqueeze(1) + torch.arange(k + 1, device=dev)
-    offsets = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), depth], dim=1)
     positions = (root_slot - start).unsqueeze(1) + offsets
     step_tokens = torch.cat([tokens.gather(1, root_slot.unsqueeze(1)), tree.tokens], dim=1)
-    return VerifyInputs(step_tokens, positions, slots, among, depth, root_slot)
+    return VerifyInputs(step_tokens, positions, slots, among, tree.depth, root_slot)
 
 
 def commit_step(state: DecodeState, root_slot: Tensor, emitted: Tensor, keep: Tensor, path: Tensor,
-                accept_len: Tensor) -> None:
+                accept_len: Tensor, moves: bool = True) -> None:
     """Write each row's first ``keep`` emitted tokens after its committed ones, move the accepted
-    nodes' K/V next to the prefix, and advance ``seq_len`` (in place) by ``keep``."""
+    nodes' K/V next to the prefix, and advance ``seq_len`` (in place) by ``keep``.
+
+    All ``N + 1`` emitted columns are written: those past ``keep`` land beyond ``seq_len``, where
+    the buffer is scratch (``DecodeState``), and the next steps overwrite them. ``moves=False``
+    when the accepted nodes already sit right after the prefix (a chain's accepted prefix was
+    verified in exactly those slots), so only the lengths advance."""
     tokens, cache, seq_len = state.tokens, state.cache, state.seq_len
-    ar = torch.arange(emitted.shape[1], device=tokens.device)
-    write = seq_len.unsqueeze(1) + ar
-    old = tokens.gather(1, write)
-    tokens.scatter_(1, write, torch.where(ar < keep.unsqueeze(1), emitted, old))
-    cache.lengths.copy_(seq_len)  # the root is now committed in the cache
-    cache.commit(root_slot.unsqueeze(1) + 1 + path.clamp(min=0), accept_len)
+    tokens.scatter_(1, seq_len.unsqueeze(1) + torch.arange(emitted.shape[1], device=tokens.device), emitted)
+    if moves:
+        cache.lengths.copy_(seq_len)  # the root is now committed in the cache
+        cache.commit(root_slot.unsqueeze(1) + 1 + path.clamp(min=0), accept_len)
     seq_len += keep
     cache.lengths.copy_(seq_len - 1)
 
@@ -214,6 +213,7 @@ class Decoder:
         if kind == "prefill":
             self._forward(*self.prefill_in, view, logits=False, contiguous=False)
             return
+        self.faults.zero_()  # a step whose checks cannot fail leaves its row of marks as it is
         for i in range(self.steps):
             self.step(i, view, draft)
 
@@ -224,7 +224,8 @@ class Decoder:
         accepted = self._accept(tree, v, logits, hidden)  # (tree, v, outcome, emitted, count, hidden)
         self._commit(i, draft, *accepted)
         params, path = self.state.params, accepted[2].path
-        self.faults[i].copy_(step_faults(tree, logits, path, params.do_sample, params.temperature) * self.state.active)
+        if params.do_sample or not tree.known_forest:  # else nothing to check: greedy, and a forest by construction
+            self.faults[i].copy_(step_faults(tree, logits, path, params.do_sample, params.temperature) * self.state.active)
 
     # One step, phase by phase (``phase_times`` times each one on its own).
     def _propose(self, view: int, draft: bool) -> DraftTree:
@@ -252,10 +253,10 @@ class Decoder:
     def _commit(self, i: int, draft: bool, tree: DraftTree, v: VerifyInputs, outcome, emitted: Tensor,
                 count: Tensor, hidden: Tensor | None) -> None:
         s = self.state
-        commit_step(s, v.root_slot, emitted, count, outcome.path, outcome.accept_len * s.active)
+        commit_step(s, v.root_slot, emitted, count, outcome.path, outcome.accept_len * s.active, moves=not tree.is_chain)
         self.gained[i].copy_(count)
         if tree.num_nodes:
-            self.proposed[i].copy_((v.depth * tree.valid).max(dim=1).values * s.active)
+            self.proposed[i].copy_(tree.max_depth() * s.active)
         else:
             self.proposed[i].zero_()
         if draft and self.k:

@@ -147,16 +147,20 @@ def step_faults(tree: DraftTree, logits: Tensor, path: Tensor, sampling: bool, t
     ``path`` the accepted nodes ``[B, N]`` (-1 padded). Greedy (``sampling=False``) has no draw to
     check: HF's argmax takes NaN logits without complaint, and so does greedy acceptance.
     """
-    faults = torch.zeros(tree.batch, dtype=torch.long, device=logits.device)
     if sampling:
         # max(x / T) = max(x) / T for T > 0; NaN propagates through the max, +inf or an all -inf row
         # survive it, and either makes the softmax NaN (HF's multinomial then raises).
         top = logits.amax(dim=-1).float() / temperature  # [B, 1 + N]
-        broken = ~top.isfinite()
-        root = torch.zeros(path.shape[0], 1, dtype=torch.long, device=path.device)
-        draws = torch.cat([root, torch.where(path >= 0, path + 1, -1)], dim=1)  # [B, 1 + N] position of each draw
-        at = broken.gather(1, draws.clamp(min=0)) & (draws >= 0)
-        faults = torch.where(at.any(dim=1), at.long().argmax(dim=1) + 1, faults)
+        broken = (top - top) != 0  # not finite: inf - inf and NaN - NaN are NaN (two kernels; isfinite takes four)
+        # [B, 1 + N] position of each draw: the root, then after each accepted node. Padding (-1)
+        # points at the root again, which cannot come first unless the root's draw is the fault.
+        draws = torch.nn.functional.pad(path + 1, (1, 0))
+        at = broken.gather(1, draws)
+        faults = (at.long().argmax(dim=1) + 1) * at.any(dim=1)
+    else:
+        faults = torch.zeros(tree.batch, dtype=torch.long, device=logits.device)
+    if tree.known_forest:
+        return faults
     return torch.where(tree.malformed(), torch.full_like(faults, TREE_FAULT), faults)
 
 

@@ -99,22 +99,25 @@ class StepOutcome:
 
     def emitted(self) -> tuple[Tensor, Tensor]:
         """``(tokens [B, N + 1], count [B])``: accepted tokens, then the next root token."""
-        tok = self.tree.tokens.gather(1, self.path.clamp(min=0)) if self.path.shape[1] else self.path
-        tok = torch.cat([tok, self.next_token.unsqueeze(1)], dim=1)
-        pos = torch.arange(tok.shape[1], device=tok.device).unsqueeze(0)
+        tree = self.tree
+        tok = tree.tokens.gather(1, self.path.clamp(min=0)) if self.path.shape[1] and not tree.is_chain else tree.tokens
+        tok = torch.cat([tok, self.next_token.unsqueeze(1)], dim=1)  # a chain's accepted tokens are its first ones
         # The next token goes right after the last accepted one.
-        tok = torch.where(pos == self.accept_len.unsqueeze(1), self.next_token.unsqueeze(1), tok)
+        tok.scatter_(1, self.accept_len.unsqueeze(1), self.next_token.unsqueeze(1))
         return tok, self.accept_len + 1
 
 
 def _deepest(tree: DraftTree, accepted: Tensor) -> tuple[Tensor, Tensor]:
-    """Deepest accepted node per row (ties: lowest index) -> (node [B] or -1, depth [B])."""
-    score = torch.where(accepted, tree.depth, torch.zeros_like(tree.depth))
-    if score.shape[1] == 0:
-        zero = torch.zeros(score.shape[0], dtype=torch.long, device=score.device)
+    """Deepest accepted node per row (ties: lowest index) -> (node [B] or -1, depth [B]).
+    ``accepted`` must be closed under ancestors (a node is accepted only with its parent)."""
+    if tree.num_nodes == 0:
+        zero = torch.zeros(tree.batch, dtype=torch.long, device=accepted.device)
         return zero - 1, zero
-    depth, node = score.max(dim=1)
-    return torch.where(depth > 0, node, torch.full_like(node, -1)), depth
+    if tree.is_chain:  # the accepted nodes are a prefix
+        depth = accepted.sum(dim=1)
+        return depth - 1, depth
+    depth, node = (accepted * tree.depth).max(dim=1)  # max returns the first index among ties
+    return node.masked_fill(depth == 0, -1), depth
 
 
 class GreedyAcceptance:
@@ -125,9 +128,9 @@ class GreedyAcceptance:
 
     def accept(self, logits: Tensor, tree: DraftTree, params: SamplingParams) -> StepOutcome:
         pred = logits.argmax(dim=-1)  # [B, 1 + N]
-        ok = tree.valid & (tree.tokens == pred.gather(1, tree.parents + 1))
-        # A node survives when it and all its ancestors match.
-        accepted = ~(tree.ancestors & ~ok.unsqueeze(1)).any(dim=-1)
+        ok = tree.valid & (tree.tokens == pred.gather(1, tree.parent_positions()))
+        # A node survives when it and all its ancestors match (ancestor implies match).
+        accepted = (tree.ancestors <= ok.unsqueeze(1)).all(dim=-1)
         node, depth = _deepest(tree, accepted)
         next_token = pred.gather(1, (node + 1).unsqueeze(1)).squeeze(1)
         return StepOutcome(tree, depth, tree.path_to(node, tree.num_nodes), next_token)
@@ -163,6 +166,10 @@ class SpeculativeSampling:
         b, n = tree.tokens.shape
         lam = self.lenience
         p_all = warp_probs(logits, params)  # [B, 1 + N, V]
+        if tree.is_chain:  # (no draft: nothing to judge, no uniforms to draw)
+            u = torch.rand(b, n, device=logits.device) if n else None
+            depth, final = self._chain(p_all, tree, u)
+            return StepOutcome(tree, depth, tree.path_to(depth - 1, n), sample(final))
         cur = torch.full((b,), -1, dtype=torch.long, device=logits.device)  # deepest kept node
         p_cur = p_all[:, 0]  # [B, V] target (residual) at cur
         q_cur = torch.zeros_like(p_cur) if tree.q is not None else None  # draft (residual) at cur
@@ -198,6 +205,32 @@ class SpeculativeSampling:
         return StepOutcome(tree, depth, tree.path_to(cur, n), sample(p_cur))
 
 
+    def _chain(self, p_all: Tensor, tree: DraftTree, u: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The walk above on a chain, all nodes at once: node i is tried only when nodes 0 .. i - 1
+        were kept, with the target ``p_all[:, i]`` as it stands (a rejection ends the chain), so
+        the kept nodes are the prefix before the first rejection. Same draws ``u``, same result.
+        Returns (kept depth [B], the distribution the next token is drawn from [B, V])."""
+        b, n = tree.tokens.shape
+        if n == 0:
+            return torch.zeros(b, dtype=torch.long, device=p_all.device), p_all[:, 0]
+        lam, x = self.lenience, tree.tokens.unsqueeze(-1)  # [B, N, 1]
+        px = p_all[:, :n].gather(2, x).squeeze(-1)  # [B, N] target at each node's parent
+        qx = tree.q.gather(2, x).squeeze(-1) if tree.q is not None else torch.ones_like(px)
+        kept = tree.valid & (u * lam * qx < px)
+        depth = kept.long().cumprod(dim=1).sum(dim=1)  # [B]
+        at = depth.clamp(max=n - 1).unsqueeze(1)  # [B, 1] the rejected node, when there is one
+        p_cur = p_all.gather(1, depth.view(b, 1, 1).expand(b, 1, p_all.shape[-1])).squeeze(1)  # [B, V]
+        if tree.q is not None:
+            q_at = tree.q.gather(1, at.unsqueeze(-1).expand(b, 1, tree.q.shape[-1])).squeeze(1)
+            residual = (p_cur - lam * q_at).clamp(min=0)
+        else:
+            residual = p_cur.scatter(1, x.squeeze(-1).gather(1, at), (px.gather(1, at) - lam).clamp(min=0))
+        mass = residual.sum(dim=1, keepdim=True)
+        residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p_cur)
+        rejected = (depth < n) & tree.valid.gather(1, at).squeeze(1)
+        return depth, torch.where(rejected.unsqueeze(1), residual, p_cur)
+
+
 class RelaxedAcceptance(SpeculativeSampling):
     """Lossy: speculative sampling with a lenience factor (DistillSpec's lossy variant)."""
 
@@ -224,11 +257,11 @@ class TypicalAcceptance:
         p_all = warp_probs(logits, params) if params.do_sample else logits.float().softmax(dim=-1)
         entropy = -(p_all * p_all.clamp(min=1e-30).log()).sum(dim=-1)  # [B, 1 + N]
         cut = torch.minimum(torch.full_like(entropy, self.threshold), self.alpha * (-entropy).exp())
-        parent = tree.parents + 1
+        parent = tree.parent_positions()
         p_parent = p_all.gather(1, parent.unsqueeze(-1).expand(*parent.shape, p_all.shape[-1]))
         px = p_parent.gather(2, tree.tokens.unsqueeze(-1)).squeeze(-1)
         ok = tree.valid & (px > cut.gather(1, parent))
-        accepted = ~(tree.ancestors & ~ok.unsqueeze(1)).any(dim=-1)
+        accepted = (tree.ancestors <= ok.unsqueeze(1)).all(dim=-1)
         node, depth = _deepest(tree, accepted)
         final = p_all.gather(1, (node + 1).view(-1, 1, 1).expand(-1, 1, p_all.shape[-1])).squeeze(1)
         nxt = sample(final) if params.do_sample else final.argmax(dim=-1)
