@@ -16,9 +16,21 @@ So a round yields 1 to γ_top + 1 tokens; the step's proposal (at most ``middle.
 tokens) is what the full target verifies, which keeps decoding lossless. Everything is device
 work with static shapes (one middle forward per round), so the drafter is ``device_only``.
 
-The top drafter must propose from the committed tokens alone (``PromptLookup``): it is asked for
-drafts after tokens the target has not seen, through a shadow state. Drafters with caches of
-their own (``DraftModel``, ``EagleHead``) are refused at construction.
+The top drafter is asked for drafts after tokens the target has not seen, through a shadow
+state (the committed tokens followed by the step's proposal so far), and must cope with that:
+
+- ``PromptLookup`` searches the shadow tokens like committed ones;
+- ``DraftModel`` (a chain of constant length) runs its own cache over the shadow: each round
+  re-reads the last three shadow tokens (its chain's last token and the middle's own token were
+  never fed, and after the step the bonus token), so its cache holds exactly what it read, and
+  what the target rejects is overwritten by the next step's re-read, as in plain drafting;
+- ``EagleHead`` is refused: it needs the target's aux-layer hidden states at every token before
+  the ones it drafts, and inside a step those tokens are the middle's unverified ones. Only the
+  middle's sparse forward computes states for them, and those are not the target's (they attend
+  to a fraction of the cache), so the head would draft from states unlike any it was trained on;
+  and keeping its cache and feature buffer in step with the shadow would need the middle to
+  export hidden states per round. The hierarchy stays simpler, and the head alone is the better
+  drafter.
 """
 from __future__ import annotations
 
@@ -32,10 +44,34 @@ from specdec.verifiers.acceptance import sample, warp_probs
 from specdec.verifiers.tree import DraftTree
 
 from .base import DecodeContext, DraftSpec, Drafter
+from .draft_model import DraftModel
+from .head_drafters import EagleHead
 from .lookup import PromptLookup
 from .sparse_kv import SparseSelfDraft
 
-STATELESS_TOPS = (PromptLookup,)
+
+
+def _check_top(top: Drafter) -> None:
+    """Refuse top drafters the hierarchy cannot drive, saying why."""
+    if isinstance(top, PromptLookup):
+        if top.num_branches != 1:
+            raise ValueError("Hierarchical: the top drafter must propose a chain; use PromptLookup(num_branches=1)")
+    elif isinstance(top, DraftModel):
+        if top.tree_width != 1 or top.schedule != "constant":
+            raise ValueError("Hierarchical: a DraftModel top drafts a fixed-length chain (its γ is the level's "
+                             f"num_tokens); got tree_width={top.tree_width}, schedule={top.schedule!r}: use "
+                             "DraftModel(model, num_tokens=..., tree_width=1, schedule='constant')")
+    elif isinstance(top, EagleHead):
+        raise ValueError(EAGLE_REFUSAL)
+    else:
+        raise ValueError(f"Hierarchical: the top drafter must be PromptLookup or DraftModel, got {type(top).__name__}")
+
+
+EAGLE_REFUSAL = (
+    "Hierarchical: an EagleHead cannot be the top drafter. It drafts from the target's hidden states "
+    "at its aux layers for every token before the ones it proposes, but inside a step the tokens "
+    "before a round's draft are the middle level's unverified ones, whose states the full target "
+    "never computes; use PromptLookup or a DraftModel on top, or the EagleHead alone")
 
 
 class Hierarchical(Drafter):
@@ -44,29 +80,31 @@ class Hierarchical(Drafter):
     Example::
 
         Hierarchical(PromptLookup(num_tokens=4), SparseSelfDraft(num_tokens=8, window=64), rounds=3)
+        Hierarchical(DraftModel(small, num_tokens=3), SparseSelfDraft(num_tokens=8), rounds=2)
 
     γ per level: ``top.num_nodes`` tokens per round (a chain), ``middle.num_tokens`` tokens per
     step for the target; ``rounds`` middle forwards per step.
     """
 
     def __init__(self, top: Drafter, middle: SparseSelfDraft, rounds: int = 2):
-        if not isinstance(top, STATELESS_TOPS):
-            raise ValueError(f"Hierarchical: the top drafter must propose from the committed tokens alone "
-                             f"({', '.join(t.__name__ for t in STATELESS_TOPS)}); got {type(top).__name__}, whose "
-                             "own cache cannot follow tokens the target has not verified")
-        if getattr(top, "num_branches", 1) != 1:
-            raise ValueError("Hierarchical: the top drafter must propose a chain (num_branches=1)")
+        _check_top(top)
         if not isinstance(middle, SparseSelfDraft):
             raise ValueError(f"Hierarchical: the middle drafter must be a SparseSelfDraft, got {type(middle).__name__}")
         if rounds < 1:
             raise ValueError(f"Hierarchical: rounds must be >= 1, got {rounds}")
         self.top, self.middle, self.rounds = top, middle, rounds
         self.gamma_top = top.num_nodes
-        # The sparse cache's scratch must hold every token a round feeds.
-        middle.scratch = lambda: rounds * (self.gamma_top + 1) + 1
-        k = min(middle.num_tokens, rounds * (self.gamma_top + 1))
+        room = rounds * (self.gamma_top + 1)  # tokens a step's rounds can make
+        middle.reserve(room + 1)  # the sparse scratch holds every token fed
+        scratch = 0
+        if isinstance(top, DraftModel):
+            # A round ends with the middle's own token after the top's chain, so a step can leave
+            # three tokens its cache never read (the top's last, the middle's, the bonus): re-read 3.
+            top.spec = dataclasses.replace(top.spec, lookback=max(top.spec.lookback, 3))
+            scratch = room  # it writes its cache past the root, up to the end of the last round
+        k = min(middle.num_tokens, room)
         self.spec = DraftSpec(num_nodes=k, lookback=max(top.spec.lookback, middle.spec.lookback),
-                              forwards_per_step=rounds)
+                              scratch_slots=scratch, forwards_per_step=rounds + top.spec.forwards_per_step * rounds)
 
     @property
     def num_nodes(self) -> int:
@@ -83,6 +121,14 @@ class Hierarchical(Drafter):
     def begin(self, ctx: DecodeContext) -> None:
         self.top.begin(ctx)
         self.middle.begin(ctx)
+
+    def resync(self, ctx: DecodeContext, since: int) -> None:
+        self.top.resync(ctx, since)
+        self.middle.resync(ctx, since)
+
+    def memory_bytes(self, batch: int, cache_len: int, new_tokens: int) -> int:
+        return (self.top.memory_bytes(batch, cache_len, new_tokens)
+                + self.middle.memory_bytes(batch, cache_len, new_tokens))
 
     def propose(self, ctx: DecodeContext) -> DraftTree:
         self.middle.select(ctx)

@@ -1,6 +1,8 @@
 """Sparse-KV self-drafting (TriForce's middle level) and the Hierarchical / TriForce drafters:
 lossless against HF greedy with sparsity actually exercised, and the target's law kept under
 sampling."""
+import copy
+
 import pytest
 import torch
 from test_sampling import PARAMS, chi2_pvalue, exact_joint, sampled_joint
@@ -64,6 +66,45 @@ def test_greedy_equals_hf(arch, lengths):
     assert torch.equal(seq, ref), f"TriForce differs from HF greedy ({arch}, {lengths})"
 
 
+class CheckingMeans(SparseSelfDraft):
+    """At every step, after selection: the kept chunk means equal the mean keys read straight from
+    the target's cache, every wholly committed chunk has one, and nothing was rebuilt from scratch."""
+
+    def _rebuild_means(self, ctx):
+        self.rebuilds += 1
+        super()._rebuild_means(ctx)
+
+    def select(self, ctx):
+        super().select(ctx)
+        committed = (ctx.seq_len - 1 - ctx.start).tolist()
+        for b, n in enumerate(committed):
+            complete = max(0, n - self.sink) // self.chunk
+            assert int(self.filled[b]) == complete, f"row {b}: {int(self.filled[b])} chunk means, {complete} chunks"
+            for c in range(complete):
+                lo = int(ctx.start[b]) + self.sink + c * self.chunk
+                expect = torch.stack([k[b, :, lo: lo + self.chunk].float().mean(1) for k in ctx.cache.k])
+                torch.testing.assert_close(self.means[:, b, :, c], expect, rtol=1e-6, atol=1e-6)
+        self.chunks_seen.append(self.filled.clone())
+
+
+def test_incremental_chunk_means_match_a_recomputation():
+    # Batch 2, ragged prompts, a small window: drafts get rejected (rows grow by different
+    # amounts each step) and chunks complete at different steps in each row.
+    model = make_tiny("llama", num_layers=3)
+    ids, mask = ragged_batch([9, 26], 256, seed=7)
+    ref = hf_greedy(model, ids, mask, max_new_tokens=30)
+    drafter = CheckingMeans(num_tokens=4, sink=2, window=3, chunk=3, top_chunks=2)
+    drafter.rebuilds, drafter.chunks_seen = 0, []
+    seq, stats = generate(model, drafter, ids, mask, n=30)
+    assert torch.equal(seq, ref)
+    assert drafter.rebuilds == 1, "chunk means were rebuilt from scratch after begin"
+    seen = torch.stack(drafter.chunks_seen)  # [steps, 2]
+    assert (seen[-1] - seen[0] >= 5).all(), "too few chunks completed during decoding to test the update"
+    rejected = [a < p + 1 for row_a, row_p in zip(stats.accepted_lengths, stats.proposed)
+                for a, p in zip(row_a[:-1], row_p[:-1])]
+    assert any(rejected) and not all(rejected), "the test needs steps with rejections and steps without"
+
+
 def test_full_budget_self_draft_is_exact():
     # When the budget covers the whole context the sparse draft is the target itself: every token
     # is accepted (the gathered cache and its per-row padding reproduce full attention).
@@ -93,11 +134,60 @@ def test_hierarchical_with_an_exact_middle_keeps_its_tokens():
     assert all(min(row[:-1]) >= 3 for row in stats.accepted_lengths)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("lengths", [[23], [13, 30, 2, 19]], ids=["batch1", "batch4"])
+def test_draft_model_top_greedy_equals_hf(arch, lengths):
+    # A draft model close to the target (its weights perturbed) on top: its chains get cut by the
+    # middle level and the middle's drafts by the target, at different points in each row.
+    from test_head_drafters import noisy
+
+    model = make_tiny(arch, num_layers=3)
+    ids, mask = ragged_batch(lengths, 256, seed=len(lengths) + 1)
+    ref = hf_greedy(model, ids, mask, max_new_tokens=20)
+    middle = small_sparse(num_tokens=7, window=12)  # budget 20: every row outgrows it
+    top = DraftModel(noisy(copy.deepcopy(model), scale=0.02), num_tokens=3)
+    seq, stats = generate(model, Hierarchical(top, middle, rounds=2), ids, mask)
+    assert torch.equal(seq, ref), f"Hierarchical(DraftModel, sparse) differs from HF greedy ({arch}, {lengths})"
+    assert_sparse(middle, middle.budget)
+    proposed = [p for row in stats.proposed for p in row]
+    assert max(proposed) > 2, "no round kept a top token (2 rounds of the middle's own token alone)"
+    assert any(a < p + 1 for row_a, row_p in zip(stats.accepted_lengths, stats.proposed)
+               for a, p in zip(row_a, row_p)), "the target never rejected a draft"
+
+
+def test_draft_model_top_cache_follows_the_shadow():
+    # With the target itself on top and a full-budget middle every level is exact: each round
+    # keeps the top's whole chain plus the middle's token, and the target accepts all of it. A
+    # draft cache that missed a shadow token (a round's own token, a step's bonus) would draft
+    # wrong tokens somewhere, and a round would keep fewer.
+    model = make_tiny("llama", num_layers=3)
+    ids, mask = ragged_batch([6, 17], 256, seed=8)
+    ref = hf_greedy(model, ids, mask, max_new_tokens=30)
+    middle = SparseSelfDraft(num_tokens=8, sink=2, window=64, chunk=4, top_chunks=0)
+    tri = Hierarchical(DraftModel(model, num_tokens=3), middle, rounds=2)
+    assert tri.num_nodes == 8 and tri.top.spec.lookback == 3
+    seq, stats = generate(model, tri, ids, mask, n=30)
+    assert torch.equal(seq, ref)
+    assert_all_accepted(stats)
+    assert all(set(row[:-1]) == {9} for row in stats.accepted_lengths), stats.accepted_lengths
+
+
 def test_bad_options_are_refused():
+    from test_head_drafters import eagle, medusa
+
     with pytest.raises(ValueError, match="window"):
         SparseSelfDraft(window=0)
-    with pytest.raises(ValueError, match="top drafter"):
-        Hierarchical(DraftModel(make_tiny("llama"), num_tokens=2), SparseSelfDraft())
+    tiny = make_tiny("llama")
+    with pytest.raises(ValueError, match="tree_width=1"):
+        Hierarchical(DraftModel(tiny, num_tokens=2, tree_width=2), SparseSelfDraft())
+    with pytest.raises(ValueError, match="schedule='constant'"):
+        Hierarchical(DraftModel(tiny, num_tokens=2, schedule="adaptive"), SparseSelfDraft())
+    with pytest.raises(ValueError, match="num_branches=1"):
+        Hierarchical(PromptLookup(num_branches=2), SparseSelfDraft())
+    with pytest.raises(ValueError, match="EagleHead cannot be the top drafter"):
+        Hierarchical(eagle(tiny), SparseSelfDraft())
+    with pytest.raises(ValueError, match="PromptLookup or DraftModel, got MedusaHeads"):
+        Hierarchical(medusa(tiny), SparseSelfDraft())
     with pytest.raises(ValueError, match="middle drafter"):
         Hierarchical(PromptLookup(), PromptLookup())
     with pytest.raises(ValueError, match="sliding-window"):
@@ -106,12 +196,16 @@ def test_bad_options_are_refused():
 
 
 @pytest.mark.parametrize("params", PARAMS, ids=["t1", "t0.7_k5_p0.9"])
-@pytest.mark.parametrize("kind", ["sparse", "hierarchical"])
+@pytest.mark.parametrize("kind", ["sparse", "hierarchical", "draft_model_top"])
 def test_sampling_preserves_target(params, kind):
     target = make_tiny("llama", vocab_size=8, init_range=0.15, seed=11)
     torch.manual_seed(4321)
     sparse = SparseSelfDraft(num_tokens=3, sink=1, window=2, chunk=2, top_chunks=1)  # the 7-token prompt is cut
-    drafter = sparse if kind == "sparse" else Hierarchical(PromptLookup(num_tokens=2, max_ngram=2), sparse, rounds=2)
+    tops = {"hierarchical": lambda: PromptLookup(num_tokens=2, max_ngram=2),
+            # a draft model of other weights: its q is a real distribution, unlike lookup's point masses
+            "draft_model_top": lambda: DraftModel(make_tiny("llama", vocab_size=8, init_range=0.15, seed=12),
+                                                  num_tokens=2)}
+    drafter = sparse if kind == "sparse" else Hierarchical(tops[kind](), sparse, rounds=2)
     counts = sampled_joint(specdec.wrap(target, drafter=drafter), params)
     assert chi2_pvalue(counts, exact_joint(target, params)) > 1e-3
 
