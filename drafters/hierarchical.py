@@ -24,13 +24,14 @@ state (the committed tokens followed by the step's proposal so far), and must co
   re-reads the last three shadow tokens (its chain's last token and the middle's own token were
   never fed, and after the step the bonus token), so its cache holds exactly what it read, and
   what the target rejects is overwritten by the next step's re-read, as in plain drafting;
-- ``EagleHead`` is refused: it needs the target's aux-layer hidden states at every token before
-  the ones it drafts, and inside a step those tokens are the middle's unverified ones. Only the
-  middle's sparse forward computes states for them, and those are not the target's (they attend
-  to a fraction of the cache), so the head would draft from states unlike any it was trained on;
-  and keeping its cache and feature buffer in step with the shadow would need the middle to
-  export hidden states per round. The hierarchy stays simpler, and the head alone is the better
-  drafter.
+- ``EagleHead`` (a chain) reads the target's hidden states at its aux layers for every token
+  before the ones it drafts. Committed tokens get them from verification (the hierarchy asks for
+  the head's ``hidden_layers`` and passes ``observe`` on); the step's own tokens get them from
+  the middle's forward over each round, which runs every target layer, only over the sparse
+  cache. So within a step the head drafts from the middle's approximation of the target's states
+  (a plain EAGLE chain feeds back the head's own predicted states instead); the next step re-reads its last ``num_tokens + 1`` slots with the verified ones. Head cache entries
+  further back keep the middle's states when a step commits more than that: a quality matter,
+  never a correctness one.
 """
 from __future__ import annotations
 
@@ -62,16 +63,11 @@ def _check_top(top: Drafter) -> None:
                              f"num_tokens); got tree_width={top.tree_width}, schedule={top.schedule!r}: use "
                              "DraftModel(model, num_tokens=..., tree_width=1, schedule='constant')")
     elif isinstance(top, EagleHead):
-        raise ValueError(EAGLE_REFUSAL)
+        if top.search is not None:
+            raise ValueError("Hierarchical: an EagleHead top drafts a chain; build it without tree_topk")
     else:
-        raise ValueError(f"Hierarchical: the top drafter must be PromptLookup or DraftModel, got {type(top).__name__}")
-
-
-EAGLE_REFUSAL = (
-    "Hierarchical: an EagleHead cannot be the top drafter. It drafts from the target's hidden states "
-    "at its aux layers for every token before the ones it proposes, but inside a step the tokens "
-    "before a round's draft are the middle level's unverified ones, whose states the full target "
-    "never computes; use PromptLookup or a DraftModel on top, or the EagleHead alone")
+        raise ValueError("Hierarchical: the top drafter must be PromptLookup, DraftModel or EagleHead, got "
+                         f"{type(top).__name__}")
 
 
 class Hierarchical(Drafter):
@@ -93,18 +89,23 @@ class Hierarchical(Drafter):
         if rounds < 1:
             raise ValueError(f"Hierarchical: rounds must be >= 1, got {rounds}")
         self.top, self.middle, self.rounds = top, middle, rounds
-        self.gamma_top = top.num_nodes
+        self.gamma_top = top.spec.num_nodes
         room = rounds * (self.gamma_top + 1)  # tokens a step's rounds can make
         middle.reserve(room + 1)  # the sparse scratch holds every token fed
-        scratch = 0
         if isinstance(top, DraftModel):
             # A round ends with the middle's own token after the top's chain, so a step can leave
             # three tokens its cache never read (the top's last, the middle's, the bonus): re-read 3.
             top.spec = dataclasses.replace(top.spec, lookback=max(top.spec.lookback, 3))
-            scratch = room  # it writes its cache past the root, up to the end of the last round
+        # Tops with caches write them past the root, up to the end of the last round.
+        scratch = 0 if isinstance(top, PromptLookup) else room
+        # An EagleHead reads the target's states at its aux layers: verification exports them for
+        # committed tokens, the middle's forward gives them for the step's own tokens.
+        self.feeds_head = isinstance(top, EagleHead)
+        self.collect = top.spec.hidden_layers if self.feeds_head else ()
         k = min(middle.num_tokens, room)
         self.spec = DraftSpec(num_nodes=k, lookback=max(top.spec.lookback, middle.spec.lookback),
-                              scratch_slots=scratch, forwards_per_step=rounds + top.spec.forwards_per_step * rounds)
+                              scratch_slots=scratch, hidden_layers=self.collect,
+                              forwards_per_step=rounds + top.spec.forwards_per_step * rounds)
 
     @property
     def num_nodes(self) -> int:
@@ -125,6 +126,9 @@ class Hierarchical(Drafter):
     def resync(self, ctx: DecodeContext, since: int) -> None:
         self.top.resync(ctx, since)
         self.middle.resync(ctx, since)
+
+    def observe(self, ctx: DecodeContext, outcome) -> None:
+        self.top.observe(ctx, outcome)  # an EagleHead stores the verified states of the kept tokens
 
     def memory_bytes(self, batch: int, cache_len: int, new_tokens: int) -> int:
         return (self.top.memory_bytes(batch, cache_len, new_tokens)
@@ -164,8 +168,12 @@ class Hierarchical(Drafter):
         """
         b, g = tree.tokens.shape
         root = shadow.gather(1, (ctx.seq_len + made - 1).unsqueeze(1))
-        logits = self.middle.forward_sparse(ctx, torch.cat([root, tree.tokens], 1), made)  # [B, g + 1, V]
-        draft = tree.tokens
+        fed = torch.cat([root, tree.tokens], 1)  # [B, g + 1] at shadow slots seq_len + made - 1 on
+        out = self.middle.forward_sparse(ctx, fed, made, collect=self.collect)
+        if self.feeds_head:  # the head's features there, for the next round (the kept ones are right)
+            slots = (ctx.seq_len + made - 1)[:, None] + torch.arange(g + 1, device=fed.device)
+            self.top.store_features(ctx, slots, out.layer_hidden, fed)
+        logits, draft = out.logits, tree.tokens  # [B, g + 1, V], [B, g]
         if not ctx.params.do_sample:
             agree = (logits[:, :g].argmax(-1) == draft) & tree.valid
             a = agree.long().cumprod(1).sum(1)  # [B] top tokens kept

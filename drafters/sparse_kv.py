@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from specdec.cache import KVCache
+from specdec.runner import RunnerOutput
 from specdec.verifiers.acceptance import sample, warp_probs
 from specdec.verifiers.tree import DraftTree
 
@@ -232,9 +233,11 @@ class SparseSelfDraft(Drafter):
         return slots.view(b, -1), ok[..., None].expand(-1, -1, self.chunk).reshape(b, -1)
 
     # ------------------------------------------------------------------ drafting
-    def forward_sparse(self, ctx: DecodeContext, tokens: Tensor, offset: Tensor) -> Tensor:
+    def forward_sparse(self, ctx: DecodeContext, tokens: Tensor, offset: Tensor,
+                       collect: tuple[int, ...] = ()) -> RunnerOutput:
         """Feed a causal run ``tokens`` ``[B, Q]`` at per-row offsets ``offset`` ``[B]`` past the root's
-        slot of the sparse cache; returns the next-token logits ``[B, Q, V]``.
+        slot of the sparse cache; returns the next-token logits ``[B, Q, V]`` and, for the layer
+        counts ``collect``, the hidden states ``[E, B, Q, H]`` after them (``layer_hidden``).
 
         Slots before the run hold the gathered prefix and the tokens of this step fed before it.
         """
@@ -245,11 +248,10 @@ class SparseSelfDraft(Drafter):
         among = torch.ones(q, q, dtype=torch.bool, device=tokens.device).tril().expand(b, q, q)
         self.small.lengths.copy_(self.budget + offset)
         try:
-            out = self._forward(self.small, tokens, positions, slots, among,
-                                view_len=self.budget + self.fed, contiguous=True)
+            return self._forward(self.small, tokens, positions, slots, among, view_len=self.budget + self.fed,
+                                 contiguous=True, collect=collect or None)
         finally:
             self.small.lengths.fill_(self.budget)
-        return out.logits
 
     def propose(self, ctx: DecodeContext) -> DraftTree:
         self.select(ctx)
@@ -259,7 +261,7 @@ class SparseSelfDraft(Drafter):
         current = ctx.tokens.gather(1, (ctx.seq_len - 1).unsqueeze(1))  # [B, 1] the root
         offset = torch.zeros(b, dtype=torch.long, device=dev)
         for i in range(k):
-            logits = self.forward_sparse(ctx, current, offset + i)[:, -1]
+            logits = self.forward_sparse(ctx, current, offset + i).logits[:, -1]
             if q is not None:
                 q[:, i] = warp_probs(logits, ctx.params)
                 current = sample(q[:, i]).unsqueeze(1)

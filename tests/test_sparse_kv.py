@@ -9,7 +9,7 @@ from test_sampling import PARAMS, chi2_pvalue, exact_joint, sampled_joint
 from tiny import ARCHS, hf_greedy, make_tiny, ragged_batch
 
 import specdec
-from specdec.drafters import DraftModel, Hierarchical, PromptLookup, SparseSelfDraft, TriForce, make_drafter
+from specdec.drafters import DraftModel, EagleHead, Hierarchical, PromptLookup, SparseSelfDraft, TriForce, make_drafter
 
 
 class Recording(SparseSelfDraft):
@@ -172,6 +172,56 @@ def test_draft_model_top_cache_follows_the_shadow():
     assert all(set(row[:-1]) == {9} for row in stats.accepted_lengths), stats.accepted_lengths
 
 
+@pytest.mark.parametrize("lengths", [[23], [13, 30, 2, 19]], ids=["batch1", "batch4"])
+def test_eagle_top_greedy_equals_hf(lengths):
+    from test_head_drafters import eagle
+
+    model = make_tiny("qwen2", num_layers=3)
+    ids, mask = ragged_batch(lengths, 256, seed=len(lengths) + 2)
+    ref = hf_greedy(model, ids, mask, max_new_tokens=20)
+    middle = small_sparse(num_tokens=7, window=12)
+    tri = Hierarchical(eagle(model, num_tokens=3), middle, rounds=2)
+    assert tri.spec.hidden_layers == tri.top.spec.hidden_layers == (1,)  # verification exports the head's
+    seq, stats = generate(model, tri, ids, mask)
+    assert torch.equal(seq, ref), f"Hierarchical(EagleHead, sparse) differs from HF greedy ({lengths})"
+    assert_sparse(middle, middle.budget)
+
+
+def test_eagle_top_reads_the_middle_states_of_the_steps_tokens():
+    # With a full-budget middle, the states its forward gives the head for the step's own tokens are
+    # the target's: each one a round stores equals HF's hidden state after layer 1 at that position
+    # (wherever the round's tokens are the ones decoding went on to produce), including tokens the
+    # target had not verified yet (past the step's root).
+    from test_head_drafters import eagle
+
+    model = make_tiny("llama", num_layers=3)
+    ids, mask = ragged_batch([11], 256, seed=9)
+    ref = hf_greedy(model, ids, mask, max_new_tokens=24)
+    head = eagle(model, num_tokens=2)
+    middle = SparseSelfDraft(num_tokens=6, sink=2, window=64, chunk=4, top_chunks=0)
+    tri = Hierarchical(head, middle, rounds=3)
+    stored, store = [], head.store_features
+
+    def record(state, slots, layer_hidden, tokens):  # the rounds' calls; observe calls it from the head
+        root = state.seq_len - 1 - state.start
+        stored.append((slots - state.start[:, None], root, layer_hidden.clone(), tokens.clone()))
+        store(state, slots, layer_hidden, tokens)
+    tri.top = type("Recorded", (), {"store_features": staticmethod(record), "__getattr__":
+                                    lambda self, name: getattr(head, name)})()
+    seq, _ = generate(model, tri, ids, mask, n=24)
+    assert torch.equal(seq, ref)
+    truth = model(ref, output_hidden_states=True).hidden_states[1][0]  # [T, H] after layer 1
+    compared = unverified = 0
+    for positions, root, states, tokens in stored:
+        for i, (p, t) in enumerate(zip(positions[0].tolist(), tokens[0].tolist())):
+            if p >= ref.shape[1] or t != int(ref[0, p]):
+                break  # past here the round's tokens are not the decoded ones
+            torch.testing.assert_close(states[0, 0, i], truth[p], rtol=1e-4, atol=1e-4)
+            compared += 1
+            unverified += p > int(root[0])
+    assert len(stored) > 6 and compared >= len(stored) and unverified > len(stored) // 2, (compared, unverified)
+
+
 def test_bad_options_are_refused():
     from test_head_drafters import eagle, medusa
 
@@ -184,9 +234,9 @@ def test_bad_options_are_refused():
         Hierarchical(DraftModel(tiny, num_tokens=2, schedule="adaptive"), SparseSelfDraft())
     with pytest.raises(ValueError, match="num_branches=1"):
         Hierarchical(PromptLookup(num_branches=2), SparseSelfDraft())
-    with pytest.raises(ValueError, match="EagleHead cannot be the top drafter"):
-        Hierarchical(eagle(tiny), SparseSelfDraft())
-    with pytest.raises(ValueError, match="PromptLookup or DraftModel, got MedusaHeads"):
+    with pytest.raises(ValueError, match="without tree_topk"):
+        Hierarchical(EagleHead(eagle(tiny).head, tree_topk=2, tree_depth=2), SparseSelfDraft())
+    with pytest.raises(ValueError, match="PromptLookup, DraftModel or EagleHead, got MedusaHeads"):
         Hierarchical(medusa(tiny), SparseSelfDraft())
     with pytest.raises(ValueError, match="middle drafter"):
         Hierarchical(PromptLookup(), PromptLookup())
@@ -196,15 +246,18 @@ def test_bad_options_are_refused():
 
 
 @pytest.mark.parametrize("params", PARAMS, ids=["t1", "t0.7_k5_p0.9"])
-@pytest.mark.parametrize("kind", ["sparse", "hierarchical", "draft_model_top"])
+@pytest.mark.parametrize("kind", ["sparse", "hierarchical", "draft_model_top", "eagle_top"])
 def test_sampling_preserves_target(params, kind):
+    from test_head_drafters import eagle
+
     target = make_tiny("llama", vocab_size=8, init_range=0.15, seed=11)
     torch.manual_seed(4321)
     sparse = SparseSelfDraft(num_tokens=3, sink=1, window=2, chunk=2, top_chunks=1)  # the 7-token prompt is cut
     tops = {"hierarchical": lambda: PromptLookup(num_tokens=2, max_ngram=2),
             # a draft model of other weights: its q is a real distribution, unlike lookup's point masses
             "draft_model_top": lambda: DraftModel(make_tiny("llama", vocab_size=8, init_range=0.15, seed=12),
-                                                  num_tokens=2)}
+                                                  num_tokens=2),
+            "eagle_top": lambda: eagle(target, num_tokens=2)}
     drafter = sparse if kind == "sparse" else Hierarchical(tops[kind](), sparse, rounds=2)
     counts = sampled_joint(specdec.wrap(target, drafter=drafter), params)
     assert chi2_pvalue(counts, exact_joint(target, params)) > 1e-3
