@@ -222,6 +222,29 @@ def test_eagle_top_reads_the_middle_states_of_the_steps_tokens():
     assert len(stored) > 6 and compared >= len(stored) and unverified > len(stored) // 2, (compared, unverified)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_many_steps_per_sync_equal_hf(device):
+    # Three steps per host sync on the CPU; on CUDA, captured graphs of eight. Selection, the
+    # chunk-mean update and every top level run with no host sync in between.
+    from test_head_drafters import eagle, noisy
+
+    model = make_tiny("llama", num_layers=3, vocab_size=64, init_range=1.0).to(device)
+    ids, mask = (t.to(device) for t in ragged_batch([13, 30, 2, 19], 64, seed=3))
+    ref = hf_greedy(model, ids, mask, max_new_tokens=40, eos_token_id=None)
+    drafters = {"sparse": small_sparse(window=8),
+                "lookup_top": Hierarchical(PromptLookup(num_tokens=3, max_ngram=2), small_sparse(num_tokens=6)),
+                "draft_model_top": Hierarchical(DraftModel(noisy(copy.deepcopy(model), scale=0.02), num_tokens=3),
+                                                small_sparse(num_tokens=6, window=8)),
+                "eagle_top": Hierarchical(eagle(model, num_tokens=2), small_sparse(num_tokens=6, window=8))}
+    graphs = dict(cuda_graphs=True) if device == "cuda" else dict(chunk_steps=3)
+    for name, drafter in drafters.items():
+        out = specdec.wrap(model, drafter=drafter, **graphs).generate(
+            ids, attention_mask=mask, max_new_tokens=40, pad_token_id=0, eos_token_id=None, do_sample=False,
+            return_dict_in_generate=True)
+        assert torch.equal(out.sequences, ref), (device, name)
+
+
 def test_bad_options_are_refused():
     from test_head_drafters import eagle, medusa
 
