@@ -157,13 +157,6 @@ class EagleHead(Drafter):
                  for a in self.head.aux_layers]
         return self.head.fuse(torch.cat(parts, dim=-1).to(self.feature.dtype))
 
-    def store_features(self, state: DecodeState, slots: Tensor, layer_hidden: Tensor | None, tokens: Tensor) -> None:
-        """Write the fused features of ``tokens`` [B, Q] at ``slots`` [B, Q], from ``layer_hidden``
-        [E, B, Q, H], the states after ``spec.hidden_layers`` at those tokens: ``observe`` passes the
-        verification's, a ``Hierarchical`` its middle level's for the tokens it has not verified."""
-        fused = self._fused(state, layer_hidden, tokens)                                   # [B, Q, H]
-        self.feature.scatter_(1, slots.unsqueeze(-1).expand_as(fused), fused)
-
     def _catch_up(self, state: DecodeState, lo: int) -> None:
         """Recompute features of slots ``lo ..`` and head entries of slots ``max(lo, 1) ..`` up to
         where ``propose`` takes over (``seq_len - window``). Host-side."""
@@ -277,7 +270,8 @@ class EagleHead(Drafter):
             pick = torch.cat([torch.zeros_like(root).unsqueeze(1), 1 + outcome.path.clamp(min=0)], dim=1)
             hid = state.hidden                                                              # [E, B, N + 1, H]
             states = hid.gather(2, pick.view(1, b, n + 1, 1).expand(hid.shape[0], b, n + 1, hid.shape[-1]))
-        self.store_features(state, slots, states, state.tokens.gather(1, slots))
+        fused = self._fused(state, states, state.tokens.gather(1, slots))                   # [B, N + 1, H]
+        self.feature.scatter_(1, slots.unsqueeze(-1).expand_as(fused), fused)
 
 
 class MedusaHeads(Drafter):

@@ -172,7 +172,7 @@ class Hierarchical(Drafter):
         out = self.middle.forward_sparse(ctx, fed, made, collect=self.collect)
         if self.feeds_head:  # the head's features there, for the next round (the kept ones are right)
             slots = (ctx.seq_len + made - 1)[:, None] + torch.arange(g + 1, device=fed.device)
-            self.top.store_features(ctx, slots, out.layer_hidden, fed)
+            self.store_head_features(ctx, slots, out.layer_hidden, fed)
         logits, draft = out.logits, tree.tokens  # [B, g + 1, V], [B, g]
         if not ctx.params.do_sample:
             agree = (logits[:, :g].argmax(-1) == draft) & tree.valid
@@ -194,6 +194,12 @@ class Hierarchical(Drafter):
         residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_a)
         own = sample(torch.where(rejected[:, None], residual / residual.sum(-1, keepdim=True), p_a))
         return self._join(draft, own[:, None], a), p, a + 1
+
+    def store_head_features(self, ctx: DecodeContext, slots: Tensor, states: Tensor | None, tokens: Tensor) -> None:
+        """Put the EagleHead's fused features of ``tokens`` [B, Q] at ``slots`` [B, Q] of its feature
+        buffer, from the middle's states ``states`` [E, B, Q, H] after the head's aux layers."""
+        fused = self.top._fused(ctx, states, tokens)  # [B, Q, H], as the head's own observe fuses them
+        self.top.feature.scatter_(1, slots.unsqueeze(-1).expand_as(fused), fused)
 
     @staticmethod
     def _join(draft: Tensor, own: Tensor, a: Tensor) -> Tensor:

@@ -200,14 +200,13 @@ def test_eagle_top_reads_the_middle_states_of_the_steps_tokens():
     head = eagle(model, num_tokens=2)
     middle = SparseSelfDraft(num_tokens=6, sink=2, window=64, chunk=4, top_chunks=0)
     tri = Hierarchical(head, middle, rounds=3)
-    stored, store = [], head.store_features
+    stored, store = [], tri.store_head_features
 
-    def record(state, slots, layer_hidden, tokens):  # the rounds' calls; observe calls it from the head
+    def record(state, slots, layer_hidden, tokens):
         root = state.seq_len - 1 - state.start
         stored.append((slots - state.start[:, None], root, layer_hidden.clone(), tokens.clone()))
         store(state, slots, layer_hidden, tokens)
-    tri.top = type("Recorded", (), {"store_features": staticmethod(record), "__getattr__":
-                                    lambda self, name: getattr(head, name)})()
+    tri.store_head_features = record
     seq, _ = generate(model, tri, ids, mask, n=24)
     assert torch.equal(seq, ref)
     truth = model(ref, output_hidden_states=True).hidden_states[1][0]  # [T, H] after layer 1
