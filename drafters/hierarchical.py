@@ -210,9 +210,11 @@ class Hierarchical(Drafter):
 
 def TriForce(top: Drafter | Mapping | None = None, num_tokens: int = 8, rounds: int = 2, sink: int = 4, window: int = 256,
              chunk: int = 16, top_chunks: int = 8) -> Hierarchical:
-    """TriForce's hierarchy: ``top`` (default prompt lookup of 4 tokens) drafts for a sparse-KV
-    self-draft of ``num_tokens`` tokens per step, which drafts for the full target. ``top`` may be
-    a drafter config mapping (Hydra's ``conf/drafter/triforce.yaml``).
+    """TriForce's hierarchy: ``top`` (default prompt lookup of 4 tokens; or a ``DraftModel`` or
+    ``EagleHead`` chain) drafts for a sparse-KV self-draft of ``num_tokens`` tokens per step, which
+    drafts for the full target. ``top`` may be a drafter config mapping (Hydra's
+    ``conf/drafter/triforce.yaml``), e.g. ``{"_target_": "specdec.drafters.DraftModel.from_pretrained",
+    "spec": "zoo:qwen2.5-coder-0.5b-instruct", "num_tokens": 3}``.
 
     Example: ``specdec.wrap(model, drafter=TriForce(window=128, top_chunks=4))``.
     """

@@ -95,8 +95,13 @@ def test_incremental_chunk_means_match_a_recomputation():
     ref = hf_greedy(model, ids, mask, max_new_tokens=30)
     drafter = CheckingMeans(num_tokens=4, sink=2, window=3, chunk=3, top_chunks=2)
     drafter.rebuilds, drafter.chunks_seen = 0, []
-    seq, stats = generate(model, drafter, ids, mask, n=30)
+    spec = specdec.wrap(model, drafter=drafter)
+    out = spec.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0,
+                        return_dict_in_generate=True)
+    seq, stats = out.sequences, out.spec_stats
     assert torch.equal(seq, ref)
+    capacity = spec.engine._decoder.state.capacity  # memory_bytes counts exactly the buffers it holds
+    assert drafter.memory_bytes(2, capacity, 30) == drafter.small.memory_bytes() + drafter.means.numel() * 4
     assert drafter.rebuilds == 1, "chunk means were rebuilt from scratch after begin"
     seen = torch.stack(drafter.chunks_seen)  # [steps, 2]
     assert (seen[-1] - seen[0] >= 5).all(), "too few chunks completed during decoding to test the update"
