@@ -29,9 +29,10 @@ state (the committed tokens followed by the step's proposal so far), and must co
   the head's ``hidden_layers`` and passes ``observe`` on); the step's own tokens get them from
   the middle's forward over each round, which runs every target layer, only over the sparse
   cache. So within a step the head drafts from the middle's approximation of the target's states
-  (a plain EAGLE chain feeds back the head's own predicted states instead); the next step re-reads its last ``num_tokens + 1`` slots with the verified ones. Head cache entries
-  further back keep the middle's states when a step commits more than that: a quality matter,
-  never a correctness one.
+  (a plain EAGLE chain feeds back the head's own predicted states instead); the next step
+  re-reads its last ``num_tokens + 1`` slots with the verified ones. Head cache entries further
+  back keep the middle's states when a step commits more than that: a quality matter, never a
+  correctness one. EagleHead trees (``tree_topk``) are refused.
 """
 from __future__ import annotations
 

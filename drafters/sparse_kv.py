@@ -144,13 +144,6 @@ class SparseSelfDraft(Drafter):
         n = ctx.seq_len - 1 - ctx.start  # committed slots in the cache
         return ((n - self.sink).clamp(min=0) // self.chunk).clamp(max=self.means.shape[3] - 1)
 
-    def chunk_means(self, ctx: DecodeContext) -> Tensor:
-        """From scratch: ``[L, B, H, C, D]`` mean keys of every chunk slot of the cache (entries at
-        and past a row's ``complete_chunks`` are meaningless). Reads the whole cache: host-side use."""
-        c = self.means.shape[3] - 1
-        chunks = torch.arange(c, device=ctx.start.device).expand(ctx.start.shape[0], c)
-        return torch.stack([self._layer_means(k, ctx.start, chunks) for k in ctx.cache.k])
-
     def _rebuild_means(self, ctx: DecodeContext) -> None:
         """Recompute every complete chunk's mean in place (begin, resync), one layer at a time."""
         c = self.means.shape[3] - 1
