@@ -127,7 +127,8 @@ class SparseSelfDraft(Drafter):
         from specdec.memory import kv_slot_bytes
 
         slot = kv_slot_bytes(self.runner)
-        means = slot // (2 * self.runner.dtype.itemsize) * 4 * (-(-cache_len // self.chunk) + 1) if self.top_chunks else 0
+        key_floats = slot // (2 * self.runner.dtype.itemsize)  # one slot's keys over every layer
+        means = key_floats * 4 * (-(-cache_len // self.chunk) + 1) if self.top_chunks else 0
         return batch * ((self.budget + self.fed) * slot + means)
 
     # ------------------------------------------------------------------ chunk means
