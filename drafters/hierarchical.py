@@ -16,9 +16,23 @@ So a round yields 1 to γ_top + 1 tokens; the step's proposal (at most ``middle.
 tokens) is what the full target verifies, which keeps decoding lossless. Everything is device
 work with static shapes (one middle forward per round), so the drafter is ``device_only``.
 
-The top drafter must propose from the committed tokens alone (``PromptLookup``): it is asked for
-drafts after tokens the target has not seen, through a shadow state. Drafters with caches of
-their own (``DraftModel``, ``EagleHead``) are refused at construction.
+The top drafter is asked for drafts after tokens the target has not seen, through a shadow
+state (the committed tokens followed by the step's proposal so far), and must cope with that:
+
+- ``PromptLookup`` searches the shadow tokens like committed ones;
+- ``DraftModel`` (a chain of constant length) runs its own cache over the shadow: each round
+  re-reads the last three shadow tokens (its chain's last token and the middle's own token were
+  never fed, and after the step the bonus token), so its cache holds exactly what it read, and
+  what the target rejects is overwritten by the next step's re-read, as in plain drafting;
+- ``EagleHead`` (a chain) reads the target's hidden states at its aux layers for every token
+  before the ones it drafts. Committed tokens get them from verification (the hierarchy asks for
+  the head's ``hidden_layers`` and passes ``observe`` on); the step's own tokens get them from
+  the middle's forward over each round, which runs every target layer, only over the sparse
+  cache. So within a step the head drafts from the middle's approximation of the target's states
+  (a plain EAGLE chain feeds back the head's own predicted states instead); the next step
+  re-reads its last ``num_tokens + 1`` slots with the verified ones. Head cache entries further
+  back keep the middle's states when a step commits more than that: a quality matter, never a
+  correctness one. EagleHead trees (``tree_topk``) are refused.
 """
 from __future__ import annotations
 
@@ -33,11 +47,30 @@ from specdec.verifiers.processors import DraftPaths
 from specdec.verifiers.tree import DraftTree
 
 from .base import DecodeContext, DraftSpec, Drafter
+from .draft_model import DraftModel
 from .draw import processed
+from .head_drafters import EagleHead
 from .lookup import PromptLookup
 from .sparse_kv import SparseSelfDraft
 
-STATELESS_TOPS = (PromptLookup,)
+
+
+def _check_top(top: Drafter) -> None:
+    """Refuse top drafters the hierarchy cannot drive, saying why."""
+    if isinstance(top, PromptLookup):
+        if top.num_branches != 1:
+            raise ValueError("Hierarchical: the top drafter must propose a chain; use PromptLookup(num_branches=1)")
+    elif isinstance(top, DraftModel):
+        if top.tree_width != 1 or top.schedule != "constant":
+            raise ValueError("Hierarchical: a DraftModel top drafts a fixed-length chain (its γ is the level's "
+                             f"num_tokens); got tree_width={top.tree_width}, schedule={top.schedule!r}: use "
+                             "DraftModel(model, num_tokens=..., tree_width=1, schedule='constant')")
+    elif isinstance(top, EagleHead):
+        if top.search is not None:
+            raise ValueError("Hierarchical: an EagleHead top drafts a chain; build it without tree_topk")
+    else:
+        raise ValueError("Hierarchical: the top drafter must be PromptLookup, DraftModel or EagleHead, got "
+                         f"{type(top).__name__}")
 
 
 class Hierarchical(Drafter):
@@ -46,29 +79,36 @@ class Hierarchical(Drafter):
     Example::
 
         Hierarchical(PromptLookup(num_tokens=4), SparseSelfDraft(num_tokens=8, window=64), rounds=3)
+        Hierarchical(DraftModel(small, num_tokens=3), SparseSelfDraft(num_tokens=8), rounds=2)
 
     γ per level: ``top.num_nodes`` tokens per round (a chain), ``middle.num_tokens`` tokens per
     step for the target; ``rounds`` middle forwards per step.
     """
 
     def __init__(self, top: Drafter, middle: SparseSelfDraft, rounds: int = 2):
-        if not isinstance(top, STATELESS_TOPS):
-            raise ValueError(f"Hierarchical: the top drafter must propose from the committed tokens alone "
-                             f"({', '.join(t.__name__ for t in STATELESS_TOPS)}); got {type(top).__name__}, whose "
-                             "own cache cannot follow tokens the target has not verified")
-        if getattr(top, "num_branches", 1) != 1:
-            raise ValueError("Hierarchical: the top drafter must propose a chain (num_branches=1)")
+        _check_top(top)
         if not isinstance(middle, SparseSelfDraft):
             raise ValueError(f"Hierarchical: the middle drafter must be a SparseSelfDraft, got {type(middle).__name__}")
         if rounds < 1:
             raise ValueError(f"Hierarchical: rounds must be >= 1, got {rounds}")
         self.top, self.middle, self.rounds = top, middle, rounds
-        self.gamma_top = top.num_nodes
-        # The sparse cache's scratch must hold every token a round feeds.
-        middle.scratch = lambda: rounds * (self.gamma_top + 1) + 1
-        k = min(middle.num_tokens, rounds * (self.gamma_top + 1))
+        self.gamma_top = top.spec.num_nodes
+        room = rounds * (self.gamma_top + 1)  # tokens a step's rounds can make
+        middle.reserve(room + 1)  # the sparse scratch holds every token fed
+        if isinstance(top, DraftModel):
+            # A round ends with the middle's own token after the top's chain, so a step can leave
+            # three tokens its cache never read (the top's last, the middle's, the bonus): re-read 3.
+            top.spec = dataclasses.replace(top.spec, lookback=max(top.spec.lookback, 3))
+        # Tops with caches write them past the root, up to the end of the last round.
+        scratch = 0 if isinstance(top, PromptLookup) else room
+        # An EagleHead reads the target's states at its aux layers: verification exports them for
+        # committed tokens, the middle's forward gives them for the step's own tokens.
+        self.feeds_head = isinstance(top, EagleHead)
+        self.collect = top.spec.hidden_layers if self.feeds_head else ()
+        k = min(middle.num_tokens, room)
         self.spec = DraftSpec(num_nodes=k, lookback=max(top.spec.lookback, middle.spec.lookback),
-                              forwards_per_step=rounds)
+                              scratch_slots=scratch, hidden_layers=self.collect,
+                              forwards_per_step=rounds + top.spec.forwards_per_step * rounds)
 
     @property
     def num_nodes(self) -> int:
@@ -85,6 +125,17 @@ class Hierarchical(Drafter):
     def begin(self, ctx: DecodeContext) -> None:
         self.top.begin(ctx)
         self.middle.begin(ctx)
+
+    def resync(self, ctx: DecodeContext, since: int) -> None:
+        self.top.resync(ctx, since)
+        self.middle.resync(ctx, since)
+
+    def observe(self, ctx: DecodeContext, outcome) -> None:
+        self.top.observe(ctx, outcome)  # an EagleHead stores the verified states of the kept tokens
+
+    def memory_bytes(self, batch: int, cache_len: int, new_tokens: int) -> int:
+        return (self.top.memory_bytes(batch, cache_len, new_tokens)
+                + self.middle.memory_bytes(batch, cache_len, new_tokens))
 
     def propose(self, ctx: DecodeContext) -> DraftTree:
         self.middle.select(ctx)
@@ -120,12 +171,16 @@ class Hierarchical(Drafter):
         """
         b, g = tree.tokens.shape
         root = shadow.gather(1, (ctx.seq_len + made - 1).unsqueeze(1))
-        logits = self.middle.forward_sparse(ctx, torch.cat([root, tree.tokens], 1), made)  # [B, g + 1, V]
+        fed = torch.cat([root, tree.tokens], 1)  # [B, g + 1] at shadow slots seq_len + made - 1 on
+        out = self.middle.forward_sparse(ctx, fed, made, collect=self.collect)
+        if self.feeds_head:  # the head's features there, for the next round (the kept ones are right)
+            slots = (ctx.seq_len + made - 1)[:, None] + torch.arange(g + 1, device=fed.device)
+            self.store_head_features(ctx, slots, out.layer_hidden, fed)
+        logits, draft = out.logits, tree.tokens  # [B, g + 1, V], [B, g]
         if ctx.params.processors.active:  # position j continues the shadow prefix with the top's first j tokens
             paths = DraftPaths(tree.tokens.unsqueeze(1).expand(b, g + 1, g), torch.arange(g + 1, device=root.device)
                                .expand(b, g + 1))
             logits = processed(dataclasses.replace(ctx, tokens=shadow, seq_len=ctx.seq_len + made), logits, paths)[0]
-        draft = tree.tokens
         if not ctx.params.do_sample:
             agree = (logits[:, :g].argmax(-1) == draft) & tree.valid
             a = agree.long().cumprod(1).sum(1)  # [B] top tokens kept
@@ -147,6 +202,12 @@ class Hierarchical(Drafter):
         own = sample(torch.where(rejected[:, None], residual / residual.sum(-1, keepdim=True), p_a))
         return self._join(draft, own[:, None], a), p, a + 1
 
+    def store_head_features(self, ctx: DecodeContext, slots: Tensor, states: Tensor | None, tokens: Tensor) -> None:
+        """Put the EagleHead's fused features of ``tokens`` [B, Q] at ``slots`` [B, Q] of its feature
+        buffer, from the middle's states ``states`` [E, B, Q, H] after the head's aux layers."""
+        fused = self.top._fused(ctx, states, tokens)  # [B, Q, H], as the head's own observe fuses them
+        self.top.feature.scatter_(1, slots.unsqueeze(-1).expand_as(fused), fused)
+
     @staticmethod
     def _join(draft: Tensor, own: Tensor, a: Tensor) -> Tensor:
         """``draft`` ``[B, g]`` with ``own`` ``[B, 1]`` placed at column ``a``: ``[B, g + 1]``."""
@@ -156,9 +217,11 @@ class Hierarchical(Drafter):
 
 def TriForce(top: Drafter | Mapping | None = None, num_tokens: int = 8, rounds: int = 2, sink: int = 4, window: int = 256,
              chunk: int = 16, top_chunks: int = 8) -> Hierarchical:
-    """TriForce's hierarchy: ``top`` (default prompt lookup of 4 tokens) drafts for a sparse-KV
-    self-draft of ``num_tokens`` tokens per step, which drafts for the full target. ``top`` may be
-    a drafter config mapping (Hydra's ``conf/drafter/triforce.yaml``).
+    """TriForce's hierarchy: ``top`` (default prompt lookup of 4 tokens; or a ``DraftModel`` or
+    ``EagleHead`` chain) drafts for a sparse-KV self-draft of ``num_tokens`` tokens per step, which
+    drafts for the full target. ``top`` may be a drafter config mapping (Hydra's
+    ``conf/drafter/triforce.yaml``), e.g. ``{"_target_": "specdec.drafters.DraftModel.from_pretrained",
+    "spec": "zoo:qwen2.5-coder-0.5b-instruct", "num_tokens": 3}``.
 
     Example: ``specdec.wrap(model, drafter=TriForce(window=128, top_chunks=4))``.
     """

@@ -5,18 +5,28 @@ The target drafts for itself with all of its layers and no extra weights, but ea
 attends to a small selected part of the committed cache instead of all of it:
 
 - the *attention sinks*, the first ``sink`` real tokens of the row;
-- the *recent window*, the last ``window`` committed tokens;
-- the ``top_chunks`` best of the remaining fixed-size chunks of ``chunk`` slots, scored as
-  TriForce's retrieval cache does: the mean key of each chunk against a query, per layer and
-  head, summed. The cache keeps keys, not queries, so the query is the key of the newest
-  committed token at each layer (a proxy: it lies in the same rotated space as the chunk keys).
+- the *recent window*, the last ``window`` committed tokens (after the sinks);
+- the ``top_chunks`` best chunks of ``chunk`` slots, scored as TriForce's retrieval cache does:
+  the mean key of each chunk against a query, per layer and head, summed. Chunks tile each row's
+  committed slots from ``start + sink`` on; a chunk is eligible once it is wholly committed and
+  ends before the recent window (the fewer than ``chunk`` slots between the last eligible chunk
+  and the window are left out). The cache keeps keys, not queries, so the query is the key of
+  the newest committed token at each layer (a proxy: it lies in the same rotated space).
+
+Chunk means are kept, not recomputed: ``means`` ``[L, B, H_kv, C + 1, D]`` (fp32, C chunks to
+the cache's capacity) is filled from scratch at ``begin`` and ``resync``, and each step adds the
+chunks completed since the last one (at most ``per_step`` per row, read from the committed keys,
+which never change once committed). So a step's selection reads ``per_step * chunk`` keys per
+layer, scores one mean per chunk slot, and gathers ``budget`` slots: nothing scales with the
+committed length beyond the one score per chunk.
 
 Once per step the selected slots' K/V are gathered, per row, into a small private cache of
 ``budget = sink + window + top_chunks * chunk`` slots (rows with fewer selected slots are left
 padded there, so the per-row ``start`` and ``lengths`` of the tree-attention kernel describe it),
 and the draft tokens' own K/V go after it, in scratch slots that the next step overwrites.
-Selection is device work with static shapes (a sort and a top-k per row), so the drafter is
-``device_only``. The full target verifies every proposal, which keeps decoding lossless.
+Selection is device work with static shapes (a top-k over chunks and a sort over ``budget``
+slots per row), so the drafter is ``device_only``. The full target verifies every proposal,
+which keeps decoding lossless.
 
 It knows caches, chunks and selection; not trees beyond the chain it returns.
 """
@@ -26,6 +36,7 @@ import torch
 from torch import Tensor
 
 from specdec.cache import KVCache
+from specdec.runner import RunnerOutput
 from specdec.verifiers.tree import DraftTree
 
 from .base import DecodeContext, DraftSpec, Drafter
@@ -56,6 +67,11 @@ class SparseSelfDraft(Drafter):
         self.small: KVCache | None = None  # the gathered sparse cache: budget + scratch slots per row
         self.selected: Tensor | None = None  # [B] committed slots selected at the last step
         self.context: Tensor | None = None  # [B] committed slots the row had
+        # Per-chunk mean keys, [L, B, H_kv, C + 1, D] fp32 for C chunk slots of the cache (the last
+        # one is a trash chunk for writes that go nowhere); ``filled`` [B] counts the chunks with a mean.
+        self.means: Tensor | None = None
+        self.filled: Tensor | None = None
+        self.fed = num_tokens + 1  # tokens the draft forwards of one step feed (the root included)
         self._forward = None
 
     @property
@@ -80,62 +96,142 @@ class SparseSelfDraft(Drafter):
             raise ValueError(f"SparseSelfDraft cannot draft over sliding-window layers (window {windows[0]} < "
                              f"{ctx.capacity} slots): its sparse cache keeps no positions; shorten the call or use "
                              "another drafter")
-        big, extra = ctx.cache, self.scratch()
+        big = ctx.cache
         b, h, _, d = big.k[0].shape
-        if self.small is None or self.small.batch != b or self.small.max_len != self.budget + extra:
-            self.small = KVCache(len(big.k), b, h, d, self.budget + extra, big.k[0].dtype, big.k[0].device)
+        if self.small is None or self.small.batch != b or self.small.max_len != self.budget + self.fed:
+            self.small = KVCache(len(big.k), b, h, d, self.budget + self.fed, big.k[0].dtype, big.k[0].device)
+        if self.top_chunks:  # buffers are reused in place: captured steps read them
+            shape = (len(big.k), b, h, -(-ctx.capacity // self.chunk) + 1, d)
+            if self.means is None or tuple(self.means.shape) != shape or self.means.device != big.k[0].device:
+                self.means = torch.zeros(shape, dtype=torch.float32, device=big.k[0].device)
+                self.filled = torch.zeros(b, dtype=torch.long, device=big.k[0].device)
+            self._rebuild_means(ctx)
 
-    def scratch(self) -> int:
-        """Slots after the gathered prefix that drafting writes (the root and the draft tokens)."""
-        return self.num_tokens + 1
+    def resync(self, ctx: DecodeContext, since: int) -> None:
+        """After undrafted steps: the chunks they completed get their means (host-side catch-up)."""
+        if self.top_chunks:
+            self._rebuild_means(ctx)
+
+    def reserve(self, fed: int) -> None:
+        """Make room for ``fed`` tokens per step in the sparse cache's scratch (a drafter feeding
+        it itself, as ``Hierarchical`` does, calls this before ``begin``)."""
+        self.fed = max(fed, self.num_tokens + 1)
+
+    @property
+    def per_step(self) -> int:
+        """Chunks one drafted step can complete: it commits at most ``num_tokens + 1`` slots."""
+        return -(-(self.num_tokens + 1) // self.chunk)
+
+    def memory_bytes(self, batch: int, cache_len: int, new_tokens: int) -> int:
+        """The gathered sparse cache and the chunk means."""
+        from specdec.memory import kv_slot_bytes
+
+        slot = kv_slot_bytes(self.runner)
+        key_floats = slot // (2 * self.runner.dtype.itemsize)  # one slot's keys over every layer
+        means = key_floats * 4 * (-(-cache_len // self.chunk) + 1) if self.top_chunks else 0
+        return batch * ((self.budget + self.fed) * slot + means)
+
+    # ------------------------------------------------------------------ chunk means
+    def _layer_means(self, k: Tensor, start: Tensor, chunks: Tensor) -> Tensor:
+        """Mean key ``[B, H, M, D]`` (fp32) of chunks ``chunks`` ``[B, M]`` of one layer's keys ``k``."""
+        b, m = chunks.shape
+        j = torch.arange(self.chunk, device=k.device)
+        slots = (start[:, None, None] + self.sink + chunks[..., None] * self.chunk + j).clamp(max=k.shape[2] - 1)
+        idx = slots.view(b, 1, m * self.chunk, 1).expand(-1, k.shape[1], -1, k.shape[3])
+        return k.gather(2, idx).float().view(b, k.shape[1], m, self.chunk, k.shape[3]).mean(3)
+
+    def complete_chunks(self, ctx: DecodeContext) -> Tensor:
+        """``[B]`` how many chunks of each row are wholly committed (the ones that have a mean)."""
+        n = ctx.seq_len - 1 - ctx.start  # committed slots in the cache
+        return ((n - self.sink).clamp(min=0) // self.chunk).clamp(max=self.means.shape[3] - 1)
+
+    def _rebuild_means(self, ctx: DecodeContext) -> None:
+        """Recompute every complete chunk's mean in place (begin, resync), one layer at a time."""
+        c = self.means.shape[3] - 1
+        chunks = torch.arange(c, device=ctx.start.device).expand(ctx.start.shape[0], c)
+        for layer, k in enumerate(ctx.cache.k):
+            self.means[layer, :, :, :c] = self._layer_means(k, ctx.start, chunks)
+        self.filled.copy_(self.complete_chunks(ctx))
+
+    def _refresh_means(self, ctx: DecodeContext) -> None:
+        """Add the means of the chunks completed since the last step: at most ``per_step`` chunks
+        per row (what one drafted step can complete), read from the cache's committed keys.
+
+        Committed keys never change, so a chunk's mean is final once it is complete; rejected draft
+        tokens never reach committed slots. Rows with nothing new write to the trash chunk ``C``.
+        """
+        b, dev = ctx.start.shape[0], ctx.start.device
+        trash = self.means.shape[3] - 1
+        chunks = self.filled[:, None] + torch.arange(self.per_step, device=dev)  # [B, M]
+        complete = self.complete_chunks(ctx)
+        fresh = chunks < complete[:, None]
+        values = torch.stack([self._layer_means(k, ctx.start, chunks.clamp(max=trash - 1)) for k in ctx.cache.k])
+        where = torch.where(fresh, chunks, trash)
+        layers = torch.arange(values.shape[0], device=dev).view(-1, 1, 1, 1)
+        heads = torch.arange(values.shape[2], device=dev).view(1, 1, -1, 1)
+        self.means.index_put_((layers, torch.arange(b, device=dev).view(1, -1, 1, 1), heads, where[None, :, None]),
+                              values)
+        self.filled.copy_(torch.minimum(self.filled + self.per_step, complete))
 
     # ------------------------------------------------------------------ selection
     def select(self, ctx: DecodeContext) -> None:
-        """Choose each row's slots and gather their K/V into ``self.small`` (static shapes)."""
-        big, s = ctx.cache, ctx.max_seq_len
-        width = max(s, self.budget)
-        j = torch.arange(width, device=big.lengths.device)
+        """Choose each row's slots and gather their K/V into ``self.small``: budget-sized work, plus
+        one score per chunk slot of the cache (static shapes, no host sync)."""
+        big, dev = ctx.cache, ctx.start.device
         start, end = ctx.start[:, None], (ctx.seq_len - 1)[:, None]  # committed: start <= j < end
-        real = (j >= start) & (j < end)  # [B, W]
-        keep = real & ((j < start + self.sink) | (j >= end - self.window))
+        sink, window = torch.arange(self.sink, device=dev), torch.arange(self.window, device=dev)
+        parts = [(start + sink, start + sink < end),  # the sinks
+                 (end - self.window + window, end - self.window + window >= start + self.sink)]  # the window
         if self.top_chunks:
-            keep |= real & self._top_chunks(big, real & ~keep, end.squeeze(1), s, width)
+            self._refresh_means(ctx)
+            parts.append(self._top_chunks(ctx, start, end))
+        idx, keep = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)  # [B, budget]
         # Unselected slots first, then the selected ones in order: the small cache is left padded.
-        order = (keep.long() * width + j).argsort(dim=1)[:, width - self.budget:]  # [B, budget]
+        order = keep.long().argsort(dim=1, stable=True)
+        idx = idx.gather(1, order).clamp(min=0, max=big.max_len - 1)
         count = keep.sum(dim=1)
-        idx = order.clamp(max=s - 1) if s > 0 else order.zero_()
+        gather = idx.view(idx.shape[0], 1, -1, 1)
         for src_k, src_v, dst_k, dst_v in zip(big.k, big.v, self.small.k, self.small.v):
-            gather = idx.view(idx.shape[0], 1, -1, 1).expand(-1, src_k.shape[1], -1, src_k.shape[3])
-            dst_k[:, :, : self.budget].copy_(src_k[:, :, :s].gather(2, gather))
-            dst_v[:, :, : self.budget].copy_(src_v[:, :, :s].gather(2, gather))
+            at = gather.expand(-1, src_k.shape[1], -1, src_k.shape[3])
+            dst_k[:, :, : self.budget].copy_(src_k.gather(2, at))
+            dst_v[:, :, : self.budget].copy_(src_v.gather(2, at))
         self.small.start.copy_(self.budget - count)
         self.small.lengths.fill_(self.budget)
         self.selected, self.context = count, (end - start).squeeze(1)
 
-    def _top_chunks(self, big: KVCache, free: Tensor, end: Tensor, s: int, width: int) -> Tensor:
-        """``[B, W]`` bool: slots of the ``top_chunks`` chunks scoring best among ``free`` slots."""
-        b, c = free.shape[0], -(-width // self.chunk)
-        pad = c * self.chunk - width
-        score = torch.zeros(b, width, device=free.device)
+    def _top_chunks(self, ctx: DecodeContext, start: Tensor, end: Tensor) -> tuple[Tensor, Tensor]:
+        """Slots ``[B, top_chunks * chunk]`` of the best-scoring chunks, and whether each is kept.
+
+        A chunk's score is its mean key against the query proxy (the newest committed key), per
+        layer and head, summed. Eligible: chunks with a mean that end before the recent window.
+        """
+        b, dev = start.shape[0], start.device
+        c = min(self.means.shape[3] - 1, max(1, -(-ctx.max_seq_len // self.chunk)))  # chunks a row can have
         last = (end - 1).clamp(min=0).view(b, 1, 1, 1)
-        for k in big.k:  # mean key . query == mean of (key . query): score slots, then average per chunk
-            query = k.gather(2, last.expand(-1, k.shape[1], 1, k.shape[3])).float()  # [B, H, 1, D]
-            per_slot = (k[:, :, :s].float() * query).sum(dim=(1, 3))  # [B, S]
-            score[:, :s] += per_slot
-        free_c = torch.nn.functional.pad(free, (0, pad)).view(b, c, self.chunk)
-        score_c = torch.nn.functional.pad(score * free, (0, pad)).view(b, c, self.chunk).sum(-1)
-        n = free_c.sum(-1)
-        score_c = torch.where(n > 0, score_c / n.clamp(min=1), torch.full_like(score_c, float("-inf")))
-        k = min(self.top_chunks, c)
-        top = score_c.topk(k, dim=1)
-        chosen = torch.zeros(b, c, dtype=torch.bool, device=free.device)
-        chosen.scatter_(1, top.indices, top.values > float("-inf"))
-        return chosen.repeat_interleave(self.chunk, dim=1)[:, :width] & free
+        query = torch.stack([k.gather(2, last.expand(-1, k.shape[1], 1, k.shape[3])).squeeze(2) for k in ctx.cache.k])
+        score = torch.einsum("lbhcd,lbhd->bc", self.means[:, :, :, :c], query.float())  # [B, C]
+        before = ((end - start - self.sink - self.window).clamp(min=0) // self.chunk)  # [B, 1] end before the window
+        ids = torch.arange(c, device=dev)
+        eligible = (ids < torch.minimum(before, self.filled[:, None]))
+        score = torch.where(eligible, score, torch.full_like(score, float("-inf")))
+        top = score.topk(min(self.top_chunks, c), dim=1)
+        ok = top.values > float("-inf")  # [B, K]
+        if ok.shape[1] < self.top_chunks:  # fewer chunk slots than top_chunks: pad with unkept chunks
+            pad = self.top_chunks - ok.shape[1]
+            ok = torch.nn.functional.pad(ok, (0, pad))
+            chosen = torch.nn.functional.pad(top.indices, (0, pad))
+        else:
+            chosen = top.indices
+        j = torch.arange(self.chunk, device=dev)
+        slots = start[:, :, None] + self.sink + chosen[..., None] * self.chunk + j  # [B, K, chunk]
+        return slots.view(b, -1), ok[..., None].expand(-1, -1, self.chunk).reshape(b, -1)
 
     # ------------------------------------------------------------------ drafting
-    def forward_sparse(self, ctx: DecodeContext, tokens: Tensor, offset: Tensor) -> Tensor:
+    def forward_sparse(self, ctx: DecodeContext, tokens: Tensor, offset: Tensor,
+                       collect: tuple[int, ...] = ()) -> RunnerOutput:
         """Feed a causal run ``tokens`` ``[B, Q]`` at per-row offsets ``offset`` ``[B]`` past the root's
-        slot of the sparse cache; returns the next-token logits ``[B, Q, V]``.
+        slot of the sparse cache; returns the next-token logits ``[B, Q, V]`` and, for the layer
+        counts ``collect``, the hidden states ``[E, B, Q, H]`` after them (``layer_hidden``).
 
         Slots before the run hold the gathered prefix and the tokens of this step fed before it.
         """
@@ -146,11 +242,10 @@ class SparseSelfDraft(Drafter):
         among = torch.ones(q, q, dtype=torch.bool, device=tokens.device).tril().expand(b, q, q)
         self.small.lengths.copy_(self.budget + offset)
         try:
-            out = self._forward(self.small, tokens, positions, slots, among,
-                                view_len=self.budget + self.scratch(), contiguous=True)
+            return self._forward(self.small, tokens, positions, slots, among, view_len=self.budget + self.fed,
+                                 contiguous=True, collect=collect or None)
         finally:
             self.small.lengths.fill_(self.budget)
-        return out.logits
 
     def propose(self, ctx: DecodeContext) -> DraftTree:
         self.select(ctx)
@@ -160,7 +255,7 @@ class SparseSelfDraft(Drafter):
         current = ctx.tokens.gather(1, (ctx.seq_len - 1).unsqueeze(1))  # [B, 1] the root
         offset = torch.zeros(b, dtype=torch.long, device=dev)
         for i in range(k):
-            token, dist = choose(ctx, self.forward_sparse(ctx, current, offset + i)[:, -1], tokens[:, :i])
+            token, dist = choose(ctx, self.forward_sparse(ctx, current, offset + i).logits[:, -1], tokens[:, :i])
             if q is not None:
                 q[:, i] = dist
             current = token.unsqueeze(1)
