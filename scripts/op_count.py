@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -32,8 +31,12 @@ def drafters(model) -> dict:
 
 
 def tiny_model():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from tiny import make_tiny
+    import importlib.util  # the tests' tiny-model builder, loaded from its file (no sys.path change)
+
+    spec = importlib.util.spec_from_file_location("tiny", Path(__file__).resolve().parents[1] / "tests" / "tiny.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    make_tiny = tiny.make_tiny
 
     return make_tiny("llama", num_layers=2), torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7]])
 
