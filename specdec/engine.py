@@ -146,6 +146,8 @@ class SpecEngine:
     def _decoder_for(self, batch: int, capacity: int, rule) -> Decoder:
         dec = self._decoder
         if dec is None or dec.state.tokens.shape[0] != batch or dec.state.capacity < capacity:
+            if dec is not None:
+                dec.release()  # its graphs go now, not whenever the GC finds them (maybe mid-capture)
             dec = Decoder(self.runner, self.drafter, rule, batch, capacity, self.chunk_steps, self.cuda_graphs,
                           compile=self.compile, static=self.static)
             self._decoder = dec

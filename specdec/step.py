@@ -18,6 +18,8 @@ It knows the state, the step and the drafter contract; not tokenizers, stopping 
 """
 from __future__ import annotations
 
+import gc
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -280,10 +282,7 @@ class Decoder:
         torch.cuda.current_stream().wait_stream(side)
         for t, s in zip(self._saved(), saved):
             t.copy_(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._body(*key)
-        self._graphs[key] = graph
+        self._graphs[key] = capture(lambda: self._body(*key))
 
     def prepare(self, variants: tuple[bool, ...]) -> int:
         """Capture now the step graphs for each drafting choice in ``variants`` (right after a
@@ -295,6 +294,10 @@ class Decoder:
         for key in new:
             self._capture(key)
         return len(new)
+
+    def release(self) -> None:
+        """Free the captured graphs (a Decoder that is being replaced)."""
+        self._graphs.clear()
 
     @property
     def num_graphs(self) -> int:
@@ -329,6 +332,30 @@ class Decoder:
         return ms
 
 
+@contextmanager
+def gc_paused():
+    """Collect now, then keep Python's cyclic GC off until the block ends. A capture must not
+    free a CUDA graph: an unreachable old graph (say, of a Decoder replaced for a new batch size)
+    that the GC destroys mid-capture invalidates the capture ("operation not permitted when stream
+    is capturing"), and torch's ``cuda.graph`` no longer collects on entry."""
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def capture(fn) -> "torch.cuda.CUDAGraph":
+    """``fn``'s device work captured as one CUDA graph (run ``fn`` once beforehand to warm up)."""
+    graph = torch.cuda.CUDAGraph()
+    with gc_paused(), torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def _graph_ms(fn, reps: int) -> float:
     """Capture ``fn`` (after one warm-up run) and return its mean replay time in milliseconds."""
     side = torch.cuda.Stream()
@@ -336,9 +363,7 @@ def _graph_ms(fn, reps: int) -> float:
     with torch.cuda.stream(side):
         fn()
     torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph = capture(fn)
     graph.replay()
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     begin.record()

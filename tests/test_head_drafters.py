@@ -31,7 +31,7 @@ def noisy(module, scale=0.05, seed=3):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
+            p.add_(scale * torch.randn(p.shape, generator=g).to(p.device, p.dtype))  # CPU draws: same noise on any device
     return module
 
 
