@@ -152,7 +152,8 @@ class Driver:
         The queued run drafts as the one in flight, so nothing is queued when the gate's choice
         changes."""
         rows, running = self.rows, self.queue[0]
-        if self.dec.k and self.gate.want(sum(rows.active)) != running.drafted:
+        pending = 0 if running.drafted else self.dec.steps  # a pause's steps in flight
+        if self.dec.k and self.gate.want(sum(rows.active), pending) != running.drafted:
             return False
         return any(live and len(gen) + self._reach(r, running.drafted) < rows.max_new_tokens
                    for r, (live, gen) in enumerate(zip(rows.active, rows.generated)))

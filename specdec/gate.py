@@ -110,10 +110,12 @@ class DraftGate:
         self.probing = False  # the current drafted window is the first after a pause
         self.paused_at: int | None = None  # while undrafted: the committed length the pause began at
 
-    def want(self, active: int) -> bool:
+    def want(self, active: int, pending: int = 0) -> bool:
+        """Whether a run with ``active`` live rows drafts, once the ``pending`` undrafted steps in
+        flight (launched, not yet recorded) are recorded."""
         if self.max_draft_batch is not None and active > self.max_draft_batch:
             return False
-        return self.skip <= 0
+        return self.skip - pending <= 0
 
     def decide(self, drafter, state, active: list[bool], seq_host: list[int]) -> bool:
         """Whether the next run of steps drafts. When drafting resumes after undrafted steps, the

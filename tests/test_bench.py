@@ -24,7 +24,7 @@ ROW_KEYS = {"model", "dtype", "device", "drafter", "params", "batch_size", "max_
             "matches_baseline", "first_divergence", "turn_new_tokens", "turn_steps", "turn_tau", "turn_wall_time",
             "turn_tokens_per_s", "turn_speedup", "undrafted_steps", "divergence", "hf_lookup", "hf_assisted",
             "speedup_hf_lookup", "speedup_hf_assisted", "hf_matches_baseline", "output_ids", "batch_index",
-            "first_call", "captures"}
+            "first_call", "captures", "idle_steps"}
 TURN_KEYS = {"turn_new_tokens", "turn_steps", "turn_tau", "turn_wall_time", "turn_tokens_per_s", "turn_speedup"}
 
 
