@@ -130,17 +130,23 @@ def test_auto_stays_exact_and_pauses_a_drafter_that_does_not_pay(lengths, chunk_
                 assert stats.draft_pauses >= 1 and stats.undrafted_steps > stats.num_steps // 2
 
 
-def test_auto_with_the_real_clock_stays_exact():
-    # No injected costs: whatever the host clock says, the output is HF's, and the costs of both
-    # kinds of run were measured.
-    model = make_tiny("qwen2")
+def test_auto_with_the_real_clock_stays_exact_and_pauses_a_drafter_that_cannot_pay():
+    # No injected costs. A 4-layer draft model of its own drafting 3 tokens for a 1-layer target
+    # costs several plain steps per step, more than the 4 tokens a step can keep at best: the
+    # host clock must pause it. Whatever the clock says, the output is HF's.
+    model = make_tiny("qwen2", num_layers=1)
     ids, mask = ragged_batch([3, 9, 1, 6], model.config.vocab_size, seed=5)
-    spec = specdec.wrap(model, drafter=PromptLookup(num_tokens=4, max_ngram=2), min_tau="auto")
-    out = spec.generate(ids, attention_mask=mask, max_new_tokens=40, pad_token_id=0, eos_token_id=None,
-                        return_dict_in_generate=True)
-    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, max_new_tokens=40, eos_token_id=None))
-    (costs,) = spec.engine._costs.values()
-    assert costs.plain > 0 and costs.drafted > 0
+    ref = hf_greedy(model, ids, mask, max_new_tokens=40, eos_token_id=None)
+    for drafter in (PromptLookup(num_tokens=4, max_ngram=2), DraftModel(make_tiny("qwen2", num_layers=4, seed=1),
+                                                                        num_tokens=3)):
+        spec = specdec.wrap(model, drafter=drafter, min_tau="auto")
+        out = spec.generate(ids, attention_mask=mask, max_new_tokens=40, pad_token_id=0, eos_token_id=None,
+                            return_dict_in_generate=True)
+        assert torch.equal(out.sequences, ref)
+        (costs,) = spec.engine._costs.values()
+        assert costs.plain > 0 and costs.drafted > 0
+    assert costs.ratio > 2 and out.spec_stats.draft_pauses >= 1
+    assert out.spec_stats.undrafted_steps > out.spec_stats.num_steps // 2
 
 
 def test_auto_keeps_the_target_distribution():
