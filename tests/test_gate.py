@@ -6,7 +6,7 @@ the target's law (sampling) whatever the gate decides.
 """
 import pytest
 import torch
-from test_sampling import PROMPT, V, chi2_pvalue, exact_joint, sampled_joint
+from test_sampling import V, chi2_pvalue, exact_joint, sampled_joint
 from tiny import hf_greedy, make_tiny, ragged_batch
 
 import specdec
