@@ -76,7 +76,7 @@ class SpecDecoder:
 
     def __init__(self, model, drafter=None, acceptance: str | None = None, attention: str = "auto",
                  max_draft_batch: int | None = None, cuda_graphs: bool = False, chunk_steps: int | None = None,
-                 compile: bool | dict = False, fuse: bool | None = None, min_tau: float | None = None,
+                 compile: bool | dict = False, fuse: bool | None = None, min_tau: float | str | None = None,
                  pipeline: bool | None = None, cache_len: int | None = None, memory_budget: int | None = None):
         if memory_budget is not None and (isinstance(memory_budget, bool) or memory_budget < 1):
             raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
@@ -262,7 +262,7 @@ def _logits_options(gc: GenerationConfig, eos_ids: set[int], vocab: int) -> Logi
 
 def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "auto",
          max_draft_batch: int | None = None, cuda_graphs: bool = False, chunk_steps: int | None = None,
-         compile: bool | dict = False, fuse: bool | None = None, min_tau: float | None = None,
+         compile: bool | dict = False, fuse: bool | None = None, min_tau: float | str | None = None,
          pipeline: bool | None = None, cache_len: int | None = None, memory_budget: int | None = None) -> SpecDecoder:
     """Wrap an HF causal LM for speculative decoding.
 
@@ -273,8 +273,10 @@ def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "a
     reference on CPU), ``reference`` or ``triton``. ``max_draft_batch``: steps with more active
     rows than this verify without a draft (a batch-size policy; None: always draft). ``min_tau``:
     pause drafting, with a growing backoff, while drafted steps keep fewer than this many tokens
-    per row on average (``DraftGate``; e.g. 1.4 where a drafted step costs 1.4 plain ones; None:
-    never pause). Both policies stay lossless: an undrafted step is plain decoding.
+    per row on average (``DraftGate``; e.g. 1.4 where a drafted step costs 1.4 plain ones;
+    ``"auto"``: measure what a drafted and an undrafted step cost, and pause while drafted tokens
+    per second fall below undrafted ones; None: never pause). Both policies stay lossless: an
+    undrafted step is plain decoding.
     ``cuda_graphs`` (CUDA only): run ``chunk_steps`` whole steps (propose, verify, accept, commit)
     per host sync, replayed as one captured CUDA graph, greedy or sampling, for every drafter whose
     ``spec.device_only`` is True; others (REST, CopySpec, SWIFT's search, DEL) refuse it. The prefill
@@ -282,7 +284,8 @@ def wrap(model, drafter=None, acceptance: str | None = None, attention: str = "a
     with cuda_graphs, else 1; more than 1 needs a device-only drafter); the host applies stopping
     rules after each run and cuts the rest. ``pipeline``: queue the next run before reading the last
     one back, so the host's work overlaps the device's (default: on with cuda_graphs; costs one
-    wasted run when a batch ends at EOS). ``compile``: also ``torch.compile`` the target's forward
+    wasted run when a batch ends at EOS; near ``max_new_tokens`` it queues only while the tokens
+    a row kept per run so far say it will still need one). ``compile``: also ``torch.compile`` the target's forward
     and the drafter's own work (its ``compile`` method: a draft model's or LayerSkip's forwards,
     lookup's match); a dict turns it on with those Inductor options, e.g.
     ``{"coordinate_descent_tuning": True}``. With cuda_graphs or compile, steps attend over the

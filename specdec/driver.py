@@ -11,12 +11,17 @@ pinned memory, waiting on an event, not the stream), so the device never idles o
 row that stops in the run being read has already gone through the queued one too; its extra
 tokens are cut like any others. The queued run drafts as the one before it did: a change of the
 gate's decision (which may need a drafter's ``resync``) waits until everything is read back. No
-run is queued once every live row is sure to reach ``max_new_tokens`` in the one running.
+run is queued once every live row is likely to reach ``max_new_tokens`` in the one running,
+judged, high, from the tokens each row kept in its earlier runs (``Driver._reach``).
+
+Steps are counted as they are launched, so a queued run that no row needed counts in
+``SpecStats.num_steps``, and with the tail of the last run in ``SpecStats.idle_steps``.
 
 It knows the Decoder's buffers and host lists; not models, drafters' insides or tokenizers.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -89,6 +94,7 @@ class Queued:
     drafted: bool
     packed: Tensor  # [B, 3S + growth] gained, offered, faults, new tokens (host memory once the copy lands)
     done: object = None  # torch.cuda.Event of the device-to-host copy, or None on CPU
+    span: object = None  # PhaseTimer.lap's span of the run: its cost, read once the copy has landed
 
 
 class Driver:
@@ -97,45 +103,74 @@ class Driver:
     def __init__(self, decoder, gate: DraftGate, rows: Rows, timer: PhaseTimer):
         self.dec, self.gate, self.rows, self.timer = decoder, gate, rows, timer
         self.queue: list[Queued] = []
+        self.steps = self.drafted = 0  # steps launched, and drafted ones (read back or not)
+        self.runs: list[list[int]] = [[] for _ in rows.active]  # [B][runs] tokens kept in each whole drafted run
 
     def run(self, width: int, pipeline: bool) -> tuple[int, int]:
-        """Decode until every row stops. Returns (steps, drafted steps)."""
-        rows, dec, s = self.rows, self.dec, self.dec.steps
-        seq_host, steps, drafted = [width] * len(rows.active), 0, 0
+        """Decode until every row stops. Returns (steps, drafted steps) launched: a queued run
+        that no row needed counts too, since the device ran it."""
+        rows, dec = self.rows, self.dec
+        seq_host = [width] * len(rows.active)
         while any(rows.active):
             if not self.queue:
                 dec.state.max_seq_len = max(seq_host)  # what a resync reads up to
                 self._launch(self.gate.decide(dec.drafter, dec.state, rows.active, seq_host), max(seq_host))
             if pipeline and len(self.queue) == 1 and self._worth_queueing():
                 self._launch(self.queue[0].drafted, max(seq_host) + dec.growth)  # rows may grow by a run
-            run = self.queue.pop(0)
-            if run.done is not None:
-                run.done.synchronize()
-            host = run.packed.tolist()
-            steps += s
-            drafted += s if run.drafted else 0
-            kept = row_steps = 0
             was = list(rows.active)
-            for r, live in enumerate(was):
-                if live:
-                    gains = host[r][:s]
-                    n, k = rows.take(r, gains, host[r][s: 2 * s], host[r][2 * s: 3 * s], host[r][3 * s:],
-                                     run.drafted or not dec.k)
-                    row_steps, kept = row_steps + n, kept + k
-                    seq_host[r] += sum(gains)
-            self.gate.record(run.drafted, s, kept, row_steps)
+            self._read(self.queue.pop(0), seq_host)
             if rows.deadline is not None and time.perf_counter() > rows.deadline:
                 rows.active = [False] * len(rows.active)  # max_time: stop at this sync, as HF's MaxTimeCriteria
             if rows.active != was:  # freeze stopped rows from the next launch on
                 flags = torch.tensor(rows.active, dtype=torch.long, pin_memory=dec.state.tokens.is_cuda)
                 dec.state.active.copy_(flags, non_blocking=True)
-        return steps, drafted
+        return self.steps, self.drafted
+
+    def _read(self, run: Queued, seq_host: list[int]) -> None:
+        """Apply one run's results to every live row, and tell the gate what it kept and cost."""
+        rows, s = self.rows, self.dec.steps
+        if run.done is not None:
+            run.done.synchronize()  # the copy, and so the run and its timing events, are done
+        host = run.packed.tolist()
+        kept = row_steps = 0
+        for r, live in enumerate(list(rows.active)):
+            if not live:
+                continue
+            gains = host[r][:s]
+            n, k = rows.take(r, gains, host[r][s: 2 * s], host[r][2 * s: 3 * s], host[r][3 * s:],
+                             run.drafted or not self.dec.k)
+            row_steps, kept = row_steps + n, kept + k
+            seq_host[r] += sum(gains)
+            if run.drafted and n == s and rows.active[r]:  # a whole run: what the row keeps per run
+                self.runs[r].append(k)
+        cost = self.timer.seconds(run.span) if self.gate.auto else None
+        self.gate.record(run.drafted, s, kept, row_steps, cost=cost)
 
     def _worth_queueing(self) -> bool:
-        rows, s = self.rows, self.dec.steps
-        drafted = self.queue[0].drafted
-        more = any(a and len(g) + s < rows.max_new_tokens for a, g in zip(rows.active, rows.generated))
-        return more and (not self.dec.k or self.gate.want(sum(rows.active)) == drafted)
+        """Whether to queue the next run before the one in flight is read: only while some live
+        row will still need tokens after it (``_reach`` guesses what the run in flight gives it).
+        The queued run drafts as the one in flight, so nothing is queued when the gate's choice
+        changes."""
+        rows, running = self.rows, self.queue[0]
+        pending = 0 if running.drafted else self.dec.steps  # a pause's steps in flight
+        if self.dec.k and self.gate.want(sum(rows.active), pending) != running.drafted:
+            return False
+        return any(live and len(gen) + self._reach(r, running.drafted) < rows.max_new_tokens
+                   for r, (live, gen) in enumerate(zip(rows.active, rows.generated)))
+
+    def _reach(self, r: int, drafted: bool) -> int:
+        """Tokens row ``r`` is guessed to keep in a run: ``s`` undrafted (one a step, exactly);
+        drafted, the mean plus two standard deviations of its earlier whole drafted runs, once it
+        has two (before that, the most a run can keep). High on purpose: a run queued for
+        nothing costs ``s`` whole steps, one not queued only a host round trip."""
+        dec, seen = self.dec, self.runs[r]
+        if not (drafted and dec.k):
+            return dec.steps
+        if len(seen) < 2:
+            return dec.growth
+        mean = sum(seen) / len(seen)
+        spread = math.sqrt(sum((x - mean) ** 2 for x in seen) / len(seen))
+        return min(dec.growth, max(dec.steps, math.ceil(mean + 2 * spread)))
 
     def _launch(self, draft: bool, upper: int) -> None:
         dec = self.dec
@@ -144,7 +179,9 @@ class Driver:
         before = state.seq_len.clone()
         state.max_seq_len = upper
         gained, offered = dec.run(draft)
-        self.timer.lap("verify")  # propose, verify, accept and commit all run inside; step_profile splits them
+        span = self.timer.lap("verify")  # propose, verify, accept and commit all run inside; step_profile splits them
+        self.steps += dec.steps
+        self.drafted += dec.steps if draft else 0
         grow = torch.arange(dec.growth, device=before.device)
         new = state.tokens.gather(1, (before.unsqueeze(1) + grow).clamp(max=state.capacity - 1))
         packed, done = torch.cat([gained.T, offered.T, dec.faults.T, new], dim=1), None
@@ -154,4 +191,4 @@ class Driver:
             done = torch.cuda.Event()
             done.record()
             packed = host
-        self.queue.append(Queued(draft, packed, done))
+        self.queue.append(Queued(draft, packed, done, span))

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from specdec.drafters.base import DraftSpec, Drafter, NullDrafter
 from specdec.driver import Driver, Rows
-from specdec.gate import DraftGate
+from specdec.gate import DraftGate, RunCosts
 from specdec.runner import ModelRunner
 from specdec.stats import PhaseTimer, SpecStats
 from specdec.step import PREFILL_CHUNK, Decoder, check_compile
@@ -75,7 +75,7 @@ class SpecEngine:
 
     def __init__(self, model, drafter: Drafter | None = None, acceptance: str | None = None, attention: str = "auto",
                  max_draft_batch: int | None = None, cuda_graphs: bool = False, chunk_steps: int | None = None,
-                 compile: bool | dict = False, fuse: bool | None = None, min_tau: float | None = None,
+                 compile: bool | dict = False, fuse: bool | None = None, min_tau: float | str | None = None,
                  pipeline: bool | None = None, cache_len: int | None = None):
         self.runner = ModelRunner(model, attention=attention, fuse=fuse)
         self.drafter = drafter if drafter is not None else NullDrafter()
@@ -105,6 +105,7 @@ class SpecEngine:
         self.cache_len = cache_len
         self.max_draft_batch, self.min_tau = max_draft_batch, min_tau
         DraftGate(max_draft_batch, min_tau)  # checks the values now, at wrap time
+        self._costs: dict[tuple, RunCosts] = {}  # (batch, capacity, rule) -> measured step costs (min_tau="auto")
         self.acceptance_name = acceptance
         self.lock = _lock(self.drafter)
         self._decoder: Decoder | None = None
@@ -186,7 +187,8 @@ class SpecEngine:
             rows = Rows([r[s:] for r, s in zip(packed.tolist(), start.tolist())], max_new_tokens, eos_ids,
                         stop_fn, on_tokens, deadline=None if max_time is None else wall0 + max_time)
             timer = PhaseTimer(dev)
-            gate = DraftGate(self.max_draft_batch, self.min_tau, window=max(8, dec.steps))
+            costs = self._costs.setdefault((b, dec.state.capacity, rule.name), RunCosts())
+            gate = DraftGate(self.max_draft_batch, self.min_tau, window=max(8, dec.steps), costs=costs)
             steps, drafted = Driver(dec, gate, rows, timer).run(width, self.pipeline)
             wall = time.perf_counter() - wall0
             return EngineOutput(rows.generated, self._stats(rows, rule, gate, steps, drafted, timer.result(
@@ -209,5 +211,6 @@ class SpecEngine:
                          times=times, wall_time=wall, lossless=rule.lossless, acceptance=rule.name,
                          drafter=self.drafter.name, prefill_time=prefill,
                          undrafted_steps=steps - drafted if drafting else 0,
+                         idle_steps=steps - max(map(len, rows.gained)),
                          draft_pauses=gate.paused if drafting else 0,
                          undrafted_by_row=rows.undrafted if drafting else [0] * b)

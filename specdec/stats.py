@@ -35,7 +35,7 @@ class SpecStats:
     # (the chain length for a chain; 0 for an undrafted step).
     proposed: list[list[int]]
     new_tokens: list[int]  # [B] int: tokens generated per row, EOS included
-    num_steps: int  # steps (target forwards) the call ran, counted once for the whole batch
+    num_steps: int  # steps (target forwards) the call launched, counted once for the whole batch
     # draft forwards: drafted steps x ``spec.forwards_per_step`` (0 for lookup-style drafters)
     draft_forwards: int
     verify_forwards: int  # target forwards after the prefill (= num_steps)
@@ -48,6 +48,10 @@ class SpecStats:
     drafter: str = "none"  # the drafter's name (``Drafter.name``); "none" for plain decoding
     prefill_time: float = 0.0  # seconds from the call's start to the end of the prefill and ``begin``
     undrafted_steps: int = 0  # steps the draft policies (max_draft_batch, min_tau) ran without a draft
+    # steps of ``num_steps`` that no row used: after every row had stopped (the tail of the last
+    # run, and a pipelined run queued before the rows were seen to stop). = num_steps - the
+    # longest row of ``accepted_lengths``.
+    idle_steps: int = 0
     draft_pauses: int = 0  # times min_tau paused drafting after a window that did not pay
     undrafted_by_row: list[int] | None = None  # [B] int: each row's own steps that ran without a draft
     # specdec.memory.Meter's report (bytes): the budget, the drafter configuration chosen under it,
@@ -106,13 +110,22 @@ class PhaseTimer:
     def start(self) -> None:
         self._mark = self._now()
 
-    def lap(self, phase: str) -> None:
+    def lap(self, phase: str):
+        """Close ``phase``; returns its span, for ``seconds`` (two events on CUDA, seconds elsewhere)."""
         now = self._now()
         if self.cuda:
-            self._events.append((phase, self._mark, now))
+            span = (self._mark, now)
+            self._events.append((phase, *span))
         else:
-            self.totals[phase] += now - self._mark
+            span = now - self._mark
+            self.totals[phase] += span
         self._mark = now
+        return span
+
+    def seconds(self, span) -> float:
+        """A span's seconds. On CUDA its events must have completed (the caller waited on later
+        work), so reading them adds no sync."""
+        return span[0].elapsed_time(span[1]) / 1e3 if self.cuda else span
 
     def _now(self):
         if self.cuda:

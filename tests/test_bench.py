@@ -24,7 +24,7 @@ ROW_KEYS = {"model", "dtype", "device", "drafter", "params", "batch_size", "max_
             "matches_baseline", "first_divergence", "turn_new_tokens", "turn_steps", "turn_tau", "turn_wall_time",
             "turn_tokens_per_s", "turn_speedup", "undrafted_steps", "divergence", "hf_lookup", "hf_assisted",
             "speedup_hf_lookup", "speedup_hf_assisted", "hf_matches_baseline", "output_ids", "batch_index",
-            "first_call", "captures"}
+            "first_call", "captures", "idle_steps"}
 TURN_KEYS = {"turn_new_tokens", "turn_steps", "turn_tau", "turn_wall_time", "turn_tokens_per_s", "turn_speedup"}
 
 
@@ -142,9 +142,9 @@ def test_undrafted_steps_are_each_rows_own(smollm2_tokenizer):
     the call's total: the policies pause drafting anywhere in a call, not only at its start."""
     calls = [SimpleNamespace(accepted_lengths=[[1, 1, 1], [3, 1, 1, 1, 3, 1, 3]], new_tokens=[3, 13],
                              proposed=[[0, 0, 0], [2, 0, 0, 0, 2, 0, 2]], undrafted_steps=4,
-                             undrafted_by_row=[3, 4], times={}, lossless=True),
+                             undrafted_by_row=[3, 4], idle_steps=1, times={}, lossless=True),
              SimpleNamespace(accepted_lengths=[[2, 2]], new_tokens=[4], proposed=[[2, 2]], undrafted_steps=0,
-                             undrafted_by_row=[0], times={}, lossless=True)]   # turn 2: the second prompt alone
+                             undrafted_by_row=[0], idle_steps=2, times={}, lossless=True)]   # turn 2: alone
 
     def method(input_ids, attention_mask):
         stats = calls.pop(0)
@@ -157,6 +157,7 @@ def test_undrafted_steps_are_each_rows_own(smollm2_tokenizer):
     assert (short.steps, short.undrafted_steps) == (3, 3)
     assert (long.turn_steps, long.undrafted_steps) == ([7, 2], 4)
     assert long.new_tokens == 17 and long.draft_tokens == 10
+    assert (short.idle_steps, long.idle_steps) == (0.5, 2.5)   # a call's idle steps, shared by its rows
 
 
 def test_resolution_is_one_ulp_of_the_dtype():

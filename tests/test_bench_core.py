@@ -70,6 +70,31 @@ def test_bad_settings_name_the_problem():
         main(["--drafter", "lookup:num_tokens", "--out", "unused"])
 
 
+def test_min_tau_auto_from_the_command_line_and_a_drafter_spec(tiny_folder, tmp_path, capsys):
+    from specdec.bench.command import parser, settings_from
+
+    args = ["--min-tau", "auto", "--drafter", "lookup:num_tokens=2", "--drafter", "lookup:num_tokens=4,min_tau=1.5"]
+    s = settings_from(parser().parse_args(args))
+    assert s.min_tau == "auto" and s.drafters[1]["min_tau"] == 1.5
+    s = settings_from(parser().parse_args(["--drafter", "lookup:min_tau=auto"]))
+    assert s.min_tau is None and s.drafters[0]["min_tau"] == "auto"
+    with pytest.raises(SystemExit):
+        main(["--min-tau", "fast", "--out", "unused"])
+    assert "'fast' is neither a number nor 'auto'" in capsys.readouterr().err
+    for bad in ({"min_tau": "fast"}, {"drafters": ({"name": "lookup", "min_tau": "always"},)}):
+        with pytest.raises(ValueError, match="min_tau must be .*'auto'"):
+            core.BenchSettings(**bad)
+    # A run under the measured policy: greedy output equals the baseline, and every row (and its
+    # baseline) says how many steps ran after its call's rows had stopped.
+    prompts = select(builtin(), num_prompts=2, categories=["coding"])
+    drafters = ({"name": "lookup", "num_tokens": 2, "min_tau": "auto"},)
+    result = core.run(settings(tiny_folder, drafters=drafters, hf_baseline=False), prompts, tmp_path)
+    for r in result.rows:
+        assert r["min_tau"] == "auto" and r["matches_baseline"]
+        assert r["idle_steps"] >= 0 and r["baseline"]["idle_steps"] >= 0
+    assert "[min_tau=auto]" in (tmp_path / "summary.md").read_text()
+
+
 # ---------------------------------------------------------------- one process, several drafters
 
 def test_several_drafters_and_batch_sizes_share_one_baseline(tiny_folder, tmp_path, capsys):

@@ -150,6 +150,26 @@ def test_min_tau_switches_captured_runs_and_stays_exact():
         assert st.draft_pauses >= 1 and 0 < st.undrafted_steps < st.num_steps and st.undrafted_steps % 8 == 0
 
 
+def test_min_tau_auto_times_captured_runs_and_wastes_no_run():
+    """min_tau="auto" under graphs: each run's cost comes from CUDA events read with its results,
+    both kinds of run get timed, tokens stay HF's, and pipelining queues no run past the end."""
+    model = cuda_tiny("llama", num_layers=2)
+    ids, mask = (t.cuda() for t in ragged_batch([6, 9, 4], 64, seed=4))
+    ref = hf_greedy(model, ids, mask, max_new_tokens=96, eos_token_id=None)
+    for drafter in (PromptLookup(num_tokens=4, max_ngram=2), DraftModel(model, num_tokens=3)):
+        spec = specdec.wrap(model, drafter=drafter, cuda_graphs=True, min_tau="auto")
+        for _ in range(2):   # the second call starts from the first one's costs
+            out = spec.generate(ids, attention_mask=mask, max_new_tokens=96, pad_token_id=0, eos_token_id=None,
+                                return_dict_in_generate=True)
+            st = out.spec_stats
+            assert torch.equal(out.sequences, ref), type(drafter).__name__
+            assert st.idle_steps == st.num_steps - max(map(len, st.accepted_lengths))
+            if isinstance(drafter, DraftModel):   # the target drafting for itself: τ is 4 at every step
+                assert st.idle_steps < 8
+        (costs,) = spec.engine._costs.values()
+        assert costs.plain > 0 and costs.drafted > 0
+
+
 @pytest.mark.parametrize("pipeline", [False, True])
 def test_pipelined_runs_stop_at_eos_and_equal_hf(pipeline):
     # The queued run reads back over pinned memory and an event: rows that stop at EOS inside a

@@ -3,7 +3,7 @@
 Drafters are ``NAME[:KEY=VALUE,...]`` specs over the registered names (``specdec.drafters.DRAFTERS``);
 give ``--drafter`` several times to compare them in one process, against one baseline. Values
 are JSON where they parse as JSON (``8``, ``0.6``, ``true``, ``null``, ``[4,5]``), else strings. A
-spec's ``max_draft_batch`` / ``min_tau`` set that drafter's policy. Prompt sources are ``builtin``,
+spec's ``max_draft_batch`` / ``min_tau`` set that drafter's policy (``min_tau=auto``: measured costs). Prompt sources are ``builtin``,
 ``humaneval``, ``long`` (with ``KEY=VALUE`` options too) or a Spec-Bench jsonl path; give
 ``--prompts`` several times to pool them (each keeps its categories, HumanEval's is "humaneval").
 
@@ -91,6 +91,16 @@ def load_prompts(sources: Sequence[str]) -> list[Prompt]:
     return prompts
 
 
+def min_tau_arg(text: str) -> float | str:
+    """``--min-tau``: a number, or ``auto``; ``specdec.gate.check_min_tau`` judges the value."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'auto'") from None
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m specdec.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,7 +128,8 @@ def parser() -> argparse.ArgumentParser:
     add("--pipeline", action=argparse.BooleanOptionalAction, default=None)
     add("--cache-len", type=int, default=None)
     add("--max-draft-batch", type=int, default=None, help="default batch policy of every drafter")
-    add("--min-tau", type=float, default=None, help="default acceptance policy of every drafter")
+    add("--min-tau", type=min_tau_arg, default=None,
+        help="default acceptance policy of every drafter: a number >= 1, or auto (measured step costs)")
     add("--no-hf", action="store_true", help="do not time HF greedy generate (no × HF column)")
     add("--hf-lookup", type=int, default=None, help="also time HF prompt lookup with N tokens (batch 1)")
     add("--hf-assistant", default=None, help="also time HF assisted generation with this draft model (batch 1)")

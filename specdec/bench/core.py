@@ -24,6 +24,7 @@ from specdec.bench.measure import decode, divergence_gap, engine_method, hf_meth
 from specdec.bench.prompts import Prompt, render
 from specdec.bench.rows import drafter_name, drafter_params, make_row
 from specdec.bench.report import HF_LABELS, aggregate, by_category, fmt, run_label, write_reports
+from specdec.gate import check_min_tau
 
 MODES = ("greedy", "sample")
 POLICY_KEYS = ("max_draft_batch", "min_tau")   # drafter-spec keys that set the wrap policy, not the drafter
@@ -54,7 +55,7 @@ class BenchSettings:
     pipeline: bool | None = None
     cache_len: int | None = None
     max_draft_batch: int | None = None
-    min_tau: float | None = None
+    min_tau: float | str | None = None   # or "auto" (specdec.gate.DraftGate)
     hf_baseline: bool = True         # time HF greedy generate too (the "× HF" column)
     hf_lookup: int | None = None     # N: also HF prompt lookup (greedy, batch 1)
     hf_assistant: str | None = None  # a model spec: also HF assisted generation (greedy, batch 1)
@@ -73,6 +74,8 @@ class BenchSettings:
             raise ValueError(f"batch_sizes must be positive integers, got {list(self.batch_sizes)}")
         if not self.drafters:
             raise ValueError("drafters is empty; give at least one (e.g. {'name': 'lookup'}, or {'name': 'none'})")
+        for value in (self.min_tau, *(d.get("min_tau") for d in self.drafters)):
+            check_min_tau(value)   # a bad policy fails before any model loads
 
 
 @dataclass

@@ -49,6 +49,7 @@ class Decoded:
     turn_steps: list[int] | None = None         # [turns] engine steps per turn; None for HF
     draft_tokens: int = 0            # draft tokens offered to the target, over all steps
     undrafted_steps: int = 0         # this row's steps that the draft policies ran without a draft
+    idle_steps: float = 0.0          # its calls' steps no row used (SpecStats.idle_steps), this row's equal share
     times: dict[str, float] = field(default_factory=dict)       # phase -> seconds (row share)
     lossless: bool | None = None
 
@@ -248,6 +249,7 @@ def _add_engine_stats(res: Decoded, stats, row: int, rows: int) -> None:
     res.turn_steps = (res.turn_steps or []) + [len(lengths)]
     res.draft_tokens += sum(int(n) for n in stats.proposed[row])
     res.undrafted_steps += int(stats.undrafted_by_row[row])
+    res.idle_steps += stats.idle_steps / rows
     for phase, seconds in stats.times.items():
         res.times[phase] = res.times.get(phase, 0.0) + float(seconds) / rows
     res.lossless = bool(stats.lossless) if res.lossless is None else res.lossless and bool(stats.lossless)

@@ -68,6 +68,8 @@ def aggregate(rows: Sequence[dict]) -> dict:
         **{f"{name}_tokens_per_s": hf_tps[name] for name in HF_METHODS},
         **{f"speedup_{name}": tps / hf_tps[name] if hf_tps[name] and tps else None for name in HF_METHODS},
         "undrafted_steps": sum(r.get("undrafted_steps", 0) for r in rows),
+        "idle_steps": sum(r.get("idle_steps", 0) for r in rows),
+        "baseline_idle_steps": sum(r["baseline"].get("idle_steps", 0) for r in rows),
         "matches_baseline": f"{sum(checked)}/{len(checked)}" if checked else None,
         "step_ms": step_breakdown(rows),
         "baseline_step_ms": step_breakdown([r["baseline"] for r in rows]),
@@ -159,6 +161,10 @@ def run_markdown(rows: Sequence[dict], title: str, header: Sequence[str] = ()) -
         overall = aggregate(mode_rows)
         lines += ["", "Step time, ms per step: " + _phases(overall["step_ms"]) + "; baseline: "
                   + _phases(overall["baseline_step_ms"]), ""]
+        if overall["idle_steps"] or overall["baseline_idle_steps"]:
+            lines += [f"Idle steps (run after every row of their call had stopped, rows' shares summed): "
+                      f"{fmt(overall['idle_steps'], 1)}, beside {overall['steps']} row-steps used; "
+                      f"baseline {fmt(overall['baseline_idle_steps'], 1)}.", ""]
         lines += first_call_lines(mode_rows)
         if mode == "greedy":
             lines += divergence_lines(mode_rows) + hf_equality_lines(mode_rows)

@@ -20,12 +20,13 @@ def make_row(identity: dict, prompt: Prompt, drafted: Decoded, base: Decoded, hf
     Keys: the run identity (``model dtype device drafter params batch_size max_new_tokens
     max_draft_batch min_tau mode temperature top_p top_k``); ``question_id category num_turns
     prompt_tokens``; the drafter's ``new_tokens steps tau draft_tokens acceptance_rate accept_hist
-    wall_time tokens_per_s times lossless undrafted_steps``, where ``accept_hist[k]`` counts steps
-    that emitted k tokens and ``undrafted_steps`` this row's own steps that the draft policies
-    (``max_draft_batch``, ``min_tau``) ran without a draft; per turn (lists, one entry a turn) ``turn_new_tokens turn_steps
+    wall_time tokens_per_s times lossless undrafted_steps idle_steps``, where ``accept_hist[k]``
+    counts steps that emitted k tokens, ``undrafted_steps`` this row's own steps that the draft
+    policies (``max_draft_batch``, ``min_tau``) ran without a draft and ``idle_steps`` its equal
+    share of the steps its calls ran after every row had stopped (``SpecStats.idle_steps``); per turn (lists, one entry a turn) ``turn_new_tokens turn_steps
     turn_tau turn_wall_time turn_tokens_per_s turn_speedup``; ``baseline``, and ``hf``,
     ``hf_lookup``, ``hf_assisted`` (HF greedy, prompt lookup and assisted generation, each null
-    when not run), with ``new_tokens steps wall_time tokens_per_s times turn_new_tokens
+    when not run), with ``new_tokens steps idle_steps wall_time tokens_per_s times turn_new_tokens
     turn_wall_time turn_tokens_per_s``; ``speedup``, ``speedup_hf``, ``speedup_hf_lookup`` and
     ``speedup_hf_assisted`` (tokens/s ratios); and, for greedy rows, ``matches_baseline``,
     ``first_divergence`` (``{"turn", "index"}`` or null), ``divergence`` (null, or the target's
@@ -47,6 +48,7 @@ def make_row(identity: dict, prompt: Prompt, drafted: Decoded, base: Decoded, hf
         "accept_hist": drafted.histogram(),
         "wall_time": drafted.wall_time, "tokens_per_s": drafted.tokens_per_s,
         "times": drafted.times, "lossless": drafted.lossless, "undrafted_steps": drafted.undrafted_steps,
+        "idle_steps": drafted.idle_steps,
         "turn_new_tokens": drafted.turn_new_tokens, "turn_steps": drafted.turn_steps, "turn_tau": drafted.turn_tau,
         "turn_wall_time": drafted.turn_wall_time, "turn_tokens_per_s": drafted.turn_tokens_per_s,
         "turn_speedup": [_ratio(a, b) for a, b in zip(drafted.turn_tokens_per_s, base.turn_tokens_per_s)],
@@ -91,7 +93,7 @@ def drafter_params(spec: Mapping | None) -> dict:
 
 def row_timing(d: Decoded) -> dict:
     """A reference method's (baseline or HF) side of a row."""
-    return {"new_tokens": d.new_tokens, "steps": d.steps, "wall_time": d.wall_time,
+    return {"new_tokens": d.new_tokens, "steps": d.steps, "idle_steps": d.idle_steps, "wall_time": d.wall_time,
             "tokens_per_s": d.tokens_per_s, "times": d.times, "turn_new_tokens": d.turn_new_tokens,
             "turn_wall_time": d.turn_wall_time, "turn_tokens_per_s": d.turn_tokens_per_s,
             "output_ids": d.output_ids}
