@@ -40,11 +40,9 @@ from specdec.verifiers.tree import DraftTree
 
 from .base import DecodeState, DraftSpec, Drafter
 from .draw import process_chain
-from .head_drafters import _cast, _check_fits, target_states
+from .head_common import CHUNK, cast, check_fits, target_states
 from .heads import (cache_kwargs, _config_dict, _config_from_dict, _in_dtype, _load_checked, _proposal, _read_folder,
                     _write_folder, arch_classes, causal_mask, layer_config, resolve_folder)
-
-CHUNK = 256  # queries per catch-up forward in begin/resync
 
 
 class AdapterBlock(nn.Module):
@@ -177,7 +175,7 @@ class KangarooAdapter(Drafter):
                         dtype: torch.dtype | str | None = None) -> "KangarooAdapter":
         """Load a speculators folder (`KangarooAdapterModel.save_pretrained`) or a shipped adapter by
         zoo name, e.g. ``"zoo:smollm2-135m-instruct-kangaroo"``; ``dtype`` casts the adapter."""
-        return cls(_cast(KangarooAdapterModel.from_pretrained(folder, device=device), dtype), num_tokens=num_tokens,
+        return cls(cast(KangarooAdapterModel.from_pretrained(folder, device=device), dtype), num_tokens=num_tokens,
                    stop_threshold=stop_threshold)
 
     def compile(self, options: dict | None) -> None:
@@ -189,7 +187,7 @@ class KangarooAdapter(Drafter):
     def bind(self, target) -> None:
         """Check the adapter fits ``target``: hidden size, vocabulary, exit layer, device."""
         cfg, n = self.adapter.config, target.num_layers
-        _check_fits("KangarooAdapter", cfg.hidden_size, cfg.vocab_size, self.adapter.norm.weight.device, target,
+        check_fits("KangarooAdapter", cfg.hidden_size, cfg.vocab_size, self.adapter.norm.weight.device, target,
                     self.adapter.verifier)
         if not 1 <= self.exit_layer < n:
             raise ValueError(f"KangarooAdapter: exit layer {self.exit_layer} is outside this {n}-layer target's "
