@@ -47,6 +47,7 @@ class MedusaHeads(Drafter):
                               forwards_per_step=1)
         self.ranks = max(c[-1] for c in self.choices) + 1  # top-k read per head
         self.template: tuple[Tensor, Tensor, Tensor] | None = None  # (head, rank, parent) [N] each
+        self.paths: list[list[int]] = []  # each node's root-to-node path of node indices (DraftTree.from_paths)
         self.last: Tensor | None = None  # [B, 1, H] the target's final normed state at the newest root's parent
         self.runner = None
 
@@ -70,6 +71,7 @@ class MedusaHeads(Drafter):
         rank = [c[-1] for c in self.choices]
         parent = [index[tuple(c[:-1])] if len(c) > 1 else -1 for c in self.choices]
         self.template = tuple(torch.tensor(x, dtype=torch.long, device=target.device) for x in (head, rank, parent))
+        self.paths = [[index[tuple(c[:d])] for d in range(1, len(c) + 1)] for c in self.choices]  # node index paths
         self.runner = target
 
     def _store(self, state: DecodeState, last: Tensor) -> None:
@@ -100,9 +102,7 @@ class MedusaHeads(Drafter):
         else:
             top = logits.topk(self.ranks, dim=-1).indices                       # [K, B, R]
             tokens = top[head, :, rank].T.contiguous()                          # [B, N]
-        b, n = tokens.shape
-        return DraftTree(tokens=tokens, parents=parent.expand(b, n).contiguous(),
-                         valid=torch.ones(b, n, dtype=torch.bool, device=tokens.device))
+        return DraftTree.from_paths(self.paths, tokens)  # a fixed shape: verification compiles nothing
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
         """Keep the state at the deepest accepted node (the root when none was): it predicted the bonus token."""
