@@ -6,7 +6,7 @@ The head reads the hidden states the engine's verification already computes
 (``spec.hidden_layers``): after each drafted step ``observe`` picks them out at the accepted
 path, and the next ``propose`` drafts from them. ``propose`` and ``observe`` are static-shape
 device work (capturable); ``begin`` and ``resync`` are host-side catch-ups. The head's forwards
-run through `specdec.drafters.eagle_step.EagleStep`, the head layer written out with few kernels;
+run through `specdec.drafters.head_layer.EagleStep`, the head layer written out with few kernels;
 everything a step's forwards share (slots, positions, rotary tables, masks) is made once per step.
 
 Slots. Everything is laid out slot for slot like the target's cache: slot j holds the j-th
@@ -37,7 +37,7 @@ from specdec.verifiers.tree import DraftTree
 
 from .base import DecodeState, DraftSpec, Drafter
 from .draw import choose, processed
-from .eagle_step import EagleStep, StepOutput, additive_mask
+from .head_layer import EagleStep, StepOutput, additive_mask
 from .head_common import CHUNK, cast, check_fits, chunks, target_states
 from .heads import EagleHeadModel
 from .medusa_heads import MedusaHeads, default_choices  # noqa: F401  (their former home: old imports keep working)
