@@ -234,6 +234,7 @@ class EagleHead(Drafter):
                          last_only=True)
         return plan, root
 
+    @torch.no_grad()  # whatever the caller's grad mode (step_profile's was on): no autograd, no grad on buffers
     def propose(self, state: DecodeState) -> DraftTree:
         if self.search is not None:
             return self._propose_tree(state)
@@ -271,6 +272,7 @@ class EagleHead(Drafter):
         return self.search.run(root, out.carry.flatten(2), step, state.seq_len, state.start, view, expand,
                                track_paths=state.params.processors.active)
 
+    @torch.no_grad()
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
         """Store the fused target features of the root and the accepted nodes at their slots."""
         b, n = outcome.path.shape

@@ -254,6 +254,7 @@ class KangarooAdapter(Drafter):
         """After undrafted steps (from committed length ``since`` on): the entries they skipped."""
         self._catch_up(state, max(since - 2, 0))
 
+    @torch.no_grad()  # whatever the caller's grad mode (step_profile's was on): no autograd, no grad on buffers
     def propose(self, state: DecodeState) -> DraftTree:
         k, start = self.num_tokens, state.start[:, None]
         view = state.max_seq_len + k  # committed adapter entries plus the chain's slots
@@ -283,6 +284,7 @@ class KangarooAdapter(Drafter):
         q = torch.stack(dists, dim=1) if state.params.do_sample else None                  # [B, K, V]
         return DraftTree.chain(torch.stack(tokens, dim=1), torch.stack(valid, dim=1) if valid else None, q=q)
 
+    @torch.no_grad()
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
         """Feed the target's exit states at the old root and the accepted nodes (from verification)
         into the adapter at their slots. Entries past the accepted path land on slots from the new

@@ -93,6 +93,7 @@ class MedusaHeads(Drafter):
     def resync(self, state: DecodeState, since: int) -> None:
         self.begin(state)
 
+    @torch.no_grad()  # whatever the caller's grad mode (step_profile's was on): no autograd, no grad on buffers
     def propose(self, state: DecodeState) -> DraftTree:
         head, rank, parent = self.template
         logits = self.heads(self.last)[:, :, 0]                                 # [K, B, V]
@@ -104,6 +105,7 @@ class MedusaHeads(Drafter):
             tokens = top[head, :, rank].T.contiguous()                          # [B, N]
         return DraftTree.from_paths(self.paths, tokens)  # a fixed shape: verification compiles nothing
 
+    @torch.no_grad()
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
         """Keep the state at the deepest accepted node (the root when none was): it predicted the bonus token."""
         a = outcome.accept_len

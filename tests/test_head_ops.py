@@ -168,3 +168,40 @@ def test_adapter_step_is_the_adapter_forward(arch):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cache.v[0], ref_cache.v[0], atol=1e-5, rtol=1e-5)
     assert step.forward(exits, step.rope(positions), None, cache, kv_only=True) is None
+
+
+@pytest.mark.parametrize("name", list(BUDGET))
+def test_drafting_under_grad_mode_keeps_buffers_out_of_autograd(name):
+    """``engine.step_profile`` ran its phases with autograd on: a head's K/V write then made its
+    cache buffers require grad, so the captured replay's compiled forward saw other inputs than
+    its warm-up had and recompiled inside the CUDA-graph capture, which fails. However a step is
+    called, head drafting records no autograd and leaves its buffers as they were."""
+    model = make_tiny("llama", num_layers=2)
+    drafter = head_drafters(model)[name]()
+    spec = specdec.wrap(model, drafter=drafter)
+    spec.generate(PROMPT, max_new_tokens=4, pad_token_id=0, eos_token_id=None, do_sample=False)
+    dec = spec.engine._decoder
+    with torch.enable_grad():
+        dec.step(0, dec.view_for(dec.state.max_seq_len), True)
+    buffers = [getattr(drafter, "feature", None), getattr(drafter, "last", None)]
+    buffers += list(drafter.cache.k + drafter.cache.v) if getattr(drafter, "cache", None) is not None else []
+    assert [t for t in buffers if t is not None and t.requires_grad] == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["chain", "tree", "kangaroo"])
+def test_step_profile_of_compiled_heads_on_cuda(kind):
+    """``step_profile`` captures each phase of a compiled head's step on its own and replays it."""
+    from tiny import hf_greedy
+
+    model = make_tiny("llama", vocab_size=64, init_range=1.0).cuda()
+    ids = (PROMPT % 60 + 4).cuda()
+    head = EagleHeadModel.from_target(model, (0, 1, 1))
+    drafter = {"chain": lambda: EagleHead(head, num_tokens=4),
+               "tree": lambda: EagleHead(head, tree_topk=2, tree_depth=3, tree_nodes=5),
+               "kangaroo": lambda: KangarooAdapter(KangarooAdapterModel.from_target(model, 1), num_tokens=3)}[kind]()
+    spec = specdec.wrap(model, drafter=drafter, cuda_graphs=True, compile=True)
+    out = spec.generate(ids, max_new_tokens=24, pad_token_id=0, eos_token_id=None, do_sample=False)
+    assert torch.equal(out, hf_greedy(model, ids, max_new_tokens=24, eos_token_id=None))
+    phases = spec.engine.step_profile(reps=3)
+    assert set(phases) == {"draft", "verify", "accept", "commit"} and phases["draft"] > 0
