@@ -268,7 +268,7 @@ class EagleHead(Drafter):
             lg, ids = processed(state, lg, paths, vocab)
             return top_children(lg, state.params, self.search.topk, ids, self.runner.vocab_size)
 
-        root = expand(out.logits, DraftPaths.chain(state.tokens[:, :0]))
+        root = expand(out.logits, DraftPaths.chain(state.tokens[:, :0]) if state.params.processors.active else None)
         return self.search.run(root, out.carry.flatten(2), step, state.seq_len, state.start, view, expand,
                                track_paths=state.params.processors.active)
 

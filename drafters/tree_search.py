@@ -125,8 +125,10 @@ class TreeSearch:
         """
         b, k, dev = seq_len.shape[0], self.topk, seq_len.device
         own, src = self._constants(dev)
-        # Per level: token, rank, validity and draft distribution (None when greedy) of its candidates.
-        tok, rank, valid, dists = [root.tokens[:, 0]], [root.key[:, 0]], [root.logq[:, 0] > float("-inf")], [root.q]
+        # Per level: token, rank and draft distribution (None when greedy) of its candidates. A
+        # candidate is valid (inside its parent's warped support, and so were its ancestors) exactly
+        # when its rank is finite: an invalid node's key is -inf, and a rank never exceeds its parent's.
+        tok, rank, dists = [root.tokens[:, 0]], [root.key[:, 0]], [root.q]
         frontiers = []  # [B, K] per fed level: each frontier node's candidate index (its children's parent)
         j = torch.arange(view, device=dev)
         prefix = (j >= start[:, None]) & (j < seq_len[:, None])                                   # [B, view]
@@ -138,10 +140,10 @@ class TreeSearch:
         best, n_c = None, 0  # best: the frontier's index among the previous level's candidates
         for level in range(1, self.depth):
             if best is None:  # level 1: the root's children, in order
-                f_tok, f_rank, f_valid = tok[-1], rank[-1], valid[-1]
+                f_tok, f_rank = tok[-1], rank[-1]
                 frontiers.append(torch.arange(k, device=dev).expand(b, k))
             else:
-                f_tok, f_rank, f_valid = tok[-1].gather(1, best), rank[-1].gather(1, best), valid[-1].gather(1, best)
+                f_tok, f_rank = tok[-1].gather(1, best), rank[-1].gather(1, best)
                 frontiers.append(best + n_c)
                 parent = torch.div(best, k, rounding_mode="floor")  # [B, K] among the previous level's fed nodes
                 seen = seen.gather(1, parent.unsqueeze(-1).expand(b, k, self.scratch)) | own[level - 1]
@@ -154,7 +156,6 @@ class TreeSearch:
             tok.append(kids.tokens.reshape(b, k * k))
             r = torch.minimum(f_rank[:, :, None], f_rank[:, :, None] + kids.key).reshape(b, k * k)
             rank.append(r)
-            valid.append(((kids.logq > float("-inf")) & f_valid[:, :, None]).reshape(b, k * k))
             dists.append(kids.q)
             best = r.topk(k, dim=1).indices
             if front is not None:  # the new frontier's paths: its parent's path, then its own token
@@ -162,7 +163,8 @@ class TreeSearch:
                 front = grown.reshape(b, k * k, level + 1).gather(1, best.unsqueeze(-1).expand(b, k, level + 1))
         par = torch.stack(frontiers, 1).unsqueeze(-1).expand(b, self.depth - 1, k, k).reshape(b, -1)
         par = torch.cat([torch.full((b, k), -1, device=dev), par], dim=1)
-        return self._keep(torch.cat(tok, 1), torch.cat(rank, 1), par, torch.cat(valid, 1), src.expand(b, -1),
+        rank = torch.cat(rank, 1)
+        return self._keep(torch.cat(tok, 1), rank, par, rank > float("-inf"), src.expand(b, -1),
                           None if root.q is None else torch.cat(dists, 1))
 
     def _constants(self, dev: torch.device) -> tuple[Tensor, Tensor]:
