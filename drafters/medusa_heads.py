@@ -4,7 +4,9 @@ last hidden state.
 ``observe`` keeps the target's final normed state at the deepest accepted node (verification
 exports it, ``spec.hidden_layers``); the next ``propose`` runs the K heads on it once and reads
 each template node's token from its head's top ranks. The template is a fixed tree shape
-(`DraftTree.from_paths`), so verification spends no kernels compiling it.
+(`DraftTree.from_paths`), so verification spends no kernels compiling it. The K heads run batched
+(`MedusaHeads.logits`): each residual layer of every head in one matmul, over stacked copies of
+the heads' weights that ``begin`` rebuilds when the weights changed.
 
 This module knows the drafter contract and Medusa's templates; not acceptance rules or the host loop.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from specdec.verifiers.acceptance import StepOutcome
 from specdec.verifiers.tree import DraftTree
@@ -48,6 +50,9 @@ class MedusaHeads(Drafter):
         self.ranks = max(c[-1] for c in self.choices) + 1  # top-k read per head
         self.template: tuple[Tensor, Tensor, Tensor] | None = None  # (head, rank, parent) [N] each
         self.paths: list[list[int]] = []  # each node's root-to-node path of node indices (DraftTree.from_paths)
+        self.pick: Tensor | None = None   # [N] each node's (head, rank) as head * ranks + rank
+        self._stacked: list[tuple[Tensor, Tensor]] = []  # per residual layer: weights and biases of every head
+        self._key: tuple | None = None    # the heads' weights the stacked copies were made from
         self.last: Tensor | None = None  # [B, 1, H] the target's final normed state at the newest root's parent
         self.runner = None
 
@@ -72,6 +77,7 @@ class MedusaHeads(Drafter):
         parent = [index[tuple(c[:-1])] if len(c) > 1 else -1 for c in self.choices]
         self.template = tuple(torch.tensor(x, dtype=torch.long, device=target.device) for x in (head, rank, parent))
         self.paths = [[index[tuple(c[:d])] for d in range(1, len(c) + 1)] for c in self.choices]  # node index paths
+        self.pick = self.template[0] * self.ranks + self.template[1]
         self.runner = target
 
     def _store(self, state: DecodeState, last: Tensor) -> None:
@@ -87,6 +93,7 @@ class MedusaHeads(Drafter):
         forward of one query per row against its committed cache)."""
         if self.runner is not state.target:
             self.bind(state.target)
+        self._refresh()
         slots = (state.seq_len - 2).clamp(min=0).unsqueeze(1)
         self._store(state, target_states(state, slots, self.spec.hidden_layers)[0])
 
@@ -96,14 +103,43 @@ class MedusaHeads(Drafter):
     @torch.no_grad()  # whatever the caller's grad mode (step_profile's was on): no autograd, no grad on buffers
     def propose(self, state: DecodeState) -> DraftTree:
         head, rank, parent = self.template
-        logits = self.heads(self.last)[:, :, 0]                                 # [K, B, V]
+        logits = self.logits(self.last[:, 0])                                   # [B, K, V]
         if state.params.processors.active:  # each node ranks its head's logits processed with its parent's path
-            depth = len(self.choices[-1])
-            tokens = template_tokens(state, logits[head].transpose(0, 1), parent, rank, self.ranks, depth)
+            tokens = template_tokens(state, logits[:, head], parent, rank, self.ranks, len(self.choices[-1]))
         else:
-            top = logits.topk(self.ranks, dim=-1).indices                       # [K, B, R]
-            tokens = top[head, :, rank].T.contiguous()                          # [B, N]
+            tokens = logits.topk(self.ranks, dim=-1).indices.flatten(1).index_select(1, self.pick)  # [B, N]
         return DraftTree.from_paths(self.paths, tokens)  # a fixed shape: verification compiles nothing
+
+    def logits(self, x: Tensor) -> Tensor:
+        """[B, H] the target's final normed state -> [B, K, V]: what ``heads(x)`` gives (head k
+        predicts the token k + 2 places ahead), every head's residual layer j in one matmul."""
+        b, k = x.shape[0], self.heads.num_heads
+        h = None
+        for j, (weight, bias) in enumerate(self._stacked):
+            if j == 0:  # every head reads x: one [B, H] x [H, K * H] matmul
+                y = nn.functional.linear(x, weight, bias).view(b, k, -1)
+                h = x.unsqueeze(1) + nn.functional.silu(y)                      # [B, K, H]
+            else:  # head k's layer j on its own state: a batched matmul over the heads
+                h = h + nn.functional.silu(torch.baddbmm(bias, h.transpose(0, 1), weight).transpose(0, 1))
+        if self.heads.shared_lm_head:
+            return self.heads.head_logits(0, h)
+        return torch.stack([self.heads.head_logits(i, h[:, i]) for i in range(k)], dim=1)
+
+    def _refresh(self) -> None:
+        """(Re)build the stacked residual weights when the heads' weights were replaced or written
+        into (host-side: ``begin``)."""
+        params = list(self.heads.blocks.parameters())
+        key = tuple((p.data_ptr(), None if p.is_inference() else p._version, p.dtype, p.device) for p in params)
+        if key == self._key:
+            return
+        with torch.no_grad():
+            first = [blk.layers[0] for blk in self.heads.blocks]
+            self._stacked = [(torch.cat([m.weight for m in first]), torch.cat([m.bias for m in first]))]
+            for j in range(1, self.heads.num_layers):
+                layers = [blk.layers[j] for blk in self.heads.blocks]
+                self._stacked.append((torch.stack([m.weight.T for m in layers]),                  # [K, H, H]
+                                      torch.stack([m.bias for m in layers]).unsqueeze(1)))        # [K, 1, H]
+        self._key = key
 
     @torch.no_grad()
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:

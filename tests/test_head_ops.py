@@ -27,8 +27,8 @@ PROMPT = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7]])
 SAMPLED = dict(do_sample=True, temperature=0.7, top_p=0.9)
 # Draft-phase ops on the 2-layer tiny llama, (greedy, sampled). Measured after issue 16: EAGLE chain of
 # 4: 171 / 216 (was 310 / 359); EAGLE tree (top-4, depth 5, 24 nodes): 286 / 374 (was 520 / 608);
-# Medusa, 4 heads: 36 / 36 (was 41 / 41); Kangaroo adapter, chain of 6: 475 / 542 (was 689 / 756).
-BUDGET = {"eagle4": (178, 224), "eagle_tree": (295, 385), "medusa4": (38, 38), "kangaroo6": (490, 560)}
+# Medusa, 4 heads: 27 / 27 (was 41 / 41); Kangaroo adapter, chain of 6: 475 / 542 (was 689 / 756).
+BUDGET = {"eagle4": (178, 224), "eagle_tree": (295, 385), "medusa4": (29, 29), "kangaroo6": (490, 560)}
 PER_TOKEN = 45  # the EAGLE chain's draft ops per drafted token (greedy)
 
 
@@ -205,3 +205,21 @@ def test_step_profile_of_compiled_heads_on_cuda(kind):
     assert torch.equal(out, hf_greedy(model, ids, max_new_tokens=24, eos_token_id=None))
     phases = spec.engine.step_profile(reps=3)
     assert set(phases) == {"draft", "verify", "accept", "commit"} and phases["draft"] > 0
+
+
+@pytest.mark.parametrize("layers, shared", [(1, False), (2, False), (3, True)])
+@torch.no_grad()
+def test_batched_medusa_heads_are_the_heads(layers, shared):
+    """MedusaHeads.logits (every head's residual layer in one matmul) gives ``heads(x)``, and
+    follows the weights after they change and ``begin`` rebuilds the stacked copies."""
+    model = make_tiny("llama")
+    heads = _noisy(MedusaHeadsModel.from_target(model, num_heads=3, num_layers=layers, shared_lm_head=shared))
+    drafter = MedusaHeads(heads)
+    drafter.bind(specdec.wrap(model, drafter=drafter).engine.runner)
+    x = torch.randn(4, 64)
+    for changed in (False, True):
+        if changed:
+            heads.blocks[1].layers[-1].weight.mul_(2.0)
+        drafter._refresh()
+        torch.testing.assert_close(drafter.logits(x), heads(x.unsqueeze(1))[:, :, 0].transpose(0, 1),
+                                   atol=1e-5, rtol=1e-5)
