@@ -21,7 +21,8 @@ own work:
 
 The norms are RMSNorm's own arithmetic (float32 statistics, cast back, then the weight), so the
 states equal the modules'; the fused matmuls and SDPA may round differently in the last bit.
-Fused copies are rebuilt by ``refresh`` whenever the weights were replaced or written into.
+Fused copies are refilled by ``refresh`` (in place, so captured graphs see them) whenever the
+weights were replaced or written into.
 
 This module knows layer arithmetic; not slots, trees, the caches' layout or the engine.
 """
@@ -53,8 +54,17 @@ def additive_mask(allowed: Tensor) -> Tensor:
     return torch.where(allowed, 0.0, float("-inf")).unsqueeze(1)
 
 
-def _version_key(params) -> tuple:
+def version_key(params) -> tuple:
+    """What identifies the values of ``params``: storage, in-place write count, dtype and device."""
     return tuple((p.data_ptr(), None if p.is_inference() else p._version, p.dtype, p.device) for p in params)
+
+
+def refill(old: Tensor | None, new: Tensor | None) -> Tensor | None:
+    """``new``'s values in ``old``'s storage when their layouts match, else ``new``: a fused copy
+    keeps its address, so CUDA graphs captured over it read the refreshed weights."""
+    if old is None or new is None or old.shape != new.shape or old.dtype != new.dtype or old.device != new.device:
+        return new
+    return old.copy_(new)
 
 
 class AttentionStep:
@@ -67,25 +77,31 @@ class AttentionStep:
         self.attn = attn
         self.heads_q, self.heads_kv = attn.config.num_attention_heads, attn.config.num_key_value_heads
         self.head_dim = attn.head_dim
+        self.qkv: Tensor | None = None       # [(Hq + 2 Hkv) D, in] fused q/k/v weight (and bias)
+        self.qkv_bias: Tensor | None = None
+        self.qk_norm: Tensor | None = None   # [Hq + Hkv, D] Qwen3's q and k norm weights, per head
+        self.sign: Tensor | None = None      # [D] rotate_half's sign: -1 for the first half, +1 after
         self._key: tuple | None = None
 
     def refresh(self) -> None:
         """(Re)build the fused q/k/v weight when the module's weights changed (host-side)."""
         attn = self.attn
-        key = _version_key(attn.parameters())
+        key = version_key(attn.parameters())
         if key == self._key:
             return
         with torch.no_grad():
             projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-            self.qkv = torch.cat([p.weight for p in projections]).detach()
-            self.qkv_bias = torch.cat([p.bias for p in projections]).detach() if attn.q_proj.bias is not None else None
-            self.qk_norm = None
+            self.qkv = refill(self.qkv, torch.cat([p.weight for p in projections]))
+            self.qkv_bias = refill(self.qkv_bias, torch.cat([p.bias for p in projections])
+                                   if attn.q_proj.bias is not None else None)
+            qk_norm = None
             if hasattr(attn, "q_norm"):  # Qwen3: per-head q and k norms, one [heads_q + heads_kv, D] weight
-                self.qk_norm = torch.cat([attn.q_norm.weight.expand(self.heads_q, -1),
-                                          attn.k_norm.weight.expand(self.heads_kv, -1)]).detach()
+                qk_norm = torch.cat([attn.q_norm.weight.expand(self.heads_q, -1),
+                                     attn.k_norm.weight.expand(self.heads_kv, -1)])
                 self.qk_eps = attn.q_norm.variance_epsilon
+            self.qk_norm = refill(self.qk_norm, qk_norm)
             half = self.head_dim // 2
-            self.sign = torch.cat([-torch.ones(half), torch.ones(self.head_dim - half)]).to(self.qkv)
+            self.sign = refill(self.sign, torch.cat([-torch.ones(half), torch.ones(self.head_dim - half)]).to(self.qkv))
         self._key = key
 
     def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, cache, kv_only: bool = False):
@@ -147,6 +163,9 @@ class EagleStep:
         norms = [self.layer.input_layernorm, self.layer.post_attention_layernorm, head.norm]
         if any(n.variance_epsilon != self.eps for n in norms):
             raise ValueError("EagleHead: the head's norms must share one epsilon")
+        self.gate_up: Tensor | None = None       # [2 I, H] fused gate/up weight
+        self.embed_normed: Tensor | None = None  # [V, H] input_layernorm of every token's embedding
+        self.norms: Tensor | None = None         # [2, H] the final norm's and hidden_norm's weights
         self._key: tuple | None = None  # the weights' identity and versions the fused copies were made from
 
     def refresh(self) -> None:
@@ -154,15 +173,15 @@ class EagleStep:
         replaced, moved or written into since the last build (host-side: call it outside a capture)."""
         self.attention.refresh()
         layer, mlp = self.layer, self.layer.mlp
-        key = _version_key([*layer.parameters(), self.head.embed_tokens.weight, self.head.norm.weight])
+        key = version_key([*layer.parameters(), self.head.embed_tokens.weight, self.head.norm.weight])
         if key == self._key:
             return
         with torch.no_grad():
-            self.gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+            self.gate_up = refill(self.gate_up, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
             self.inter = mlp.gate_proj.weight.shape[0]
             embed = self.head.embed_tokens.weight.to(layer.hidden_norm.weight.dtype)
-            self.embed_normed = layer.input_layernorm(embed).detach()                           # [V, H]
-            self.norms = torch.stack([self.head.norm.weight, layer.hidden_norm.weight]).detach()  # [2, H]
+            self.embed_normed = refill(self.embed_normed, layer.input_layernorm(embed))           # [V, H]
+            self.norms = refill(self.norms, torch.stack([self.head.norm.weight, layer.hidden_norm.weight]))  # [2, H]
         self._key = key
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:

@@ -23,6 +23,7 @@ from specdec.verifiers.tree import DraftTree
 from .base import DecodeState, DraftSpec, Drafter
 from .draw import template_tokens
 from .head_common import cast, check_fits, target_states
+from .head_layer import refill, version_key
 from .heads import MedusaHeadsModel
 
 
@@ -126,19 +127,20 @@ class MedusaHeads(Drafter):
         return torch.stack([self.heads.head_logits(i, h[:, i]) for i in range(k)], dim=1)
 
     def _refresh(self) -> None:
-        """(Re)build the stacked residual weights when the heads' weights were replaced or written
-        into (host-side: ``begin``)."""
-        params = list(self.heads.blocks.parameters())
-        key = tuple((p.data_ptr(), None if p.is_inference() else p._version, p.dtype, p.device) for p in params)
+        """Refill the stacked residual weights (in place, for captured graphs) when the heads'
+        weights were replaced or written into (host-side: ``begin``)."""
+        key = version_key(self.heads.blocks.parameters())
         if key == self._key:
             return
         with torch.no_grad():
             first = [blk.layers[0] for blk in self.heads.blocks]
-            self._stacked = [(torch.cat([m.weight for m in first]), torch.cat([m.bias for m in first]))]
+            stacked = [(torch.cat([m.weight for m in first]), torch.cat([m.bias for m in first]))]
             for j in range(1, self.heads.num_layers):
                 layers = [blk.layers[j] for blk in self.heads.blocks]
-                self._stacked.append((torch.stack([m.weight.T for m in layers]),                  # [K, H, H]
-                                      torch.stack([m.bias for m in layers]).unsqueeze(1)))        # [K, 1, H]
+                stacked.append((torch.stack([m.weight.T for m in layers]),                        # [K, H, H]
+                                torch.stack([m.bias for m in layers]).unsqueeze(1)))              # [K, 1, H]
+            old = self._stacked or [(None, None)] * len(stacked)
+            self._stacked = [(refill(ow, w), refill(ob, b)) for (ow, ob), (w, b) in zip(old, stacked)]
         self._key = key
 
     @torch.no_grad()

@@ -150,8 +150,8 @@ class TreeSearch:
                 h_in = None if h_in is None else _pick(h_out, parent)
             n_c += tok[-1].shape[1]
             mask = prefix.unsqueeze(1).expand(b, k, view).scatter(2, cols, seen)
-            logits, h_out = step(f_tok, h_in, pos[:, level - 1:level].expand(b, k), cols[:, 0, (level - 1) * k:level * k],
-                                 mask, view)
+            slots = cols[:, 0, (level - 1) * k:level * k]                                        # [B, K]
+            logits, h_out = step(f_tok, h_in, pos[:, level - 1:level].expand(b, k), slots, mask, view)
             kids = expand(logits, None if front is None else DraftPaths(front, torch.full((b, k), level, device=dev)))
             tok.append(kids.tokens.reshape(b, k * k))
             r = torch.minimum(f_rank[:, :, None], f_rank[:, :, None] + kids.key).reshape(b, k * k)
