@@ -16,7 +16,8 @@ own work:
   ``rotate_half``'s sign folded into the sine table; Qwen3's q/k norms run as one norm too;
 - the EAGLE layer's output state feeds two RMSNorms, the final norm (logits) and the next
   forward's ``hidden_norm``: they share one set of statistics;
-- attention is SDPA with grouped-query heads and an additive mask: no K/V repeat, no mask cast;
+- attention is SDPA over an additive mask made once per step (no mask cast per forward); a single
+  query attends with its heads packed as rows over their K/V head, so nothing is repeated;
 - a forward that only has to leave its K/V in the cache (catch-up, Kangaroo's ``observe``) stops there.
 
 The norms are RMSNorm's own arithmetic (float32 statistics, cast back, then the weight), so the
@@ -119,8 +120,15 @@ class AttentionStep:
         key, value = cache.update(qk[:, hq:], value, 0)
         if kv_only:
             return None
-        out = nn.functional.scaled_dot_product_attention(qk[:, :hq], key, value, attn_mask=mask,
-                                                         scale=self.attn.scaling, enable_gqa=hq != hkv)
+        query, rep, sdpa = qk[:, :hq], hq // hkv, nn.functional.scaled_dot_product_attention
+        if rep > 1 and q == 1:  # one query: its heads become rows over their K/V head, nothing repeated
+            out = sdpa(query.reshape(b, hkv, rep, d), key, value, attn_mask=mask, scale=self.attn.scaling)
+            out = out.reshape(b, hq, 1, d)
+        else:  # as HF's SDPA path: K/V repeated per query head (masked GQA would fall back to the math kernel on CUDA)
+            if rep > 1:
+                key, value = (t[:, :, None].expand(b, hkv, rep, *t.shape[2:]).reshape(b, hq, *t.shape[2:])
+                              for t in (key, value))
+            out = sdpa(query, key, value, attn_mask=mask, scale=self.attn.scaling)
         return self.attn.o_proj(out.transpose(1, 2).reshape(b, q, hq * d))
 
 
