@@ -1,15 +1,18 @@
-"""Head drafters: `EagleHead` and `MedusaHeads`, drafting from the target's own hidden states.
+"""`EagleHead`: an EAGLE-3 style head drafting from the target's own hidden states, a chain or an
+EAGLE-2 dynamic tree. (`MedusaHeads` lives in `specdec.drafters.medusa_heads`; both are
+importable from here too.)
 
-Both read the hidden states the engine's verification already computes (``spec.hidden_layers``):
-after each drafted step ``observe`` picks them out at the accepted path, and the next ``propose``
-drafts from them. ``propose`` and ``observe`` are static-shape device work (capturable);
-``begin`` and ``resync`` are host-side catch-ups.
+The head reads the hidden states the engine's verification already computes
+(``spec.hidden_layers``): after each drafted step ``observe`` picks them out at the accepted
+path, and the next ``propose`` drafts from them. ``propose`` and ``observe`` are static-shape
+device work (capturable); ``begin`` and ``resync`` are host-side catch-ups. The head's forwards
+run through `specdec.drafters.head_layer.EagleStep`, the head layer written out with few kernels;
+everything a step's forwards share (slots, positions, rotary tables, masks) is made once per step.
 
 Slots. Everything is laid out slot for slot like the target's cache: slot j holds the j-th
 token of the row's buffer (left padding first). ``feature[j]`` is the target's state at slot j
 (after it read token j). As in training (`specdec.training.heads`), the EAGLE head's entry at
-slot j reads (token j, fused feature j - 1) and predicts token j + 1; Medusa head k reads the
-target's final normed state at slot j and predicts token j + k + 2.
+slot j reads (token j, fused feature j - 1) and predicts token j + 1.
 
 Prompt features (``begin``). The engine's prefill exports no hidden states, so ``begin`` re-runs
 the target's first layers over the committed slots (`target_states`): each query attends to the
@@ -22,7 +25,7 @@ This module knows the drafter contract, slots and head models; not acceptance ru
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -32,45 +35,22 @@ from specdec.verifiers.acceptance import StepOutcome
 from specdec.verifiers.processors import DraftPaths
 from specdec.verifiers.tree import DraftTree
 
-from .base import DecodeState, DraftSpec, Drafter, VocabularyMismatchError
-from .draw import choose, processed, template_tokens
-from .heads import EagleHeadModel, MedusaHeadsModel, check_verifier
+from .base import DecodeState, DraftSpec, Drafter
+from .draw import choose, processed
+from .head_layer import EagleStep, StepOutput, additive_mask
+from .head_common import CHUNK, cast, check_fits, chunks, target_states
+from .heads import EagleHeadModel
+from .medusa_heads import MedusaHeads, default_choices  # noqa: F401  (their former home: old imports keep working)
 from .tree_search import Children, TreeSearch, top_children
 
-CHUNK = 256  # queries per catch-up forward in begin/resync
 
+@dataclass
+class Plan:
+    """What every head forward of one drafting step shares, made once per step."""
 
-def target_states(state: DecodeState, slots: Tensor, counts: Sequence[int]) -> Tensor:
-    """[E, B, Q, H] the target's hidden states after each of ``counts`` layers at committed ``slots`` [B, Q].
-
-    Each query sees the row's committed K/V at slots ``start .. own slot`` from the target's cache
-    (its own K/V included) and writes its new K/V into the scratch slots ``seq_len - 1 + i``,
-    which no query reads: the committed cache is left as it was. Queries at left padding (or past
-    a row's committed length) give garbage that callers never read. Host-side (begin/resync).
-    """
-    b, q = slots.shape
-    dev, runner = slots.device, state.target
-    hi = int(state.seq_len.max())
-    if q > state.capacity - hi + 1:
-        raise ValueError(f"target_states: {q} queries need scratch slots past the root; at most "
-                         f"{state.capacity - hi + 1} are free")
-    write = state.seq_len.unsqueeze(1) - 1 + torch.arange(q, device=dev)              # [B, Q]
-    view = hi + q - 1  # covers the last write slot, hi + q - 2 < capacity
-    j = torch.arange(view, device=dev)
-    seen = ((j >= state.start[:, None, None]) & (j <= slots[:, :, None])
-            & (j < (state.seq_len - 1)[:, None, None]))                                # [B, Q, S]
-    empty = ~seen.any(dim=-1, keepdim=True)
-    seen |= empty & (j == write[:, :, None])   # a query with nothing to read sees its own write
-    among = torch.eye(q, dtype=torch.bool, device=dev).expand(b, q, q)
-    out = runner.forward(state.cache, state.tokens.gather(1, slots), (slots - state.start[:, None]).clamp(min=0),
-                         write, among, view_len=view, layers=range(max(counts)), compute_logits=False,
-                         mask=seen, collect=counts)
-    return out.layer_hidden
-
-
-def _chunks(lo: int, hi: int, size: int):
-    for a in range(lo, hi, size):
-        yield a, min(a + size, hi)
+    slots: Tensor                # [B, P] head-cache slots: the re-read window, then the chain's (tree's levels')
+    rope: tuple[Tensor, Tensor]  # cos, sin [B, P, D] at those slots' positions
+    mask: Tensor | None          # [B, 1, M, view] additive masks of the first M slots (None: not needed)
 
 
 class EagleHead(Drafter):
@@ -121,8 +101,11 @@ class EagleHead(Drafter):
         self.runner = None
         self.feature: Tensor | None = None  # [B, L, H] fused target features by slot (head dtype)
         self.cache: KVCache | None = None   # the head's own K/V by slot
-        self.vocab_ids: Tensor | None = None  # [Vd] target id of each draft id
-        self._forward = self.head.forward
+        self.vocab_ids: Tensor | None = None  # [Vd] target id of each draft id (None: the target's own)
+        self.step = EagleStep(self.head)
+        self._forward = self.step.forward
+        self._arange: Tensor | None = None   # [capacity] 0, 1, ...: slot indices, made once per cache
+        self._offsets: Tensor | None = None  # [W + D - 1] slots of a step's forwards relative to seq_len
 
     @classmethod
     def from_pretrained(cls, folder, num_tokens: int = 4, target=None, device=None,
@@ -132,19 +115,19 @@ class EagleHead(Drafter):
         name, e.g. ``"zoo:smollm2-135m-instruct-eagle"``. A left-out embedding comes from
         ``target``, or from the target the drafter binds to. ``dtype`` (e.g. ``"bf16"``) casts the
         head; default fp32. The tree arguments are the constructor's."""
-        return cls(_cast(EagleHeadModel.from_pretrained(folder, target=target, device=device), dtype),
+        return cls(cast(EagleHeadModel.from_pretrained(folder, target=target, device=device), dtype),
                    num_tokens=num_tokens, tree_topk=tree_topk, tree_depth=tree_depth, tree_nodes=tree_nodes)
 
     def compile(self, options: dict | None) -> None:
         from specdec.step import compiled
 
-        self._forward = compiled(self.head.forward, options or True)
+        self._forward = compiled(self.step.forward, options or True)
 
     def bind(self, target) -> None:
         """Check the head fits ``target``: verifier, hidden size, vocabulary, aux layers, device;
         a head saved without its embedding takes the target's here."""
         cfg, n = self.head.config, target.num_layers
-        _check_fits("EagleHead", cfg.hidden_size, self.head.embed_tokens.num_embeddings, self.head.lm_head.weight.device,
+        check_fits("EagleHead", cfg.hidden_size, self.head.embed_tokens.num_embeddings, self.head.lm_head.weight.device,
                     target, self.head.verifier)
         bad = [a for a in self.head.aux_layers if not 0 <= a < n]
         if bad:
@@ -153,60 +136,76 @@ class EagleHead(Drafter):
         if self.head.borrows_embedding:
             self.head.take_embedding(target.model)
         self.runner = target
-        self.vocab_ids = self.head.to_target(torch.arange(self.head.draft_vocab_size, device=target.device))
+        full = self.head.draft_vocab_size == target.vocab_size and not bool(self.head.d2t.any())
+        self.vocab_ids = None if full else self.head.to_target(torch.arange(self.head.draft_vocab_size,
+                                                                            device=target.device))
+        depth = self.window - 1
+        self._offsets = torch.arange(self.window + depth - 1, device=target.device) - self.window
 
     # ------------------------------------------------------------------ features
-    def _fused(self, state: DecodeState, layer_hidden: Tensor | None, tokens: Tensor) -> Tensor:
-        """[B, Q, H] ``fc`` of the aux states: ``layer_hidden`` [E, B, Q, H] at ``self.counts``;
-        aux id 0 (the embedding output) is the target's embedding of ``tokens`` [B, Q]."""
+    def fuse_features(self, state: DecodeState, layer_hidden: Tensor | None, tokens: Tensor) -> Tensor:
+        """[B, Q, H] the head's depth-0 input state for ``tokens`` [B, Q]: ``fc`` of the target's
+        states at the head's aux layers. ``layer_hidden`` [E, B, Q, H] holds the target's states
+        after each layer count of ``spec.hidden_layers`` (as verification exports them; None when
+        the head reads only the embedding); aux id 0 (the embedding output) is the target's
+        embedding of ``tokens``. Device work; used by ``observe`` and by drafters that feed the
+        head states of their own (`specdec.drafters.hierarchical`)."""
         parts = [state.target.base.embed_tokens(tokens) if a == 0 else layer_hidden[self.counts.index(a)]
                  for a in self.head.aux_layers]
         return self.head.fuse(torch.cat(parts, dim=-1).to(self.feature.dtype))
+
+    def store_features(self, state: DecodeState, slots: Tensor, layer_hidden: Tensor | None, tokens: Tensor) -> None:
+        """Put `fuse_features` of ``tokens`` [B, Q] at ``slots`` [B, Q] of the feature buffer, where
+        the next ``propose`` reads them (entry j reads the feature of slot j - 1)."""
+        fused = self.fuse_features(state, layer_hidden, tokens)                               # [B, Q, H]
+        self.feature.scatter_(1, slots.unsqueeze(-1).expand_as(fused), fused)
 
     def _catch_up(self, state: DecodeState, lo: int) -> None:
         """Recompute features of slots ``lo ..`` and head entries of slots ``max(lo, 1) ..`` up to
         where ``propose`` takes over (``seq_len - window``). Host-side."""
         hi, b, dev = int(state.seq_len.max()), state.tokens.shape[0], state.tokens.device
         room = min(CHUNK, state.capacity - hi + 1)
-        for a, z in _chunks(lo, hi - 1, room):
+        for a, z in chunks(lo, hi - 1, room):
             slots = torch.arange(a, z, device=dev).expand(b, z - a)
             states = target_states(state, slots, self.counts) if self.counts else None
-            self.feature[:, a:z] = self._fused(state, states, state.tokens[:, a:z])
-        for a, z in _chunks(max(lo, 1), hi - self.window, CHUNK):
+            self.feature[:, a:z] = self.fuse_features(state, states, state.tokens[:, a:z])
+        for a, z in chunks(max(lo, 1), hi - self.window, CHUNK):
             self._feed(state, a, z)
 
     def _feed(self, state: DecodeState, lo: int, hi: int) -> None:
-        """Head entries of slots ``lo .. hi - 1`` (token j, feature j - 1), causal over the head cache."""
-        b, dev = state.tokens.shape[0], state.tokens.device
-        slots = torch.arange(lo, hi, device=dev).expand(b, hi - lo)
-        self._head_step(state, state.tokens[:, lo:hi], self.feature[:, lo - 1:hi - 1], slots, slots, hi, eager=True)
+        """Head entries of slots ``lo .. hi - 1`` (token j, feature j - 1), causal over the head
+        cache: only their K/V, eagerly (the shapes follow the prompt length, so compiling this
+        would recompile for every new length)."""
+        b = state.tokens.shape[0]
+        plan = self._plan(state, self._arange[lo:hi].expand(b, hi - lo), hi, hi - lo)
+        self.cache.write_slots, self.cache.view_len = plan.slots, hi
+        self.step.forward(state.tokens[:, lo:hi], self.step.carry(self.feature[:, lo - 1:hi - 1]), plan.rope,
+                          plan.mask, self.cache, kv_only=True)
 
-    def _head_step(self, state: DecodeState, tokens: Tensor, hidden: Tensor, slots: Tensor, sees_to: Tensor,
-                   view: int, eager: bool = False):
-        """One head forward: ``tokens`` [B, Q] with input states ``hidden`` [B, Q, H] written at
-        ``slots`` [B, Q]; query i attends to head slots ``start .. sees_to[:, i]`` and itself.
-        ``eager``: skip the compiled forward (the host-side catch-up, whose shapes follow the prompt
-        length, so compiling it would recompile for every new length)."""
-        j = torch.arange(view, device=tokens.device)
-        mask = (j >= state.start[:, None, None]) & (j <= sees_to[:, :, None]) | (j == slots[:, :, None])
+    def _plan(self, state: DecodeState, slots: Tensor, view: int, masked: int) -> Plan:
+        """The `Plan` of forwards at ``slots`` [B, P], the first ``masked`` of which get a mask:
+        query i attends to head slots ``start .. slots[:, i]``, and always to itself."""
         positions = (slots - state.start[:, None]).clamp(min=0)
-        return self._masked_step(tokens, hidden, positions, slots, mask, view, eager)
+        mask = None
+        if masked:
+            j, s = self._arange[:view], slots[:, :masked, None]
+            mask = additive_mask((j >= state.start[:, None, None]) & (j <= s) | (j == s))   # [B, 1, M, view]
+        return Plan(slots, self.step.rope(positions), mask)
 
-    def _masked_step(self, tokens: Tensor, hidden: Tensor, positions: Tensor, slots: Tensor, mask: Tensor,
-                     view: int, eager: bool = False):
-        """One head forward writing at ``slots`` [B, Q], attending where ``mask`` [B, Q, view] allows."""
-        self.cache.write_slots, self.cache.view_len = slots, view
-        forward = self.head.forward if eager else self._forward
-        return forward(tokens, hidden, positions, cache=self.cache, mask=mask.unsqueeze(1))
-
-    def _tree_step(self, *args) -> tuple[Tensor, Tensor]:
-        out = self._masked_step(*args)
-        return out.logits, out.hidden
+    def _run(self, plan: Plan, a: int, z: int, tokens: Tensor, carry: Tensor, view: int, mask: Tensor | None = None,
+             slots: Tensor | None = None, **kw) -> StepOutput:
+        """The head forward of plan entries ``a .. z - 1`` (compiled when `compile` was called);
+        ``mask``/``slots`` override the plan's (the tree's levels bring their own)."""
+        self.cache.write_slots = plan.slots[:, a:z] if slots is None else slots
+        self.cache.view_len = view
+        rope = (plan.rope[0][:, a:z], plan.rope[1][:, a:z])
+        return self._forward(tokens, carry, rope, plan.mask[:, :, a:z] if mask is None else mask, self.cache, **kw)
 
     # ------------------------------------------------------------------ protocol
     def begin(self, state: DecodeState) -> None:
-        """Allocate the feature buffer and head cache, then compute the prompt's features and
-        head entries (one forward of the target's first ``max(aux)`` layers over the prompt)."""
+        """Allocate the feature buffer and head cache, refresh the head's fused weights (`EagleStep`),
+        then compute the prompt's features and head entries (one forward of the target's first
+        ``max(aux)`` layers over the prompt)."""
         if self.runner is not state.target:
             self.bind(state.target)
         b, cap = state.tokens.shape
@@ -214,6 +213,8 @@ class EagleHead(Drafter):
             dtype, dev = self.head.lm_head.weight.dtype, state.tokens.device
             self.cache = KVCache.for_model(self.head.config, b, cap, dtype, dev)
             self.feature = torch.zeros(b, cap, self.head.config.hidden_size, dtype=dtype, device=dev)
+            self._arange = torch.arange(cap, device=dev)
+        self.step.refresh()
         self.cache.start.copy_(state.start)
         self._catch_up(state, 0)
 
@@ -221,190 +222,65 @@ class EagleHead(Drafter):
         """After undrafted steps (from committed length ``since`` on): recompute what they skipped."""
         self._catch_up(state, max(since - self.window - 2, 0))
 
-    def _read_root(self, state: DecodeState, view: int) -> tuple[Tensor, Tensor]:
-        """Re-read the last ``window`` committed slots with their true features; return the
-        root's draft logits [B, Vd] and output state [B, 1, H]."""
-        b, dev, w = state.tokens.shape[0], state.tokens.device, self.window
-        slots = state.seq_len.unsqueeze(1) - w + torch.arange(w, device=dev)               # [B, W]
-        feats = self.feature.gather(1, (slots - 1).unsqueeze(-1).expand(b, w, self.feature.shape[-1]))
-        out = self._head_step(state, state.tokens.gather(1, slots), feats, slots, slots, view)
-        return out.logits[:, -1], out.hidden[:, -1:]
+    def _read_root(self, state: DecodeState, view: int, masked: int) -> tuple[Plan, StepOutput]:
+        """The step's `Plan`, and the head's re-read of the last ``window`` committed slots with
+        their true features: the root's draft logits [B, 1, Vd] and carry [B, 1, 2, H]."""
+        w, h = self.window, self.feature.shape[-1]
+        slots = state.seq_len.unsqueeze(1) + self._offsets                                  # [B, W + D - 1]
+        plan = self._plan(state, slots, view, masked)
+        b = slots.shape[0]
+        feats = self.feature.gather(1, (plan.slots[:, :w] - 1).unsqueeze(-1).expand(b, w, h))
+        root = self._run(plan, 0, w, state.tokens.gather(1, plan.slots[:, :w]), self.step.carry(feats), view,
+                         last_only=True)
+        return plan, root
 
+    @torch.no_grad()  # whatever the caller's grad mode (step_profile's was on): no autograd, no grad on buffers
     def propose(self, state: DecodeState) -> DraftTree:
         if self.search is not None:
             return self._propose_tree(state)
-        k = self.num_tokens
+        k, w = self.num_tokens, self.window
         view = state.max_seq_len + k  # committed head entries plus the chain's scratch slots
-        logits, hidden = self._read_root(state, view)                                     # [B, Vd], [B, 1, H]
+        plan, out = self._read_root(state, view, w + k - 1)
         drafted, dists = [], []
         for d in range(k):
-            token, q = choose(state, logits, drafted, self.vocab_ids)  # processed with the chain so far
+            token, q = choose(state, out.logits[:, -1], drafted, self.vocab_ids)  # processed with the chain so far
             drafted.append(token)
             dists.append(q)
-            if d + 1 < k:  # feed token d at its slot; the chain sees every committed entry and itself
-                slot = (state.seq_len + d).unsqueeze(1)                                   # [B, 1]
-                out = self._head_step(state, token.unsqueeze(1), hidden, slot, slot, view)
-                logits, hidden = out.logits[:, -1], out.hidden
+            if d + 1 < k:  # feed token d at slot seq_len + d; it sees every committed entry, the chain and itself
+                out = self._run(plan, w + d, w + d + 1, token.unsqueeze(1), out.carry, view, carry_out=d + 2 < k)
         q = torch.stack(dists, dim=1) if state.params.do_sample else None                 # [B, K, V]
         return DraftTree.chain(torch.stack(drafted, dim=1), q=q)
 
     def _propose_tree(self, state: DecodeState) -> DraftTree:
         view = state.max_seq_len + self.search.scratch
-        logits, hidden = self._read_root(state, view)
-        vocab = None if self.head.draft_vocab_size == self.runner.vocab_size else self.vocab_ids
+        plan, out = self._read_root(state, view, self.window)
+        vocab, b, w = self.vocab_ids, state.tokens.shape[0], self.window
+        levels = iter(range(self.search.depth - 1))  # the search feeds levels 1, 2, ... in order
+
+        def step(tokens, carry, positions, slots, mask, view_len) -> tuple[Tensor, Tensor]:
+            i = w + next(levels)  # level l's nodes sit at position seq_len - 1 - start + l: plan entry w + l - 1
+            rope = tuple(t[:, i:i + 1].expand(-1, tokens.shape[1], -1) for t in plan.rope)
+            out = self._run(Plan(plan.slots, rope, None), 0, tokens.shape[1], tokens,
+                            carry.view(b, tokens.shape[1], 2, -1), view_len, additive_mask(mask), slots)
+            return out.logits, out.carry.flatten(2)
 
         def expand(lg: Tensor, paths: DraftPaths | None) -> Children:
             lg, ids = processed(state, lg, paths, vocab)
             return top_children(lg, state.params, self.search.topk, ids, self.runner.vocab_size)
 
-        root = expand(logits.unsqueeze(1), DraftPaths.chain(state.tokens[:, :0]))
-        return self.search.run(root, hidden, self._tree_step, state.seq_len, state.start, view, expand,
+        root = expand(out.logits, DraftPaths.chain(state.tokens[:, :0]) if state.params.processors.active else None)
+        return self.search.run(root, out.carry.flatten(2), step, state.seq_len, state.start, view, expand,
                                track_paths=state.params.processors.active)
 
+    @torch.no_grad()
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
         """Store the fused target features of the root and the accepted nodes at their slots."""
         b, n = outcome.path.shape
-        kept = outcome.accept_len * state.active
-        root = state.seq_len - (kept + 1) * state.active - 1                                # [B] old root slot
-        slots = root.unsqueeze(1) + torch.arange(n + 1, device=root.device)                 # [B, N + 1]
+        root = state.seq_len - 1 - (outcome.accept_len + 1) * state.active                 # [B] old root slot
+        slots = root.unsqueeze(1) + self._arange[:n + 1]                                   # [B, N + 1]
         states = None
         if self.counts:
-            pick = torch.cat([torch.zeros_like(root).unsqueeze(1), 1 + outcome.path.clamp(min=0)], dim=1)
+            pick = torch.nn.functional.pad(outcome.path.clamp(min=0) + 1, (1, 0))           # [B, N + 1], 0 the root
             hid = state.hidden                                                              # [E, B, N + 1, H]
             states = hid.gather(2, pick.view(1, b, n + 1, 1).expand(hid.shape[0], b, n + 1, hid.shape[-1]))
-        fused = self._fused(state, states, state.tokens.gather(1, slots))                   # [B, N + 1, H]
-        self.feature.scatter_(1, slots.unsqueeze(-1).expand_as(fused), fused)
-
-
-class MedusaHeads(Drafter):
-    """Medusa heads (`MedusaHeadsModel`) drafting a static tree template (Medusa's "choices").
-
-    ``tree`` lists node paths: ``[0]`` is head 0's top token (the root's child), ``[0, 1]`` head
-    1's second-best token under it, and so on; path length d uses head d - 1, which predicts the
-    token d places after the root. Every prefix of a path must be a path too. Default
-    (`default_choices`): the top-1 chain through every head plus, at every depth, the second-best
-    token as a sibling. Nodes are point masses (``q=None``), lossless under both rules.
-
-    Example::
-
-        spec = specdec.wrap(target, drafter=MedusaHeads(heads, tree=[[0], [1], [0, 0], [0, 0, 0]]))
-    """
-
-    def __init__(self, heads: MedusaHeadsModel, tree: Sequence[Sequence[int]] | None = None):
-        if not isinstance(heads, MedusaHeadsModel):
-            raise TypeError(f"MedusaHeads needs a MedusaHeadsModel, got {type(heads).__name__}")
-        self.heads = heads.eval()
-        self.choices = _check_choices(tree if tree is not None else default_choices(heads.num_heads), heads.num_heads)
-        self.spec = DraftSpec(num_nodes=len(self.choices), hidden_layers=(heads.config.num_hidden_layers,),
-                              forwards_per_step=1)
-        self.ranks = max(c[-1] for c in self.choices) + 1  # top-k read per head
-        self.template: tuple[Tensor, Tensor, Tensor] | None = None  # (head, rank, parent) [N] each
-        self.last: Tensor | None = None  # [B, 1, H] the target's final normed state at the newest root's parent
-        self.runner = None
-
-    @classmethod
-    def from_pretrained(cls, folder, tree: Sequence[Sequence[int]] | None = None, device=None,
-                        dtype: torch.dtype | str | None = None) -> "MedusaHeads":
-        """Load a speculators folder (`MedusaHeadsModel.save_pretrained`) or a shipped head by zoo
-        name, e.g. ``"zoo:smollm2-135m-instruct-medusa"``; ``dtype`` casts the heads."""
-        return cls(_cast(MedusaHeadsModel.from_pretrained(folder, device=device), dtype), tree=tree)
-
-    def bind(self, target) -> None:
-        cfg = self.heads.config
-        _check_fits("MedusaHeads", cfg.hidden_size, self.heads.vocab_size,
-                    self.heads.blocks[0].layers[0].weight.device, target, self.heads.verifier)
-        self.heads.share_lm_head(target.model)
-        if cfg.num_hidden_layers != target.num_layers:
-            raise ValueError(f"MedusaHeads were trained on a {cfg.num_hidden_layers}-layer target; this one has "
-                             f"{target.num_layers} layers")
-        index = {tuple(c): i for i, c in enumerate(self.choices)}
-        head = [len(c) - 1 for c in self.choices]
-        rank = [c[-1] for c in self.choices]
-        parent = [index[tuple(c[:-1])] if len(c) > 1 else -1 for c in self.choices]
-        self.template = tuple(torch.tensor(x, dtype=torch.long, device=target.device) for x in (head, rank, parent))
-        self.runner = target
-
-    def _store(self, state: DecodeState, last: Tensor) -> None:
-        """``last`` [B, 1, H]: the target's last-layer output (before its final norm), as trained."""
-        normed = state.target.base.norm(last).to(self.heads.blocks[0].layers[0].weight.dtype)
-        if self.last is None or self.last.shape != normed.shape:
-            self.last = normed.clone()
-        else:
-            self.last.copy_(normed)
-
-    def begin(self, state: DecodeState) -> None:
-        """The state at each row's slot ``seq_len - 2``, which predicted the root (one target
-        forward of one query per row against its committed cache)."""
-        if self.runner is not state.target:
-            self.bind(state.target)
-        slots = (state.seq_len - 2).clamp(min=0).unsqueeze(1)
-        self._store(state, target_states(state, slots, self.spec.hidden_layers)[0])
-
-    def resync(self, state: DecodeState, since: int) -> None:
-        self.begin(state)
-
-    def propose(self, state: DecodeState) -> DraftTree:
-        head, rank, parent = self.template
-        logits = self.heads(self.last)[:, :, 0]                                 # [K, B, V]
-        if state.params.processors.active:  # each node ranks its head's logits processed with its parent's path
-            depth = len(self.choices[-1])
-            tokens = template_tokens(state, logits[head].transpose(0, 1), parent, rank, self.ranks, depth)
-        else:
-            top = logits.topk(self.ranks, dim=-1).indices                       # [K, B, R]
-            tokens = top[head, :, rank].T.contiguous()                          # [B, N]
-        b, n = tokens.shape
-        return DraftTree(tokens=tokens, parents=parent.expand(b, n).contiguous(),
-                         valid=torch.ones(b, n, dtype=torch.bool, device=tokens.device))
-
-    def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
-        """Keep the state at the deepest accepted node (the root when none was): it predicted the bonus token."""
-        a = outcome.accept_len
-        deepest = outcome.path.gather(1, (a - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-        at = torch.where(a > 0, deepest + 1, torch.zeros_like(a))                # [B] index into root + nodes
-        hid = state.hidden[0]                                                   # [B, N + 1, H]
-        self._store(state, hid.gather(1, at.view(-1, 1, 1).expand(-1, 1, hid.shape[-1])))
-
-
-def default_choices(num_heads: int) -> list[list[int]]:
-    """The top-1 chain through every head plus a second-best sibling at every depth.
-
-    Example: ``default_choices(2) == [[0], [1], [0, 0], [0, 1]]``.
-    """
-    chain = [[0] * d for d in range(1, num_heads + 1)]
-    return sorted(chain + [[0] * (d - 1) + [1] for d in range(1, num_heads + 1)], key=lambda c: (len(c), c))
-
-
-def _check_choices(tree, num_heads: int) -> list[list[int]]:
-    """Validate Medusa choices and order them parents first (by depth, then lexicographically)."""
-    choices = sorted({tuple(int(i) for i in c) for c in tree}, key=lambda c: (len(c), c))
-    if not choices:
-        raise ValueError("MedusaHeads tree is empty; give paths such as [[0], [0, 0]] or tree=None")
-    for c in choices:
-        if not c or len(c) > num_heads or min(c) < 0:
-            raise ValueError(f"MedusaHeads tree path {list(c)}: paths need 1..{num_heads} (num_heads) ranks >= 0")
-        if len(c) > 1 and c[:-1] not in set(choices):
-            raise ValueError(f"MedusaHeads tree path {list(c)} has no parent path {list(c[:-1])}; add it")
-    return [list(c) for c in choices]
-
-
-def _cast(module, dtype):
-    """``module`` in ``dtype`` (a torch dtype or a name such as "bf16"); None or "auto" keep fp32."""
-    from specdec.loading import resolve_dtype
-
-    dtype = resolve_dtype(dtype)
-    return module if dtype in (None, "auto") else module.to(dtype)
-
-
-def _check_fits(name: str, hidden: int, vocab: int, device, target, verifier: dict) -> None:
-    """Raise unless a head of ``hidden`` size and ``vocab`` on ``device``, trained on ``verifier``,
-    fits the ``target`` runner."""
-    check_verifier(name, verifier, target.config)
-    target_hidden = target.config.hidden_size
-    if hidden != target_hidden:
-        raise ValueError(f"{name}: hidden size {hidden} does not match the target's {target_hidden}")
-    if vocab != target.vocab_size:
-        raise VocabularyMismatchError(f"{name}: vocabulary of {vocab} tokens does not match the target's "
-                                      f"{target.vocab_size}")
-    if torch.device(device) != target.device:
-        raise ValueError(f"{name} is on {device} but the target is on {target.device}; move the head "
-                         "(from_pretrained(..., device=...) or .to(device))")
+        self.store_features(state, slots, states, state.tokens.gather(1, slots))

@@ -205,8 +205,7 @@ class Hierarchical(Drafter):
     def store_head_features(self, ctx: DecodeContext, slots: Tensor, states: Tensor | None, tokens: Tensor) -> None:
         """Put the EagleHead's fused features of ``tokens`` [B, Q] at ``slots`` [B, Q] of its feature
         buffer, from the middle's states ``states`` [E, B, Q, H] after the head's aux layers."""
-        fused = self.top._fused(ctx, states, tokens)  # [B, Q, H], as the head's own observe fuses them
-        self.top.feature.scatter_(1, slots.unsqueeze(-1).expand_as(fused), fused)
+        self.top.store_features(ctx, slots, states, tokens)  # as the head's own observe stores them
 
     @staticmethod
     def _join(draft: Tensor, own: Tensor, a: Tensor) -> Tensor:

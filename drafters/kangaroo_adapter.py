@@ -40,11 +40,10 @@ from specdec.verifiers.tree import DraftTree
 
 from .base import DecodeState, DraftSpec, Drafter
 from .draw import process_chain
-from .head_drafters import _cast, _check_fits, target_states
+from .head_common import CHUNK, cast, check_fits, target_states
+from .head_layer import AdapterStep, additive_mask
 from .heads import (cache_kwargs, _config_dict, _config_from_dict, _in_dtype, _load_checked, _proposal, _read_folder,
                     _write_folder, arch_classes, causal_mask, layer_config, resolve_folder)
-
-CHUNK = 256  # queries per catch-up forward in begin/resync
 
 
 class AdapterBlock(nn.Module):
@@ -170,26 +169,29 @@ class KangarooAdapter(Drafter):
         self.runner = None
         self.cache: KVCache | None = None  # the adapter's own K/V by slot, laid out like the target's cache
         self._exit = None                  # the target runner's forward (compiled by compile())
-        self._adapt = self.adapter.forward
+        self.step = AdapterStep(self.adapter)
+        self._adapt = self.step.forward
+        self._arange: Tensor | None = None  # [capacity] 0, 1, ...: slot offsets, made once per cache
+        self._one: Tensor | None = None     # [B, 1, 1] True: a fed token sees itself among the new ones
 
     @classmethod
     def from_pretrained(cls, folder, num_tokens: int = 6, stop_threshold: float | None = None, device=None,
                         dtype: torch.dtype | str | None = None) -> "KangarooAdapter":
         """Load a speculators folder (`KangarooAdapterModel.save_pretrained`) or a shipped adapter by
         zoo name, e.g. ``"zoo:smollm2-135m-instruct-kangaroo"``; ``dtype`` casts the adapter."""
-        return cls(_cast(KangarooAdapterModel.from_pretrained(folder, device=device), dtype), num_tokens=num_tokens,
+        return cls(cast(KangarooAdapterModel.from_pretrained(folder, device=device), dtype), num_tokens=num_tokens,
                    stop_threshold=stop_threshold)
 
     def compile(self, options: dict | None) -> None:
         from specdec.step import compiled
 
         self._exit = compiled(self.runner.forward, options or True)
-        self._adapt = compiled(self.adapter.forward, options or True)
+        self._adapt = compiled(self.step.forward, options or True)
 
     def bind(self, target) -> None:
         """Check the adapter fits ``target``: hidden size, vocabulary, exit layer, device."""
         cfg, n = self.adapter.config, target.num_layers
-        _check_fits("KangarooAdapter", cfg.hidden_size, cfg.vocab_size, self.adapter.norm.weight.device, target,
+        check_fits("KangarooAdapter", cfg.hidden_size, cfg.vocab_size, self.adapter.norm.weight.device, target,
                     self.adapter.verifier)
         if not 1 <= self.exit_layer < n:
             raise ValueError(f"KangarooAdapter: exit layer {self.exit_layer} is outside this {n}-layer target's "
@@ -199,33 +201,26 @@ class KangarooAdapter(Drafter):
         self.runner = target
 
     # ------------------------------------------------------------------ adapter steps
-    def _adapter_step(self, state: DecodeState, exits: Tensor, slots: Tensor, view: int, eager: bool = False) -> Tensor:
-        """Adapter over exit states ``exits`` [B, Q, H] written at ``slots`` [B, Q] (ascending,
-        contiguous); query i attends to adapter slots ``start .. slots[:, i]``. Returns the normed
-        states [B, Q, H] (`logits` turns them into next-token logits). ``eager``: skip the compiled
-        adapter (the host-side catch-up, whose shapes follow the prompt length)."""
-        j = torch.arange(view, device=slots.device)
-        mask = (j >= state.start[:, None, None]) & (j <= slots[:, :, None]) | (j == slots[:, :, None])
+    def _adapter_kv(self, state: DecodeState, exits: Tensor, slots: Tensor, view: int, eager: bool = False) -> None:
+        """Write the adapter's K/V for exit states ``exits`` [B, Q, H] at ``slots`` [B, Q]: the
+        entries later queries read (nothing else of the adapter is computed). ``eager``: skip the
+        compiled adapter (the host-side catch-up, whose shapes follow the prompt length)."""
         self.cache.write_slots, self.cache.view_len = slots, view
-        adapt = self.adapter.forward if eager else self._adapt
-        return adapt(exits.to(self.adapter.norm.weight.dtype), (slots - state.start[:, None]).clamp(min=0),
-                     cache=self.cache, mask=mask.unsqueeze(1))
+        rope = self.step.rope((slots - state.start[:, None]).clamp(min=0))
+        (self.step.forward if eager else self._adapt)(exits, rope, None, self.cache, kv_only=True)
 
     def logits(self, normed: Tensor) -> Tensor:
         """[B, Q, H] adapter outputs -> [B, Q, V] fp32 logits through the target's LM head."""
         return self.runner.lm_head(normed.to(self.runner.dtype)).float()
 
-    def _exit_state(self, state: DecodeState, tokens: Tensor, offset: int) -> Tensor:
-        """Feed ``tokens`` [B] at slot ``seq_len - 1 + offset`` through the first ℓ target layers
-        (K/V to scratch slots): the exit states [B, 1, H]. Reads the committed prefix and the
-        tokens fed so far this step; the caller restores ``cache.lengths``."""
-        cache, b = state.cache, tokens.shape[0]
-        slot = (state.seq_len - 1 + offset).unsqueeze(1)                                 # [B, 1]
+    def _exit_state(self, state: DecodeState, tokens: Tensor, slot: Tensor, position: Tensor, offset: int) -> Tensor:
+        """Feed ``tokens`` [B] at ``slot`` [B, 1] (``seq_len - 1 + offset``, at ``position``) through
+        the first ℓ target layers (K/V to scratch slots): the exit states [B, 1, H]. Reads the
+        committed prefix and the tokens fed so far this step; the caller restores ``cache.lengths``."""
+        cache = state.cache
         cache.lengths.copy_(slot.squeeze(1))
-        one = torch.ones(b, 1, 1, dtype=torch.bool, device=tokens.device)
-        out = self._exit(cache, tokens.unsqueeze(1), slot - state.start.unsqueeze(1), slot, one,
-                         view_len=state.max_seq_len + offset, layers=range(self.exit_layer), compute_logits=False,
-                         return_hidden=True, contiguous=True)
+        out = self._exit(cache, tokens.unsqueeze(1), position, slot, self._one, view_len=state.max_seq_len + offset,
+                         layers=range(self.exit_layer), compute_logits=False, return_hidden=True, contiguous=True)
         return out.hidden
 
     def _catch_up(self, state: DecodeState, lo: int) -> None:
@@ -237,7 +232,7 @@ class KangarooAdapter(Drafter):
             z = min(a + room, hi - 1)
             slots = torch.arange(a, z, device=dev).expand(b, z - a)
             exits = target_states(state, slots, (self.exit_layer,))[0]                  # [B, Q, H]
-            self._adapter_step(state, exits, slots, z, eager=True)
+            self._adapter_kv(state, exits, slots, z, eager=True)
 
     # ------------------------------------------------------------------ protocol
     def begin(self, state: DecodeState) -> None:
@@ -249,6 +244,9 @@ class KangarooAdapter(Drafter):
         if self.cache is None or self.cache.batch != b or self.cache.max_len < cap:
             self.cache = KVCache.for_model(self.adapter.config, b, cap, self.adapter.norm.weight.dtype,
                                            state.tokens.device)
+            self._arange = torch.arange(cap, device=state.tokens.device)
+            self._one = torch.ones(b, 1, 1, dtype=torch.bool, device=state.tokens.device)
+        self.step.refresh()
         self.cache.start.copy_(state.start)
         self._catch_up(state, 0)
 
@@ -256,41 +254,45 @@ class KangarooAdapter(Drafter):
         """After undrafted steps (from committed length ``since`` on): the entries they skipped."""
         self._catch_up(state, max(since - 2, 0))
 
+    @torch.no_grad()  # whatever the caller's grad mode (step_profile's was on): no autograd, no grad on buffers
     def propose(self, state: DecodeState) -> DraftTree:
-        b, dev, k = state.tokens.shape[0], state.tokens.device, self.num_tokens
+        k, start = self.num_tokens, state.start[:, None]
         view = state.max_seq_len + k  # committed adapter entries plus the chain's slots
-        tokens = torch.zeros(b, k, dtype=torch.long, device=dev)
-        valid = torch.ones(b, k, dtype=torch.bool, device=dev)
-        q = torch.zeros(b, k, self.runner.vocab_size, device=dev) if state.params.do_sample else None
-        current = state.tokens.gather(1, (state.seq_len - 1).unsqueeze(1)).squeeze(1)  # [B] the root
-        alive = torch.ones(b, dtype=torch.bool, device=dev)
+        slots = (state.seq_len - 1).unsqueeze(1) + self._arange[:k]                        # [B, K] root, then the chain
+        positions = slots - start
+        j, s = self._arange[:view], slots.unsqueeze(-1)
+        mask = additive_mask((j >= start[:, :, None]) & (j <= s) | (j == s))               # [B, 1, K, view]
+        rope = self.step.rope(positions)
+        current = state.tokens.gather(1, slots[:, :1]).squeeze(1)                          # [B] the root
+        tokens, valid, dists, alive = [], [], [], None
         try:
             for i in range(k):
-                exits = self._exit_state(state, current, i)                            # [B, 1, H]
-                normed = self._adapter_step(state, exits, (state.seq_len - 1 + i).unsqueeze(1), view)
-                logits = process_chain(state, self.logits(normed)[:, -1], tokens[:, :i])   # [B, V]
-                if q is not None:
-                    probs = warp_probs(logits, state.params)
-                    current = sample(probs)
-                    q[:, i] = probs
-                else:
-                    probs, current = logits.softmax(dim=-1), logits.argmax(dim=-1)
+                exits = self._exit_state(state, current, slots[:, i:i + 1], positions[:, i:i + 1], i)  # [B, 1, H]
+                self.cache.write_slots, self.cache.view_len = slots[:, i:i + 1], view
+                normed = self._adapt(exits, (rope[0][:, i:i + 1], rope[1][:, i:i + 1]), mask[:, :, i:i + 1], self.cache)
+                logits = process_chain(state, self.logits(normed)[:, -1], tokens)           # [B, V]
+                probs = warp_probs(logits, state.params) if state.params.do_sample else None
+                current = logits.argmax(dim=-1) if probs is None else sample(probs)
                 if self.stop_threshold is not None:  # Kangaroo's halting, by masking: no host check
-                    alive = alive & (probs.max(dim=-1).values >= self.stop_threshold)
-                tokens[:, i], valid[:, i] = current, alive
+                    top = (logits.softmax(dim=-1) if probs is None else probs).max(dim=-1).values
+                    alive = top >= self.stop_threshold if alive is None else alive & (top >= self.stop_threshold)
+                    valid.append(alive)
+                tokens.append(current)
+                dists.append(probs)
         finally:
             state.cache.lengths.copy_(state.seq_len - 1)
-        return DraftTree.chain(tokens, valid, q=q)
+        q = torch.stack(dists, dim=1) if state.params.do_sample else None                  # [B, K, V]
+        return DraftTree.chain(torch.stack(tokens, dim=1), torch.stack(valid, dim=1) if valid else None, q=q)
 
+    @torch.no_grad()
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
         """Feed the target's exit states at the old root and the accepted nodes (from verification)
         into the adapter at their slots. Entries past the accepted path land on slots from the new
         root on, which the next ``propose`` overwrites before reading."""
         b, n = outcome.path.shape
-        kept = outcome.accept_len * state.active
-        root = state.seq_len - (kept + 1) * state.active - 1                             # [B] old root slot
-        slots = root.unsqueeze(1) + torch.arange(n + 1, device=root.device)              # [B, N + 1]
-        pick = torch.cat([torch.zeros_like(root).unsqueeze(1), 1 + outcome.path.clamp(min=0)], dim=1)
+        root = state.seq_len - 1 - (outcome.accept_len + 1) * state.active                # [B] old root slot
+        slots = root.unsqueeze(1) + self._arange[:n + 1]                                 # [B, N + 1]
+        pick = torch.nn.functional.pad(outcome.path.clamp(min=0) + 1, (1, 0))            # [B, N + 1], 0 the root
         hid = state.hidden[0]                                                            # [B, N + 1, H]
         exits = hid.gather(1, pick.unsqueeze(-1).expand(b, n + 1, hid.shape[-1]))
-        self._adapter_step(state, exits, slots, state.max_seq_len + n)
+        self._adapter_kv(state, exits, slots, state.max_seq_len + n)

@@ -80,6 +80,7 @@ class TreeSearch:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.topk, self.depth, self.nodes = topk, depth, nodes
+        self._made: dict[torch.device, tuple[Tensor, Tensor]] = {}  # see _constants
         if nodes > self.candidates:
             raise ValueError(f"tree_nodes={nodes} exceeds the {self.candidates} candidates that tree_topk={topk} and "
                              f"tree_depth={depth} make (topk + (depth - 1) * topk^2); lower tree_nodes or raise "
@@ -118,57 +119,66 @@ class TreeSearch:
         (slot ``seq_len - 1``) and first slot; ``view`` covers ``max(seq_len) + scratch`` slots;
         ``expand`` turns a frontier forward's logits into `Children`; with ``track_paths`` it also
         gets each frontier node's draft path (for the logits processors, `specdec.drafters.draw`).
+
+        A level's frontier is always among the candidates of the level before, so each level
+        gathers from that level's tensors alone; all candidates are joined once, at the end.
         """
         b, k, dev = seq_len.shape[0], self.topk, seq_len.device
-        # Per candidate: token, rank, parent (candidate index, -1 the root), source (index of the
-        # output it was scored from: 0 the root, 1 + i the i-th fed frontier node), validity.
-        tok, rank, valid = [root.tokens[:, 0]], [root.key[:, 0]], [root.logq[:, 0] > float("-inf")]
-        par, src = [torch.full((b, k), -1, device=dev)], [torch.zeros(b, k, dtype=torch.long, device=dev)]
-        hidden, dists = [root_hidden], [root.q]
-        rows = []  # [B, K, scratch] per level: the scratch slots each fed node sees (its fed ancestors, itself)
+        own, src = self._constants(dev)
+        # Per level: token, rank and draft distribution (None when greedy) of its candidates. A
+        # candidate is valid (inside its parent's warped support, and so were its ancestors) exactly
+        # when its rank is finite: an invalid node's key is -inf, and a rank never exceeds its parent's.
+        tok, rank, dists = [root.tokens[:, 0]], [root.key[:, 0]], [root.q]
+        frontiers = []  # [B, K] per fed level: each frontier node's candidate index (its children's parent)
         j = torch.arange(view, device=dev)
         prefix = (j >= start[:, None]) & (j < seq_len[:, None])                                   # [B, view]
         cols = (seq_len[:, None, None] + torch.arange(self.scratch, device=dev)).expand(b, k, self.scratch)
-        frontier = torch.arange(k, device=dev).expand(b, k)
+        pos = (seq_len - 1 - start)[:, None] + torch.arange(1, self.depth, device=dev)            # [B, D - 1]
+        h_in = None if root_hidden is None else root_hidden.expand(b, k, root_hidden.shape[-1])
+        seen = own[0].expand(b, k, self.scratch)  # [B, K, scratch]: each fed node's fed ancestors and itself
         front = root.tokens[:, 0].unsqueeze(-1) if track_paths else None                       # [B, K, level]
+        best, n_c = None, 0  # best: the frontier's index among the previous level's candidates
         for level in range(1, self.depth):
-            n_c = sum(t.shape[1] for t in tok)
-            f_src = torch.cat(src, 1).gather(1, frontier)                                        # [B, K]
-            seen = self._seen(rows, f_src, level)                                                # [B, K, scratch]
-            rows.append(seen)
+            if best is None:  # level 1: the root's children, in order
+                f_tok, f_rank = tok[-1], rank[-1]
+                frontiers.append(torch.arange(k, device=dev).expand(b, k))
+            else:
+                f_tok, f_rank = tok[-1].gather(1, best), rank[-1].gather(1, best)
+                frontiers.append(best + n_c)
+                parent = torch.div(best, k, rounding_mode="floor")  # [B, K] among the previous level's fed nodes
+                seen = seen.gather(1, parent.unsqueeze(-1).expand(b, k, self.scratch)) | own[level - 1]
+                h_in = None if h_in is None else _pick(h_out, parent)
+            n_c += tok[-1].shape[1]
             mask = prefix.unsqueeze(1).expand(b, k, view).scatter(2, cols, seen)
-            h_in = None if root_hidden is None else _pick(torch.cat(hidden, 1), f_src)
-            slots = seq_len[:, None] + (level - 1) * k + torch.arange(k, device=dev)
-            pos = (seq_len - 1 - start)[:, None] + level
-            logits, h_out = step(torch.cat(tok, 1).gather(1, frontier), h_in, pos.expand(b, k), slots, mask, view)
-            paths = None if front is None else DraftPaths(front, torch.full((b, k), level, device=dev))
-            kids, parent_rank = expand(logits, paths), torch.cat(rank, 1).gather(1, frontier)
-            parent_valid = torch.cat(valid, 1).gather(1, frontier)
+            slots = cols[:, 0, (level - 1) * k:level * k]                                        # [B, K]
+            logits, h_out = step(f_tok, h_in, pos[:, level - 1:level].expand(b, k), slots, mask, view)
+            kids = expand(logits, None if front is None else DraftPaths(front, torch.full((b, k), level, device=dev)))
             tok.append(kids.tokens.reshape(b, k * k))
-            r = torch.minimum(parent_rank[:, :, None], parent_rank[:, :, None] + kids.key).reshape(b, k * k)
+            r = torch.minimum(f_rank[:, :, None], f_rank[:, :, None] + kids.key).reshape(b, k * k)
             rank.append(r)
-            valid.append(((kids.logq > float("-inf")) & parent_valid[:, :, None]).reshape(b, k * k))
-            par.append(frontier[:, :, None].expand(b, k, k).reshape(b, k * k))
-            fed = 1 + (level - 1) * k + torch.arange(k, device=dev)                            # sources of this level
-            src.append(fed[None, :, None].expand(b, k, k).reshape(b, k * k))
-            hidden.append(h_out)
             dists.append(kids.q)
             best = r.topk(k, dim=1).indices
-            frontier = best + n_c
             if front is not None:  # the new frontier's paths: its parent's path, then its own token
                 grown = torch.cat([front.unsqueeze(2).expand(b, k, k, level), kids.tokens.unsqueeze(-1)], dim=-1)
                 front = grown.reshape(b, k * k, level + 1).gather(1, best.unsqueeze(-1).expand(b, k, level + 1))
-        return self._keep(torch.cat(tok, 1), torch.cat(rank, 1), torch.cat(par, 1), torch.cat(valid, 1),
-                          torch.cat(src, 1), None if root.q is None else torch.cat(dists, 1))
+        par = torch.stack(frontiers, 1).unsqueeze(-1).expand(b, self.depth - 1, k, k).reshape(b, -1)
+        par = torch.cat([torch.full((b, k), -1, device=dev), par], dim=1)
+        rank = torch.cat(rank, 1)
+        return self._keep(torch.cat(tok, 1), rank, par, rank > float("-inf"), src.expand(b, -1),
+                          None if root.q is None else torch.cat(dists, 1))
 
-    def _seen(self, rows: list[Tensor], f_src: Tensor, level: int) -> Tensor:
-        """[B, K, scratch]: the fed ancestors of each frontier node (its parent's row) plus its own slot."""
-        b, k, dev = f_src.shape[0], self.topk, f_src.device
-        own = torch.arange(self.scratch, device=dev) == ((level - 1) * k + torch.arange(k, device=dev))[:, None]
-        if not rows:  # level 1: children of the root have no fed ancestors
-            return own.expand(b, k, self.scratch).clone()
-        fed = torch.cat(rows, 1)                                                                  # [B, F, scratch]
-        return fed.gather(1, (f_src - 1).unsqueeze(-1).expand(b, k, self.scratch)) | own
+    def _constants(self, dev: torch.device) -> tuple[Tensor, Tensor]:
+        """What every search of this shape shares, made once per device: ``own`` [D - 1, K, scratch]
+        each level's own scratch slots, and ``src`` [candidates] the output each candidate was
+        scored from (0 the root, 1 + i the i-th fed node)."""
+        if dev not in self._made:
+            k, scratch = self.topk, self.scratch
+            node = torch.arange(self.depth - 1, device=dev)[:, None, None] * k + torch.arange(k, device=dev)[:, None]
+            own = torch.arange(scratch, device=dev) == node
+            src = torch.cat([torch.zeros(k, dtype=torch.long, device=dev),
+                             (1 + torch.arange(scratch, device=dev)).repeat_interleave(k)])
+            self._made[dev] = (own, src)
+        return self._made[dev]
 
     def _keep(self, tok: Tensor, rank: Tensor, par: Tensor, valid: Tensor, src: Tensor, q: Tensor | None) -> DraftTree:
         """The ``nodes`` best candidates, numbered parents-first (creation order is topological).

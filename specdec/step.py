@@ -303,6 +303,7 @@ class Decoder:
     def num_graphs(self) -> int:
         return len(self._graphs)
 
+    @torch.no_grad()  # as decoding: with autograd on, drafters' compiled forwards recompiled inside the capture
     def phase_times(self, draft: bool = True, reps: int = 50) -> dict[str, float]:
         """Device milliseconds of one step's phases at the current state: propose, verify, accept
         and commit, each captured as its own CUDA graph and replayed ``reps`` times (CUDA only).

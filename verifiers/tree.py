@@ -187,10 +187,10 @@ class DraftTree:
         Example: ``DraftTree.chain(torch.tensor([[5, 7, 9]]))`` drafts "5 7 9" after the root.
         """
         b, k = tokens.shape
-        if valid is None:
+        if valid is None:  # every node valid: already a prefix
             valid = torch.ones(b, k, dtype=torch.bool, device=tokens.device)
-        # A chain's valid nodes must form a prefix: a node after an invalid one is unreachable.
-        valid = valid.long().cumprod(dim=1).bool()
+        else:  # a chain's valid nodes must form a prefix: a node after an invalid one is unreachable
+            valid = valid.long().cumprod(dim=1).bool()
         return cls._fixed(tuple(range(-1, k - 1)), tokens, valid, q)
 
     @classmethod
