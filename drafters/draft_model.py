@@ -31,7 +31,7 @@ from specdec.verifiers.acceptance import StepOutcome
 from specdec.verifiers.processors import DraftPaths
 from specdec.verifiers.tree import DraftTree
 
-from .base import DecodeContext, DraftSpec, Drafter, VocabularyMismatchError
+from .base import DecodeContext, DraftSpec, Drafter, VocabularyMismatchError, chain_constants
 from .draw import choose, processed
 from .tree_search import TreeSearch, top_children
 
@@ -182,14 +182,18 @@ class DraftModel(Drafter):
         return self.spec.lookback
 
     def _read_root(self, ctx: DecodeContext):
-        """Roll back, re-read the last ``lookback`` committed tokens; return the root's logits."""
+        """Roll back, re-read the last ``lookback`` committed tokens; return the root's logits.
+
+        Those slots follow the rolled-back length, so the forward attends like the target's
+        verification (the tree kernel on CUDA); the draft follows the target's attention setting."""
         b, dev, w = ctx.tokens.shape[0], ctx.tokens.device, self.lookback
-        slots = ctx.seq_len.unsqueeze(1) - w + torch.arange(w, device=dev)
+        fixed = chain_constants(b, w, dev)
+        self.runner.attention = ctx.target.attention
+        slots = ctx.seq_len.unsqueeze(1) - w + fixed.offsets
         self.cache.lengths.copy_(ctx.seq_len - w)
-        among = torch.ones(w, w, dtype=torch.bool, device=dev).tril().expand(b, w, w)
         out = self._forward(self.cache, ctx.tokens.gather(1, slots), (slots - ctx.start.unsqueeze(1)).clamp(min=0),
-                            slots, among, view_len=ctx.max_seq_len,
-                            logits_at=torch.full((b, 1), w - 1, dtype=torch.long, device=dev))
+                            slots, fixed.causal, view_len=ctx.max_seq_len, logits_at=fixed.offsets[w - 1:].expand(b, 1),
+                            contiguous=True)
         self.cache.lengths.copy_(ctx.seq_len)
         return out.logits[:, 0]
 
@@ -213,18 +217,20 @@ class DraftModel(Drafter):
             return self._propose_tree(ctx)
         b, dev, k = ctx.tokens.shape[0], ctx.tokens.device, self.num_tokens
         logits = self._read_root(ctx)
-        one = torch.ones(b, 1, 1, dtype=torch.bool, device=dev)
+        fixed, alone = chain_constants(b, k, dev), chain_constants(b, 1, dev).alone
+        slots = (ctx.seq_len - 1).unsqueeze(1) + fixed.offsets  # [B, K]: the i-th fed draft token's slot is column i
+        positions = slots - ctx.start.unsqueeze(1)
         drafted, dists = [], []
         for i in range(k):
             if i:  # feed the previous draft token at the next slot; logits for the one after
-                slot = (ctx.seq_len + i - 1).unsqueeze(1)
-                self.cache.lengths.copy_(ctx.seq_len + i - 1)
-                logits = self._forward(self.cache, drafted[-1].unsqueeze(1), slot - ctx.start.unsqueeze(1),
-                                       slot, one, view_len=ctx.max_seq_len + i).logits[:, -1]
+                self.cache.lengths.copy_(slots[:, i])
+                logits = self._forward(self.cache, drafted[-1].unsqueeze(1), positions[:, i:i + 1], slots[:, i:i + 1],
+                                       alone, view_len=ctx.max_seq_len + i, contiguous=True,
+                                       tree_mask=alone).logits[:, -1]
             token, q = choose(ctx, logits, drafted)  # processed with this step's draft so far
             drafted.append(token)
             dists.append(q)
-        valid = (torch.arange(k, device=dev) < self.gamma).expand(b, k)  # the adaptive length masks the chain
+        valid = (fixed.offsets < self.gamma).expand(b, k)  # the adaptive length masks the chain
         q = torch.stack(dists, dim=1) if ctx.params.do_sample else None
         return DraftTree.chain(torch.stack(drafted, dim=1), valid, q=q)
 
