@@ -57,6 +57,9 @@ class DraftModel(Drafter):
             raise ValueError("the adaptive schedule applies to chains; use tree_width=1 with schedule='adaptive'")
         if tree_depth is not None and tree_depth < 1 or tree_nodes is not None and tree_nodes < 1:
             raise ValueError(f"tree_depth and tree_nodes must be >= 1, got {tree_depth} and {tree_nodes}")
+        if tree_width == 1 and (tree_depth is not None or tree_nodes is not None):
+            raise ValueError(f"tree_depth={tree_depth} / tree_nodes={tree_nodes} shape a tree, which needs tree_width "
+                             ">= 2; a chain (tree_width=1) drafts num_tokens tokens: drop them or raise tree_width")
         self.tree_width = tree_width
         self.tree_depth = tree_depth or num_tokens
         # Candidates a tree can have: width children of the root, then width^2 per further level.

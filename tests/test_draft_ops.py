@@ -1,0 +1,97 @@
+"""A draft phase costs what its layer count says (issue 15), in aten ops: the CPU proxy for kernel
+launches on a launch-bound GPU (``specdec.perf.count_step_ops``, phase ``draft``).
+
+Invariants, greedy and sampled, on tiny llamas:
+
+- A self-draft through E of a target's L layers (LayerSkip; Kangaroo, its halting variant)
+  drafting γ tokens issues at most ``1.2 × (E / L) × plain-step ops × γ + STEP`` ops.
+- Tighter, token by token: a drafted token costs E decoder layers (the plain step's per-layer
+  ops each), the forward's fixed part (embedding, rotary tables, final norm, LM head: the plain
+  step's ``forward`` phase), a choice no dearer than the plain step's acceptance, one cache-length
+  write, and for halting its top probability (a softmax and a max); the chain's layout (slots,
+  positions, the tree's validity) costs at most STEP once per step. A mask or index tensor rebuilt
+  per token does not fit: it is what the old draft loop paid.
+- A ``DraftModel`` drafting γ tokens issues at most ``1.2 × γ × (the draft model's plain-step
+  ops)``, and the same token-by-token form with the draft model's own layers; an adaptive γ runs
+  the same static budget of forwards.
+- No draft phase waits for the host.
+"""
+import pytest
+import torch
+from tiny import make_tiny
+
+import specdec
+from specdec.drafters import DraftModel, LayerSkip, make_drafter
+from specdec.perf import count_step_ops
+
+GAMMA = 4
+# Ops per step outside the drafted tokens: the chain's slots and positions (an add and a sub),
+# the root's gather, the restored cache length (a sub and a copy), stacking the tokens and making
+# the chain's validity a prefix (ones or a comparison, two casts, a cumprod, a clone). Measured 12;
+# a draft model's first forward reads two tokens, whose mask among them is built (4 more).
+STEP = 16
+HALTING = 2  # per token: the draft's softmax and its top probability
+PROMPT = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7]])
+MODES = {"greedy": dict(do_sample=False), "sampled": dict(do_sample=True, temperature=0.7, top_p=0.9)}
+
+
+def step_ops(model, drafter, mode):
+    spec = specdec.wrap(model, drafter=drafter)
+    torch.manual_seed(0)
+    spec.generate(PROMPT, max_new_tokens=6, pad_token_id=0, eos_token_id=None, **MODES[mode])
+    return count_step_ops(spec.engine._decoder)
+
+
+def per_token_floor(plain, layers: int) -> int:
+    """What one drafted token through ``layers`` layers may cost, from ``plain``'s phases (a plain
+    step of the model the draft runs on): its layers, the forward's fixed part, a choice no dearer
+    than the plain step's acceptance, and one cache-length write."""
+    phases = plain.by_phase()
+    return round(layers * plain.per_layer()) + phases["forward"] + phases["accept"] + 1
+
+
+@pytest.fixture(scope="module")
+def targets():
+    return {layers: make_tiny("llama", num_layers=layers) for layers in (2, 4)}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layers,exit_layer", [(2, 1), (4, 3)])
+@pytest.mark.parametrize("kind", ["layerskip", "kangaroo"])
+def test_a_self_draft_costs_its_exit_layers_per_token(targets, kind, layers, exit_layer, mode):
+    model = targets[layers]
+    plain = step_ops(model, None, mode)
+    drafter = (LayerSkip(exit_layer=exit_layer, num_tokens=GAMMA) if kind == "layerskip" else
+               make_drafter("kangaroo", exit_layer=exit_layer, num_tokens=GAMMA, stop_threshold=0.6))
+    ops = step_ops(model, drafter, mode)
+    drafted = ops.by_phase()["draft"]
+    assert plain.by_phase()["draft"] == 0 and drafted > GAMMA * exit_layer * plain.per_layer()  # it did draft
+    bound = 1.2 * exit_layer / layers * plain.total * GAMMA + STEP
+    assert drafted <= bound, (kind, drafted, bound)
+    per_token = per_token_floor(plain, exit_layer) + (HALTING if kind == "kangaroo" else 0)
+    assert drafted <= GAMMA * per_token + STEP, (kind, drafted, GAMMA * per_token + STEP, ops.ops["draft"])
+    assert ops.syncs == {}, ops.syncs
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("draft_layers", [1, 2])
+def test_a_draft_model_costs_its_own_plain_step_per_token(targets, draft_layers, mode):
+    draft = make_tiny("llama", num_layers=draft_layers, seed=1)
+    own = step_ops(draft, None, mode)
+    ops = step_ops(targets[2], DraftModel(draft, num_tokens=GAMMA), mode)
+    drafted = ops.by_phase()["draft"]
+    assert drafted > GAMMA * draft_layers * own.per_layer()  # it did draft, γ forwards
+    assert drafted <= 1.2 * GAMMA * own.total, (drafted, own.total)
+    bound = GAMMA * per_token_floor(own, draft_layers) + STEP
+    assert drafted <= bound, (drafted, bound, ops.ops["draft"])
+    assert ops.syncs == {}, ops.syncs
+
+
+def test_an_adaptive_length_runs_the_same_forwards(targets):
+    """γ lives on the device and masks the chain: the adaptive schedule drafts the same static
+    budget, plus its update of γ (a few ops)."""
+    draft = make_tiny("llama", num_layers=1, seed=1)
+    fixed = step_ops(targets[2], DraftModel(draft, num_tokens=GAMMA), "greedy").by_phase()["draft"]
+    adaptive = step_ops(targets[2], DraftModel(draft, num_tokens=GAMMA, schedule="adaptive"), "greedy")
+    assert fixed <= adaptive.by_phase()["draft"] <= fixed + 10
+    assert adaptive.syncs == {}
