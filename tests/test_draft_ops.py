@@ -95,3 +95,40 @@ def test_an_adaptive_length_runs_the_same_forwards(targets):
     adaptive = step_ops(targets[2], DraftModel(draft, num_tokens=GAMMA, schedule="adaptive"), "greedy")
     assert fixed <= adaptive.by_phase()["draft"] <= fixed + 10
     assert adaptive.syncs == {}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_drafts_through_the_kernel_path_are_the_mask_paths(monkeypatch, mode):
+    """The draft forwards now attend like the target's verification: through the tree-attention
+    operator, which reads each row's start and length (here its pure-torch reference, as in
+    ``count_step_ops``), with constant masks for a lone token. On a ragged batch they propose
+    exactly what the dense-mask path proposes: the same tokens and the same acceptance, step by
+    step, greedy and (same seed) sampled; greedy equals HF. The draft model is the target itself,
+    whose greedy drafts are all accepted, so a draft forward reading the wrong slots would show."""
+    from tiny import hf_greedy, ragged_batch
+
+    from specdec import runner
+    from specdec.kernels import tree_attention_reference
+
+    model = make_tiny("llama", num_layers=4)
+    ids, mask = ragged_batch([3, 9, 1, 6], model.config.vocab_size, seed=4)
+    ref = hf_greedy(model, ids, mask, max_new_tokens=16, eos_token_id=None)
+    monkeypatch.setattr(runner, "tree_attention_op", tree_attention_reference)
+    makers = {"layerskip": lambda: LayerSkip(exit_layer=2, num_tokens=3),
+              "kangaroo": lambda: make_drafter("kangaroo", exit_layer=2, num_tokens=4, stop_threshold=0.3),
+              "draft_model": lambda: DraftModel(model, num_tokens=3),
+              "adaptive": lambda: DraftModel(model, num_tokens=4, schedule="adaptive")}
+    for name, make in makers.items():
+        runs = []
+        for attention in ("reference", "triton"):
+            torch.manual_seed(7)
+            out = specdec.wrap(model, drafter=make(), attention=attention).generate(
+                ids, attention_mask=mask, max_new_tokens=16, pad_token_id=0, eos_token_id=None,
+                return_dict_in_generate=True, **MODES[mode])
+            runs.append(out)
+        dense, kernel = runs
+        assert torch.equal(dense.sequences, kernel.sequences), name
+        assert dense.spec_stats.accepted_lengths == kernel.spec_stats.accepted_lengths, name
+        assert kernel.spec_stats.tau > 1.0, name  # drafts were accepted: a wrong draft path would show
+        if mode == "greedy":
+            assert torch.equal(kernel.sequences, ref), name
