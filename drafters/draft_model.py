@@ -4,7 +4,10 @@ The draft runs through its own ModelRunner and KVCache, laid out slot for slot l
 target's (same left padding). Rollback is free: at each step the draft's cache length is set
 back to the committed length, and it re-reads the last ``lookback`` committed tokens (two for a
 chain: "the bonus token is new" and "the last draft token was never fed"; depth + 1 for a tree,
-whose nodes were fed in scratch slots). That keeps the block shapes static.
+whose nodes were fed in scratch slots). That keeps the block shapes static. A chain's forwards
+write right after the rolled-back length, so they attend as the target's verification does (the
+tree-attention kernel on CUDA, under the target's ``attention`` setting), with their index
+tensors and masks made once (``chain_constants``), not rebuilt per token.
 
 Schedules: ``constant`` drafts ``num_tokens`` every step; ``adaptive`` starts at half of that,
 grows by one after a step in which every row accepted everything, and shrinks by one after a
