@@ -114,7 +114,8 @@ def test_every_budget_combination_is_built_or_refused_by_the_rule():
 
 
 @pytest.mark.parametrize("kwargs,match", [({"tree_width": 0}, "tree_width"), ({"tree_nodes": 0}, "tree_nodes"),
-                                          ({"tree_nodes": 5}, "tree_width >= 2"), ({"tree_depth": 3}, "tree_width >= 2"),
+                                          ({"tree_nodes": 5}, "tree_width >= 2"),
+                                          ({"tree_depth": 3}, "tree_width >= 2"),
                                           ({"tree_width": 2, "tree_depth": 0}, "tree_depth"),
                                           ({"num_tokens": 0}, "num_tokens")])
 def test_bad_tree_budgets_are_refused_at_construction(kwargs, match):
