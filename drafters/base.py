@@ -13,7 +13,11 @@ engine runs one step per sync, eagerly, and ``wrap(..., cuda_graphs=True)`` refu
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+
+import torch
+from torch import Tensor
 
 from specdec.state import DecodeState
 from specdec.verifiers.acceptance import StepOutcome
@@ -145,6 +149,27 @@ class NullDrafter(Drafter):
     @property
     def name(self) -> str:
         return "none"
+
+
+@dataclass(frozen=True)
+class ChainConstants:
+    """Index and mask tensors a drafter's per-step loop reads: the same every step, so made once."""
+
+    offsets: Tensor  # [K] long, 0 .. K - 1: a chain position's offset from the root's slot
+    causal: Tensor  # [B, K, K] bool, lower triangular: K tokens fed at once, each seeing those before it
+    alone: Tensor  # [B, 1, 1] bool, True: one token fed alone sees itself (among, and the tree kernel's mask)
+
+
+@functools.cache  # never evicted: a captured CUDA graph reads these tensors for as long as it lives
+def chain_constants(batch: int, length: int, device: torch.device) -> ChainConstants:
+    """``ChainConstants`` for ``batch`` rows and chains of ``length``, on ``device``.
+
+    Built from host lists, so a CUDA-graph capture (which may not copy from the host) can only
+    reuse them, never make them: the step's warm-up run makes them first."""
+    tril = [[j <= i for j in range(length)] for i in range(length)]
+    return ChainConstants(offsets=torch.tensor(list(range(length)), dtype=torch.long, device=device),
+                          causal=torch.tensor(tril, dtype=torch.bool, device=device).expand(batch, length, length),
+                          alone=torch.tensor([[[True]]], device=device).expand(batch, 1, 1))
 
 
 class VocabularyMismatchError(ValueError):

@@ -4,7 +4,10 @@ The draft runs through its own ModelRunner and KVCache, laid out slot for slot l
 target's (same left padding). Rollback is free: at each step the draft's cache length is set
 back to the committed length, and it re-reads the last ``lookback`` committed tokens (two for a
 chain: "the bonus token is new" and "the last draft token was never fed"; depth + 1 for a tree,
-whose nodes were fed in scratch slots). That keeps the block shapes static.
+whose nodes were fed in scratch slots). That keeps the block shapes static. A chain's forwards
+write right after the rolled-back length, so they attend as the target's verification does (the
+tree-attention kernel on CUDA, under the target's ``attention`` setting), with their index
+tensors and masks made once (``chain_constants``), not rebuilt per token.
 
 Schedules: ``constant`` drafts ``num_tokens`` every step; ``adaptive`` starts at half of that,
 grows by one after a step in which every row accepted everything, and shrinks by one after a
@@ -31,7 +34,7 @@ from specdec.verifiers.acceptance import StepOutcome
 from specdec.verifiers.processors import DraftPaths
 from specdec.verifiers.tree import DraftTree
 
-from .base import DecodeContext, DraftSpec, Drafter, VocabularyMismatchError
+from .base import DecodeContext, DraftSpec, Drafter, VocabularyMismatchError, chain_constants
 from .draw import choose, processed
 from .tree_search import TreeSearch, top_children
 
@@ -57,6 +60,9 @@ class DraftModel(Drafter):
             raise ValueError("the adaptive schedule applies to chains; use tree_width=1 with schedule='adaptive'")
         if tree_depth is not None and tree_depth < 1 or tree_nodes is not None and tree_nodes < 1:
             raise ValueError(f"tree_depth and tree_nodes must be >= 1, got {tree_depth} and {tree_nodes}")
+        if tree_width == 1 and (tree_depth is not None or tree_nodes is not None):
+            raise ValueError(f"tree_depth={tree_depth} / tree_nodes={tree_nodes} shape a tree, which needs tree_width "
+                             ">= 2; a chain (tree_width=1) drafts num_tokens tokens: drop them or raise tree_width")
         self.tree_width = tree_width
         self.tree_depth = tree_depth or num_tokens
         # Candidates a tree can have: width children of the root, then width^2 per further level.
@@ -182,14 +188,18 @@ class DraftModel(Drafter):
         return self.spec.lookback
 
     def _read_root(self, ctx: DecodeContext):
-        """Roll back, re-read the last ``lookback`` committed tokens; return the root's logits."""
+        """Roll back, re-read the last ``lookback`` committed tokens; return the root's logits.
+
+        Those slots follow the rolled-back length, so the forward attends like the target's
+        verification (the tree kernel on CUDA); the draft follows the target's attention setting."""
         b, dev, w = ctx.tokens.shape[0], ctx.tokens.device, self.lookback
-        slots = ctx.seq_len.unsqueeze(1) - w + torch.arange(w, device=dev)
+        fixed = chain_constants(b, w, dev)
+        self.runner.attention = ctx.target.attention
+        slots = ctx.seq_len.unsqueeze(1) - w + fixed.offsets
         self.cache.lengths.copy_(ctx.seq_len - w)
-        among = torch.ones(w, w, dtype=torch.bool, device=dev).tril().expand(b, w, w)
         out = self._forward(self.cache, ctx.tokens.gather(1, slots), (slots - ctx.start.unsqueeze(1)).clamp(min=0),
-                            slots, among, view_len=ctx.max_seq_len,
-                            logits_at=torch.full((b, 1), w - 1, dtype=torch.long, device=dev))
+                            slots, fixed.causal, view_len=ctx.max_seq_len, logits_at=fixed.offsets[w - 1:].expand(b, 1),
+                            contiguous=True)
         self.cache.lengths.copy_(ctx.seq_len)
         return out.logits[:, 0]
 
@@ -213,18 +223,20 @@ class DraftModel(Drafter):
             return self._propose_tree(ctx)
         b, dev, k = ctx.tokens.shape[0], ctx.tokens.device, self.num_tokens
         logits = self._read_root(ctx)
-        one = torch.ones(b, 1, 1, dtype=torch.bool, device=dev)
+        fixed, alone = chain_constants(b, k, dev), chain_constants(b, 1, dev).alone
+        slots = (ctx.seq_len - 1).unsqueeze(1) + fixed.offsets  # [B, K]: the i-th fed draft token's slot is column i
+        positions = slots - ctx.start.unsqueeze(1)
         drafted, dists = [], []
         for i in range(k):
             if i:  # feed the previous draft token at the next slot; logits for the one after
-                slot = (ctx.seq_len + i - 1).unsqueeze(1)
-                self.cache.lengths.copy_(ctx.seq_len + i - 1)
-                logits = self._forward(self.cache, drafted[-1].unsqueeze(1), slot - ctx.start.unsqueeze(1),
-                                       slot, one, view_len=ctx.max_seq_len + i).logits[:, -1]
+                self.cache.lengths.copy_(slots[:, i])
+                logits = self._forward(self.cache, drafted[-1].unsqueeze(1), positions[:, i:i + 1], slots[:, i:i + 1],
+                                       alone, view_len=ctx.max_seq_len + i, contiguous=True,
+                                       tree_mask=alone).logits[:, -1]
             token, q = choose(ctx, logits, drafted)  # processed with this step's draft so far
             drafted.append(token)
             dists.append(q)
-        valid = (torch.arange(k, device=dev) < self.gamma).expand(b, k)  # the adaptive length masks the chain
+        valid = (fixed.offsets < self.gamma).expand(b, k)  # the adaptive length masks the chain
         q = torch.stack(dists, dim=1) if ctx.params.do_sample else None
         return DraftTree.chain(torch.stack(drafted, dim=1), valid, q=q)
 

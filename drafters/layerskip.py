@@ -32,7 +32,7 @@ from torch import Tensor
 from specdec.verifiers.acceptance import sample, warp_probs
 from specdec.verifiers.tree import DraftTree
 
-from .base import DecodeContext, DraftSpec, Drafter
+from .base import DecodeContext, DraftSpec, Drafter, chain_constants
 from .draw import process_chain
 
 
@@ -116,44 +116,68 @@ class LayerSkip(Drafter):
         return self.draft_chain(ctx, self.layers(), self.num_tokens)
 
     # ------------------------------------------------------------------ drafting
-    def draft_forward(self, ctx: DecodeContext, tokens: Tensor, offset: int, layers: list[int]) -> Tensor:
-        """Feed ``tokens`` ``[B]`` at slot ``seq_len - 1 + offset`` through ``layers``; next-token logits ``[B, V]``.
+    def draft_forward(self, ctx: DecodeContext, tokens: Tensor, slot: Tensor, position: Tensor, layers: list[int],
+                      view_len: int) -> Tensor:
+        """Feed ``tokens`` ``[B]`` at ``slot`` ``[B, 1]`` (``position`` ``[B, 1]``) through ``layers``;
+        next-token logits ``[B, V]``.
 
         The cache is told that every slot before that one is readable: the committed prefix and
-        the draft tokens fed so far in this step.
+        the draft tokens fed so far in this step. A lone token sees itself, so its masks are constants.
         """
-        cache, b = ctx.cache, tokens.shape[0]
-        slot = (ctx.seq_len - 1 + offset).unsqueeze(1)
-        cache.lengths.copy_(slot.squeeze(1))
-        one = torch.ones(b, 1, 1, dtype=torch.bool, device=tokens.device)
-        out = self._forward(cache, tokens.unsqueeze(1), slot - ctx.start.unsqueeze(1), slot, one,
-                            view_len=ctx.max_seq_len + offset, layers=layers, contiguous=True)
+        alone = chain_constants(tokens.shape[0], 1, tokens.device).alone
+        ctx.cache.lengths.copy_(slot.squeeze(1))
+        out = self._forward(ctx.cache, tokens.unsqueeze(1), position, slot, alone, view_len=view_len, layers=layers,
+                            contiguous=True, tree_mask=alone)
         return out.logits[:, -1]
 
     def draft_chain(self, ctx: DecodeContext, layers: list[int], length: int) -> DraftTree:
-        """Draft up to ``length`` tokens per row through ``layers`` (padded to ``num_nodes``)."""
+        """Draft up to ``length`` tokens per row through ``layers`` (padded to ``num_nodes``).
+
+        Per drafted token: one forward through ``layers`` and its choice (argmax or a draw); the
+        slots, positions and masks are laid out once per step, and Kangaroo halting is one
+        comparison over the whole chain at the end (a row's draft stops at its first unsure token).
+        """
         b, dev, k = ctx.tokens.shape[0], ctx.tokens.device, self.num_nodes
-        tokens = torch.zeros(b, k, dtype=torch.long, device=dev)
-        valid = torch.zeros(b, k, dtype=torch.bool, device=dev)
-        q = torch.zeros(b, k, self.runner.vocab_size, device=dev) if ctx.params.do_sample else None
+        sampling, halting = ctx.params.do_sample, self.stop_threshold is not None
         if length == 0:
-            return DraftTree.chain(tokens, valid, q=q)
-        alive = torch.ones(b, dtype=torch.bool, device=dev)
-        current = ctx.tokens.gather(1, (ctx.seq_len - 1).unsqueeze(1)).squeeze(1)  # the root
+            return _padded_chain([], [], [], None, (b, k, self.runner.vocab_size, dev), sampling)
+        slots = (ctx.seq_len - 1).unsqueeze(1) + chain_constants(b, k, dev).offsets  # [B, K] root's slot, then on
+        positions = slots - ctx.start.unsqueeze(1)
+        current = ctx.tokens.gather(1, slots[:, :1]).squeeze(1)  # the root
+        drafted, dists, top = [], [], []
         try:
             for i in range(length):
-                logits = process_chain(ctx, self.draft_forward(ctx, current, i, layers), tokens[:, :i])
-                if q is not None:
+                logits = self.draft_forward(ctx, current, slots[:, i:i + 1], positions[:, i:i + 1], layers,
+                                            ctx.max_seq_len + i)
+                logits = process_chain(ctx, logits, drafted)
+                if sampling:
                     probs = warp_probs(logits, ctx.params)
                     current = sample(probs)
-                    q[:, i] = probs
+                    dists.append(probs)
                 else:
-                    probs = logits.softmax(dim=-1)
                     current = logits.argmax(dim=-1)
-                if self.stop_threshold is not None:  # Kangaroo halting, by masking: no host check
-                    alive = alive & (probs.max(dim=-1).values >= self.stop_threshold)
-                tokens[:, i] = current
-                valid[:, i] = alive
+                    probs = logits.softmax(dim=-1) if halting else None
+                if halting:
+                    top.append(probs.max(dim=-1).values)
+                drafted.append(current)
         finally:
             ctx.cache.lengths.copy_(ctx.seq_len - 1)
-        return DraftTree.chain(tokens, valid, q=q)
+        return _padded_chain(drafted, top, dists, self.stop_threshold, (b, k, self.runner.vocab_size, dev), sampling)
+
+
+def _padded_chain(drafted: list[Tensor], top: list[Tensor], dists: list[Tensor], threshold: float | None,
+                  shape: tuple, sampling: bool) -> DraftTree:
+    """The chain of ``drafted`` tokens (``[B]`` each), padded with invalid nodes to ``K``; with
+    ``threshold``, nodes from a row's first draft probability below it on are invalid too."""
+    b, k, vocab, dev = shape
+    pad = k - len(drafted)
+    tokens = torch.stack(drafted, dim=1) if drafted else torch.zeros(b, 0, dtype=torch.long, device=dev)
+    valid = torch.stack(top, dim=1) >= threshold if threshold is not None and drafted else None
+    q = torch.stack(dists, dim=1) if sampling and drafted else None
+    if pad:
+        tokens = torch.cat([tokens, tokens.new_zeros(b, pad)], dim=1)
+        shown = valid if valid is not None else torch.ones(b, k - pad, dtype=torch.bool, device=dev)
+        valid = torch.cat([shown, shown.new_zeros(b, pad)], dim=1)
+        if sampling:
+            q = torch.zeros(b, k, vocab, device=dev) if q is None else torch.cat([q, q.new_zeros(b, pad, vocab)], dim=1)
+    return DraftTree.chain(tokens, valid, q=q)

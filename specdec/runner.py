@@ -140,7 +140,8 @@ class ModelRunner:
     def forward(self, cache: KVCache, tokens: Tensor, positions: Tensor, slots: Tensor, among: Tensor, *,
                 view_len: int, layers: Iterable[int] | None = None, logits_at: Tensor | None = None,
                 compute_logits: bool = True, return_hidden: bool = False, mask: Tensor | None = None,
-                contiguous: bool = False, collect: Iterable[int] | None = None) -> RunnerOutput:
+                contiguous: bool = False, collect: Iterable[int] | None = None,
+                tree_mask: Tensor | None = None) -> RunnerOutput:
         """One pass over Q new tokens per row.
 
         tokens, positions, slots: ``[B, Q]`` (slots are the cache slots the new K/V go to).
@@ -154,11 +155,16 @@ class ModelRunner:
         steps), which lets full-attention layers use the tree-attention kernel.
         collect: layer counts E whose hidden states to return (the output of the E-th layer run,
         i.e. what an early exit after E layers would normalise), in ``layer_hidden``.
+        tree_mask: ``[B, Q, Q]`` bool, the tree kernel's mask among the new tokens (what
+        ``_tree_mask`` builds from ``among``), when the caller already holds it: a drafter feeding
+        one token per forward passes a constant, since a lone query sees just itself.
         """
         layer_ids = range(self.num_layers) if layers is None else list(layers)
         kernel = None
         if contiguous and mask is None and self._use_kernel(slots.device):
-            kernel = (cache.start, cache.lengths, self._tree_mask(cache, slots, among))
+            if tree_mask is None:
+                tree_mask = self._tree_mask(cache, slots, among)
+            kernel = (cache.start, cache.lengths, tree_mask)
         masks = {}
         if kernel is None or any(self.windows[i] is not None for i in layer_ids):
             if mask is None:

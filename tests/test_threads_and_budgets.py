@@ -80,7 +80,42 @@ def test_every_tree_budget_works_and_stays_exact():
             assert torch.equal(out, ref), (depth, width, nodes, steps)
 
 
+def test_every_budget_combination_is_built_or_refused_by_the_rule():
+    """num_tokens 1..6 × tree_width 1..4 × tree_nodes 1..24: a chain (width 1) refuses tree_nodes,
+    naming tree_width; a tree keeps min(tree_nodes, its candidates width + (depth - 1) · width²)
+    nodes, explores (depth - 1) · width scratch slots and re-reads depth + 1 tokens. A spread
+    sample of the built ones (and the edges) generates exactly HF greedy's tokens."""
+    import random
+
+    model = make_tiny("llama", num_layers=2)
+    draft = make_tiny("llama", num_layers=1, seed=4)
+    built, refused = [], 0
+    for depth, width, nodes in itertools.product(range(1, 7), range(1, 5), range(1, 25)):
+        if width == 1:
+            with pytest.raises(ValueError, match="tree_width >= 2"):
+                DraftModel(draft, num_tokens=depth, tree_width=width, tree_nodes=nodes)
+            refused += 1
+            continue
+        d = DraftModel(draft, num_tokens=depth, tree_width=width, tree_nodes=nodes)
+        candidates = width + (depth - 1) * width * width
+        assert d.spec.num_nodes == min(nodes, candidates), (depth, width, nodes)
+        assert d.spec.scratch_slots == (depth - 1) * width and d.spec.lookback == depth + 1
+        assert d.spec.forwards_per_step == depth
+        built.append((depth, width, nodes))
+    assert refused == 6 * 24 and len(built) == 6 * 3 * 24
+    edges = [(5, 2, 2), (1, 2, 1), (1, 4, 24), (6, 4, 24), (6, 2, 1), (3, 3, 24)]
+    ids, mask = ragged_batch([5, 9], model.config.vocab_size, seed=2)
+    ref = hf_greedy(model, ids, mask, max_new_tokens=8, eos_token_id=None)
+    for depth, width, nodes in edges + random.Random(0).sample(built, 8):
+        d = DraftModel(draft, num_tokens=depth, tree_width=width, tree_nodes=nodes)
+        out = specdec.wrap(model, drafter=d).generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                                     pad_token_id=0, eos_token_id=None)
+        assert torch.equal(out, ref), (depth, width, nodes)
+
+
 @pytest.mark.parametrize("kwargs,match", [({"tree_width": 0}, "tree_width"), ({"tree_nodes": 0}, "tree_nodes"),
+                                          ({"tree_nodes": 5}, "tree_width >= 2"),
+                                          ({"tree_depth": 3}, "tree_width >= 2"),
                                           ({"tree_width": 2, "tree_depth": 0}, "tree_depth"),
                                           ({"num_tokens": 0}, "num_tokens")])
 def test_bad_tree_budgets_are_refused_at_construction(kwargs, match):
