@@ -7,24 +7,17 @@ last step any row used stay below one run. Greedy output stays HF's.
 import pytest
 import torch
 from tiny import hf_greedy, make_tiny, ragged_batch
+from test_engine import count_launches as engine_launches
 
 import specdec
 from specdec.drafters import DraftModel, PromptLookup
-from specdec.step import Decoder
 
 RUN = 8  # chunk_steps
 
 
 def count_launches(monkeypatch) -> list[bool]:
     """The drafting flag of every run of steps the engine launches (read back or not)."""
-    launched = []
-    real = Decoder.run
-
-    def spy(self, draft):
-        launched.append(draft)
-        return real(self, draft)
-    monkeypatch.setattr(Decoder, "run", spy)
-    return launched
+    return engine_launches(None, monkeypatch)
 
 
 def repetitive():
