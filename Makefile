@@ -31,8 +31,8 @@ demo: $(STAMP)
 # Two workers (each test runs single-threaded, see tests/conftest.py); the SmolLM2 zoo cache is
 # built first so the workers never race to build it.
 test: $(STAMP)
-	$(BIN)/python -c "import specdec; specdec.load_model('zoo:smollm2-135m-instruct')"
-	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider -n 2 --dist loadfile --durations=15
+	$(BIN)/python -P -c "import specdec; specdec.load_model('zoo:smollm2-135m-instruct')"
+	$(BIN)/python -P -m pytest -q -m "not slow" -p no:cacheprovider -n 2 --dist loadfile --durations=15
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
