@@ -135,7 +135,8 @@ class TreeSearch:
         cols = (seq_len[:, None, None] + torch.arange(self.scratch, device=dev)).expand(b, k, self.scratch)
         pos = (seq_len - 1 - start)[:, None] + torch.arange(1, self.depth, device=dev)            # [B, D - 1]
         h_in = None if root_hidden is None else root_hidden.expand(b, k, root_hidden.shape[-1])
-        seen = own[0].expand(b, k, self.scratch)  # [B, K, scratch]: each fed node's fed ancestors and itself
+        # [B, K, scratch]: each fed node's fed ancestors and itself (depth 1 feeds no level: no scratch)
+        seen = own[0].expand(b, k, self.scratch) if self.depth > 1 else None
         front = root.tokens[:, 0].unsqueeze(-1) if track_paths else None                       # [B, K, level]
         best, n_c = None, 0  # best: the frontier's index among the previous level's candidates
         for level in range(1, self.depth):
@@ -161,8 +162,10 @@ class TreeSearch:
             if front is not None:  # the new frontier's paths: its parent's path, then its own token
                 grown = torch.cat([front.unsqueeze(2).expand(b, k, k, level), kids.tokens.unsqueeze(-1)], dim=-1)
                 front = grown.reshape(b, k * k, level + 1).gather(1, best.unsqueeze(-1).expand(b, k, level + 1))
-        par = torch.stack(frontiers, 1).unsqueeze(-1).expand(b, self.depth - 1, k, k).reshape(b, -1)
-        par = torch.cat([torch.full((b, k), -1, device=dev), par], dim=1)
+        par = [torch.full((b, k), -1, device=dev)]  # the root's children, then each fed level's k children each
+        if frontiers:
+            par.append(torch.stack(frontiers, 1).unsqueeze(-1).expand(b, self.depth - 1, k, k).reshape(b, -1))
+        par = torch.cat(par, dim=1)
         rank = torch.cat(rank, 1)
         return self._keep(torch.cat(tok, 1), rank, par, rank > float("-inf"), src.expand(b, -1),
                           None if root.q is None else torch.cat(dists, 1))
