@@ -9,7 +9,7 @@
 #   source scripts/bench_long.sh "$OUT"                        # Qwen2.5-Coder 1.5B, 8K/16K/32K
 #   ASSISTANT=zoo:qwen2.5-coder-0.5b-instruct source scripts/bench_long.sh "$OUT"   # + a TriForce with a draft-model top
 # CPU smoke (one 2K prompt, a few tokens):
-#   MODEL=zoo:smollm2-135m-instruct LENGTHS=2048 DEVICE=cpu DTYPE=float32 FAST= NEW=8 BUDGETS="4 8" \
+#   MODEL=zoo:smollm2-135m-instruct LENGTHS=2048 DEVICE=cpu DTYPE=float32 FAST= NEW=8 BUDGETS="8 16" \
 #     source scripts/bench_long.sh /tmp/long
 out=${1:?usage: source scripts/bench_long.sh OUT}
 model=${MODEL:-zoo:qwen2.5-coder-1.5b-instruct}
@@ -20,9 +20,9 @@ compile=$(echo "$fast" | grep -o -- "--compile")
 new=${NEW:-128}
 device=${DEVICE:-cuda}
 dtype=${DTYPE:-bfloat16}
+plain="python3 -m specdec.bench --model $model --device $device --dtype $dtype --max-new-tokens $new --no-hf --quiet"
 # One cache size for every call, so nothing compiles or captures again at a new prompt length.
-bench="python3 -m specdec.bench --model $model --device $device --dtype $dtype --max-new-tokens $new
-  --cache-len $((longest + new + 1024)) --no-hf --quiet"
+bench="$plain --cache-len $((longest + new + 1024))"
 prompts="--prompts long:lengths=[$lengths],per_length=${PER_LENGTH:-1},tokenizer=$model
   --prompts long:lengths=[$lengths],per_length=${PER_LENGTH:-1},tokenizer=$model,needle=true"
 triforce="--drafter triforce:num_tokens=8,rounds=2"
@@ -34,6 +34,8 @@ budgets=""
 for mib in ${BUDGETS:-16 32 64 128}; do
   budgets="$budgets --drafter rapid:num_tokens=4,context_tokens=4096,memory_budget=$((mib << 20))"
 done
-$bench $compile --prompts long:lengths=[$longest],per_length=1,tokenizer=$model $budgets --out "$out/budget"
+# Budgets: eager and sized to the call (no --cache-len), and no warm-up, so each method's timed call
+# is its first and allocates its caches inside the measured peak (peak_extra_bytes).
+$plain --warmup 0 --prompts long:lengths=[$longest],per_length=1,tokenizer=$model $budgets --out "$out/budget"
 python3 -m specdec.bench.long_check "$out/graphs" "$out/rapid" "$out/budget" --tokenizer $model \
   | tee "$out/long_check.md"
