@@ -171,10 +171,8 @@ class ModelRunner:
         steps), which lets full-attention layers use the tree-attention kernel.
         collect: layer counts E whose hidden states to return (the output of the E-th layer run,
         i.e. what an early exit after E layers would normalise), in ``layer_hidden``.
-        table: ``(table [B, T], first [B], last [B])``: each new token reads the cache slots
-        ``table[b, first[b]:last[b]]`` instead of its row's committed ones, then the new tokens
-        (which must be contiguous, as ``contiguous`` promises) under ``among`` (a sparse draft;
-        full-attention layers only).
+        table: ``(table [B, T], first [B], last [B])``: new tokens read the slots ``table[b,
+        first[b]:last[b]]``, not their row's committed ones, then the (contiguous) new ones under ``among``.
         """
         layer_ids = range(self.num_layers) if layers is None else list(layers)
         kernel = None
