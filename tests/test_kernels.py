@@ -22,7 +22,7 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 import specdec  # noqa: E402
 from specdec.cache import KVCache  # noqa: E402
-from specdec.drafters import DraftModel, PromptLookup  # noqa: E402
+from specdec.drafters import DraftModel, PromptLookup, SparseSelfDraft, TriForce  # noqa: E402
 from specdec.kernels import (block_table_attention, block_table_reference, kv_commit, kv_commit_reference,  # noqa: E402
                              masked_attention_reference, tree_attention_reference, tree_visibility)
 
@@ -303,14 +303,18 @@ def test_interpreter_in_child():
 
 
 @interpreted
-@pytest.mark.parametrize("drafter", ["none", "lookup tree", "draft model tree"])
+@pytest.mark.parametrize("drafter", ["none", "lookup tree", "draft model tree", "sparse self-draft", "triforce"])
 def test_engine_with_triton_attention_equals_hf_greedy(drafter):
-    """The whole engine with the Triton tree-attention kernel (interpreted on CPU) stays exact."""
+    """The whole engine with the Triton tree-attention kernel (interpreted on CPU) stays exact; the
+    sparse self-draft and TriForce draft through the block-table kernel, over budgets of 6 slots
+    that the rows' contexts outgrow."""
     model = make_tiny("qwen3")
     ids, mask = ragged_batch([3, 7, 1], model.config.vocab_size, seed=9)
     ref = hf_greedy(model, ids, mask, max_new_tokens=12, eos_token_id=None)
     d = {"none": None, "lookup tree": PromptLookup(3, num_branches=2),
-         "draft model tree": DraftModel(model, 3, tree_width=2, tree_nodes=6)}[drafter]
+         "draft model tree": DraftModel(model, 3, tree_width=2, tree_nodes=6),
+         "sparse self-draft": SparseSelfDraft(num_tokens=3, sink=1, window=3, chunk=2, top_chunks=1),
+         "triforce": TriForce(num_tokens=4, sink=1, window=3, chunk=2, top_chunks=1)}[drafter]
     out = specdec.wrap(model, drafter=d, attention="triton").generate(
         ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0, eos_token_id=None)
     assert torch.equal(out, ref)
