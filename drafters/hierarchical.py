@@ -99,8 +99,8 @@ class Hierarchical(Drafter):
             # A round ends with the middle's own token after the top's chain, so a step can leave
             # three tokens its cache never read (the top's last, the middle's, the bonus): re-read 3.
             top.spec = dataclasses.replace(top.spec, lookback=max(top.spec.lookback, 3))
-        # Tops with caches write them past the root, up to the end of the last round.
-        scratch = 0 if isinstance(top, PromptLookup) else room
+        # The middle's forwards (and tops with caches) write past the root, up to the last round's end.
+        scratch = room
         # An EagleHead reads the target's states at its aux layers: verification exports them for
         # committed tokens, the middle's forward gives them for the step's own tokens.
         self.feeds_head = isinstance(top, EagleHead)

@@ -59,6 +59,9 @@ def retrieve(tokens: list[int], context_tokens: int, chunk: int, recent: int, qu
     return [t for n in sorted(kept) for t in chunks[n]] + tail
 
 
+BUILD_CHUNK = 256  # queries per forward when the draft cache is built over the shortened context
+
+
 class Rapid(Drafter):
     """Example::
 
@@ -169,10 +172,14 @@ class Rapid(Drafter):
         for r, s in enumerate(short):
             if s:
                 ids[r, w - len(s):] = torch.tensor(s, dtype=torch.long, device=dev)
-        slots = torch.arange(w, device=dev).expand(b, w)
-        among = torch.ones(w, w, dtype=torch.bool, device=dev).tril().expand(b, w, w)
-        self.runner.forward(self.cache, ids, (slots - self.dstart[:, None]).clamp(min=0), slots, among,
-                            view_len=w, compute_logits=False)
+        # In chunks of BUILD_CHUNK queries, so the build's activations stay small beside the cache.
+        for lo in range(0, w, BUILD_CHUNK):
+            n = min(BUILD_CHUNK, w - lo)
+            slots = torch.arange(lo, lo + n, device=dev).expand(b, n)
+            among = torch.ones(n, n, dtype=torch.bool, device=dev).tril().expand(b, n, n)
+            self.cache.lengths.fill_(lo)
+            self.runner.forward(self.cache, ids[:, lo: lo + n], (slots - self.dstart[:, None]).clamp(min=0), slots,
+                                among, view_len=lo + n, compute_logits=False)
 
     def _feed(self, ctx: DecodeContext, tokens, first, view_len: int, logits_at=None):
         """Feed ``tokens`` ``[B, Q]`` at target slots ``first + arange(Q)`` (``first`` ``[B]``),

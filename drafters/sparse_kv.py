@@ -20,13 +20,15 @@ which never change once committed). So a step's selection reads ``per_step * chu
 layer, scores one mean per chunk slot, and gathers ``budget`` slots: nothing scales with the
 committed length beyond the one score per chunk.
 
-Once per step the selected slots' K/V are gathered, per row, into a small private cache of
-``budget = sink + window + top_chunks * chunk`` slots (rows with fewer selected slots are left
-padded there, so the per-row ``start`` and ``lengths`` of the tree-attention kernel describe it),
-and the draft tokens' own K/V go after it, in scratch slots that the next step overwrites.
-Selection is device work with static shapes (a top-k over chunks and a sort over ``budget``
-slots per row), so the drafter is ``device_only``. The full target verifies every proposal,
-which keeps decoding lossless.
+Once per step the selected slots are listed, per row, in a block table of
+``budget = sink + window + top_chunks * chunk`` entries (left padded: a row with fewer selected
+slots starts later in it), followed by the slots of the tokens the step's drafting feeds. The
+draft tokens' own K/V go into the target's cache after the root, in the scratch slots that
+verification overwrites next, and every layer attends through the table
+(``kernels.block_table``: the Triton kernel on CUDA, its torch reference elsewhere), reading the
+selected K/V where they are: nothing is gathered or copied. Selection is device work with static
+shapes (a top-k over chunks and a sort over ``budget`` slots per row), so the drafter is
+``device_only``. The full target verifies every proposal, which keeps decoding lossless.
 
 It knows caches, chunks and selection; not trees beyond the chain it returns.
 """
@@ -35,7 +37,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from specdec.cache import KVCache
 from specdec.runner import RunnerOutput
 from specdec.verifiers.tree import DraftTree
 
@@ -64,7 +65,10 @@ class SparseSelfDraft(Drafter):
         self.budget = sink + window + top_chunks * chunk  # committed slots a draft token may read
         self.spec = DraftSpec(num_nodes=num_tokens, forwards_per_step=num_tokens)
         self.runner = None
-        self.small: KVCache | None = None  # the gathered sparse cache: budget + scratch slots per row
+        # The block table, [B, budget + fed] int32: the selected committed slots (left padded from
+        # ``first`` [B] on), then the slots of the tokens one step feeds, from the root's on.
+        self.table: Tensor | None = None
+        self.first: Tensor | None = None
         self.selected: Tensor | None = None  # [B] committed slots selected at the last step
         self.context: Tensor | None = None  # [B] committed slots the row had
         # Per-chunk mean keys, [L, B, H_kv, C + 1, D] fp32 for C chunk slots of the cache (the last
@@ -98,8 +102,9 @@ class SparseSelfDraft(Drafter):
                              "another drafter")
         big = ctx.cache
         b, h, _, d = big.k[0].shape
-        if self.small is None or self.small.batch != b or self.small.max_len != self.budget + self.fed:
-            self.small = KVCache(len(big.k), b, h, d, self.budget + self.fed, big.k[0].dtype, big.k[0].device)
+        if self.table is None or tuple(self.table.shape) != (b, self.budget + self.fed) or self.table.device != big.k[0].device:
+            self.table = torch.zeros(b, self.budget + self.fed, dtype=torch.int32, device=big.k[0].device)
+            self.first = torch.zeros(b, dtype=torch.long, device=big.k[0].device)
         if self.top_chunks:  # buffers are reused in place: captured steps read them
             shape = (len(big.k), b, h, -(-ctx.capacity // self.chunk) + 1, d)
             if self.means is None or tuple(self.means.shape) != shape or self.means.device != big.k[0].device:
@@ -123,13 +128,12 @@ class SparseSelfDraft(Drafter):
         return -(-(self.num_tokens + 1) // self.chunk)
 
     def memory_bytes(self, batch: int, cache_len: int, new_tokens: int) -> int:
-        """The gathered sparse cache and the chunk means."""
+        """The block table and the chunk means (the draft's own K/V use the target's scratch slots)."""
         from specdec.memory import kv_slot_bytes
 
-        slot = kv_slot_bytes(self.runner)
-        key_floats = slot // (2 * self.runner.dtype.itemsize)  # one slot's keys over every layer
+        key_floats = kv_slot_bytes(self.runner) // (2 * self.runner.dtype.itemsize)  # one slot's keys, every layer
         means = key_floats * 4 * (-(-cache_len // self.chunk) + 1) if self.top_chunks else 0
-        return batch * ((self.budget + self.fed) * slot + means)
+        return batch * ((self.budget + self.fed) * 4 + means)
 
     # ------------------------------------------------------------------ chunk means
     def _layer_means(self, k: Tensor, start: Tensor, chunks: Tensor) -> Tensor:
@@ -175,8 +179,8 @@ class SparseSelfDraft(Drafter):
 
     # ------------------------------------------------------------------ selection
     def select(self, ctx: DecodeContext) -> None:
-        """Choose each row's slots and gather their K/V into ``self.small``: budget-sized work, plus
-        one score per chunk slot of the cache (static shapes, no host sync)."""
+        """Choose each row's slots and list them in ``self.table``: budget-sized work, plus one
+        score per chunk slot of the cache (static shapes, no host sync)."""
         big, dev = ctx.cache, ctx.start.device
         start, end = ctx.start[:, None], (ctx.seq_len - 1)[:, None]  # committed: start <= j < end
         sink, window = torch.arange(self.sink, device=dev), torch.arange(self.window, device=dev)
@@ -186,17 +190,13 @@ class SparseSelfDraft(Drafter):
             self._refresh_means(ctx)
             parts.append(self._top_chunks(ctx, start, end))
         idx, keep = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)  # [B, budget]
-        # Unselected slots first, then the selected ones in order: the small cache is left padded.
+        # Unselected slots first, then the selected ones in order: the table is left padded.
         order = keep.long().argsort(dim=1, stable=True)
         idx = idx.gather(1, order).clamp(min=0, max=big.max_len - 1)
+        fed = end + torch.arange(self.fed, device=dev)  # the root's slot, then the step's drafted tokens'
+        self.table.copy_(torch.cat([idx, fed.clamp(max=big.max_len - 1)], 1))
         count = keep.sum(dim=1)
-        gather = idx.view(idx.shape[0], 1, -1, 1)
-        for src_k, src_v, dst_k, dst_v in zip(big.k, big.v, self.small.k, self.small.v):
-            at = gather.expand(-1, src_k.shape[1], -1, src_k.shape[3])
-            dst_k[:, :, : self.budget].copy_(src_k.gather(2, at))
-            dst_v[:, :, : self.budget].copy_(src_v.gather(2, at))
-        self.small.start.copy_(self.budget - count)
-        self.small.lengths.fill_(self.budget)
+        self.first.copy_(self.budget - count)
         self.selected, self.context = count, (end - start).squeeze(1)
 
     def _top_chunks(self, ctx: DecodeContext, start: Tensor, end: Tensor) -> tuple[Tensor, Tensor]:
@@ -230,22 +230,20 @@ class SparseSelfDraft(Drafter):
     def forward_sparse(self, ctx: DecodeContext, tokens: Tensor, offset: Tensor,
                        collect: tuple[int, ...] = ()) -> RunnerOutput:
         """Feed a causal run ``tokens`` ``[B, Q]`` at per-row offsets ``offset`` ``[B]`` past the root's
-        slot of the sparse cache; returns the next-token logits ``[B, Q, V]`` and, for the layer
+        slot of the target's cache; returns the next-token logits ``[B, Q, V]`` and, for the layer
         counts ``collect``, the hidden states ``[E, B, Q, H]`` after them (``layer_hidden``).
 
-        Slots before the run hold the gathered prefix and the tokens of this step fed before it.
+        Each token reads the selected slots, the tokens of this step fed before the run (table
+        entries ``budget .. budget + offset - 1``) and the run's earlier tokens.
         """
         b, q = tokens.shape
         ar = torch.arange(q, device=tokens.device)
-        slots = (self.budget + offset)[:, None] + ar
+        slots = (ctx.seq_len - 1 + offset)[:, None] + ar
         positions = (ctx.seq_len - 1 - ctx.start + offset)[:, None] + ar
         among = torch.ones(q, q, dtype=torch.bool, device=tokens.device).tril().expand(b, q, q)
-        self.small.lengths.copy_(self.budget + offset)
-        try:
-            return self._forward(self.small, tokens, positions, slots, among, view_len=self.budget + self.fed,
-                                 contiguous=True, collect=collect or None)
-        finally:
-            self.small.lengths.fill_(self.budget)
+        return self._forward(ctx.cache, tokens, positions, slots, among, view_len=ctx.cache.max_len,
+                             contiguous=True, collect=collect or None,
+                             table=(self.table, self.first, self.budget + offset))
 
     def propose(self, ctx: DecodeContext) -> DraftTree:
         self.select(ctx)

@@ -65,16 +65,19 @@ def _scores(q, k, qk_scale, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexp
 
 @triton.jit(do_not_specialize=["num_kv_heads", "group", "num_queries", "num_splits", "chunk"])
 def _tree_attention_fwd(
-    Q, K, V, Out, Start, Lengths, Mask, PartAcc, PartMax, PartSum,
+    Q, K, V, Out, Start, Lengths, NewStart, Table, Mask, PartAcc, PartMax, PartSum,
     stride_qb, stride_qh, stride_qq, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_oq, stride_od,
-    stride_mb, stride_mi, stride_mj,
+    stride_mb, stride_mi, stride_mj, stride_tb,
     num_kv_heads, group, num_queries, num_splits, chunk, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, TABLE: tl.constexpr,
 ):
+    """The prefix is positions ``Start[b] .. Lengths[b] - 1``: cache slots themselves, or with
+    ``TABLE`` entries of row b of ``Table`` that hold slots (``kernels.block_table``). The Q new
+    tokens sit at slots ``NewStart[b] + j``."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256, "head_dim must lie in [16, 256]")
     tl.static_assert((HEAD_DIM & (HEAD_DIM - 1)) == 0, "head_dim must be a power of two")
@@ -98,6 +101,8 @@ def _tree_attention_fwd(
     v_row = V + b * stride_vb + h * stride_vh
     start = tl.load(Start + b).to(tl.int32)
     length = tl.load(Lengths + b).to(tl.int32)
+    new_start = tl.load(NewStart + b).to(tl.int32)
+    table_row = Table + b * stride_tb
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -110,6 +115,8 @@ def _tree_attention_fwd(
     cols = tl.arange(0, BLOCK_N)
     for n0 in range(lo, hi_full, BLOCK_N):
         slots = n0 + cols
+        if TABLE:
+            slots = tl.load(table_row + slots)
         k = tl.load(k_row + slots[:, None] * stride_ks + dims[None, :] * stride_kd)
         v = tl.load(v_row + slots[:, None] * stride_vs + dims[None, :] * stride_vd)
         s = _scores(q, k, qk_scale, UPCAST_DOT, DOT_PRECISION)
@@ -117,6 +124,8 @@ def _tree_attention_fwd(
     if hi_full < hi:
         slots = hi_full + cols
         ok = slots < hi
+        if TABLE:
+            slots = tl.load(table_row + slots, mask=ok, other=0)
         k = tl.load(k_row + slots[:, None] * stride_ks + dims[None, :] * stride_kd, mask=ok[:, None], other=0.0)
         v = tl.load(v_row + slots[:, None] * stride_vs + dims[None, :] * stride_vd, mask=ok[:, None], other=0.0)
         s = _scores(q, k, qk_scale, UPCAST_DOT, DOT_PRECISION)
@@ -129,7 +138,7 @@ def _tree_attention_fwd(
         for j0 in range(0, num_queries, BLOCK_N):
             j = j0 + cols
             j_ok = j < num_queries
-            slots = length + j
+            slots = new_start + j
             k = tl.load(k_row + slots[:, None] * stride_ks + dims[None, :] * stride_kd, mask=j_ok[:, None], other=0.0)
             v = tl.load(v_row + slots[:, None] * stride_vs + dims[None, :] * stride_vd, mask=j_ok[:, None], other=0.0)
             seen = tl.load(mask_row + j[None, :] * stride_mj, mask=row_ok[:, None] & j_ok[None, :], other=0)
@@ -380,14 +389,24 @@ def tree_attention(q: Tensor, k: Tensor, v: Tensor, start: Tensor, lengths: Tens
         f"tree_mask must be [B, Q, Q] bool, got {tuple(tree_mask.shape)} {tree_mask.dtype}"
     assert q.device == k.device == v.device == start.device == lengths.device == tree_mask.device
 
+    return launch(q, k, v, start, lengths, lengths, None, tree_mask, scale, num_slots - nq, config)
+
+
+def launch(q: Tensor, k: Tensor, v: Tensor, start: Tensor, lengths: Tensor, new_start: Tensor, table: Tensor | None,
+           tree_mask: Tensor, scale: float, prefix: int, config: TreeAttentionConfig | None) -> Tensor:
+    """Plan and launch the kernels over checked inputs. The prefix is positions ``start ..
+    lengths - 1`` of a space of ``prefix`` positions: cache slots, or entries of ``table`` ``[B, T]``
+    (slots); the new tokens sit at slots ``new_start .. new_start + Q - 1``."""
+    bsz, hq, nq, d = q.shape
+    hkv = k.shape[1]
     group = hq // hkv
-    cfg = config or plan_tree_attention(bsz, hkv, group, nq, d, num_slots, q.device, elem=q.element_size())
+    cfg = config or plan_tree_attention(bsz, hkv, group, nq, d, prefix + nq, q.device, elem=q.element_size())
     n_rows = group * nq
-    prefix = max(num_slots - nq, 1)
+    prefix = max(prefix, 1)
     chunk = triton.cdiv(triton.cdiv(prefix, max(cfg.splits, 1)), cfg.block_n) * cfg.block_n
     splits = triton.cdiv(prefix, chunk)  # rounding the chunk up may leave fewer non-empty splits
     if splits == 1:
-        chunk = max(chunk, num_slots)
+        chunk = max(chunk, prefix + nq)
 
     out = _empty((bsz, hq, nq, d), q.dtype, q.device)
     if splits == 1:
@@ -401,11 +420,11 @@ def tree_attention(q: Tensor, k: Tensor, v: Tensor, start: Tensor, lengths: Tens
     mask = tree_mask.view(torch.uint8)
     grid = (triton.cdiv(n_rows, cfg.block_m), splits, bsz * hkv)
     _tree_attention_fwd[grid](
-        q, k, v, out, start, lengths, mask, part_acc, part_max, part_sum,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask.stride(),
+        q, k, v, out, start, lengths, new_start, start if table is None else table, mask, part_acc, part_max, part_sum,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask.stride(), 0 if table is None else table.stride(0),
         hkv, group, nq, splits, chunk, scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_PASS=splits == 1, UPCAST_DOT=upcast,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", TABLE=table is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from specdec.cache import KVCache
 from specdec.fused import FusedLayers, run_layer, unfusable
-from specdec.kernels import masked_attention_reference, tree_attention_op
+from specdec.kernels import (block_table_attention_op, block_table_reference, masked_attention_reference,
+                             tree_attention_op)
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
 # "auto": the Triton tree-attention kernel for verification steps on CUDA, the torch reference
@@ -43,12 +44,27 @@ def _specdec_attention(module, query, key, value, attention_mask, scaling=None, 
     reads the prefix range and the ``[B, Q, Q]`` mask among the new tokens instead.
     """
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if specdec_tree is not None:
+    if isinstance(specdec_tree, TableView):
+        attend = block_table_attention_op if specdec_tree.kernel else block_table_reference
+        out = attend(query, key, value, *specdec_tree[:5], scale)
+    elif specdec_tree is not None:
         out = tree_attention_op(query, key, value, *specdec_tree, scale)
     else:
         out = masked_attention_reference(query, key, value, attention_mask, scale)
     return out.transpose(1, 2).contiguous(), None
 
+
+
+class TableView(NamedTuple):
+    """What a forward over a block table (``forward(table=...)``) hands every layer's attention:
+    the prefix is the slots ``table[b, first[b]:last[b]]``, the new tokens sit at ``new_start ..``
+    under ``among`` (``kernels.block_table``); ``kernel``: the Triton kernel, else the reference."""
+    table: Tensor  # [B, T] cache slots
+    first: Tensor  # [B]
+    last: Tensor  # [B]
+    new_start: Tensor  # [B] slot of each row's first new token
+    among: Tensor  # [B, Q, Q] bool
+    kernel: bool
 
 
 class UnsupportedModelError(ValueError):
@@ -141,7 +157,8 @@ class ModelRunner:
                 view_len: int, layers: Iterable[int] | None = None, logits_at: Tensor | None = None,
                 compute_logits: bool = True, return_hidden: bool = False, mask: Tensor | None = None,
                 contiguous: bool = False, collect: Iterable[int] | None = None,
-                tree_mask: Tensor | None = None) -> RunnerOutput:
+                tree_mask: Tensor | None = None,
+                table: tuple[Tensor, Tensor, Tensor] | None = None) -> RunnerOutput:
         """One pass over Q new tokens per row.
 
         tokens, positions, slots: ``[B, Q]`` (slots are the cache slots the new K/V go to).
@@ -158,15 +175,19 @@ class ModelRunner:
         tree_mask: ``[B, Q, Q]`` bool, the tree kernel's mask among the new tokens (what
         ``_tree_mask`` builds from ``among``), when the caller already holds it: a drafter feeding
         one token per forward passes a constant, since a lone query sees just itself.
+        table: ``(table [B, T], first [B], last [B])``: new tokens read the slots ``table[b,
+        first[b]:last[b]]``, not their row's committed ones, then the (contiguous) new ones under ``among``.
         """
         layer_ids = range(self.num_layers) if layers is None else list(layers)
         kernel = None
-        if contiguous and mask is None and self._use_kernel(slots.device):
+        if table is not None:
+            kernel = self._table_view(table, slots, among, layer_ids, mask, view_len)
+        elif contiguous and mask is None and self._use_kernel(slots.device):
             if tree_mask is None:
                 tree_mask = self._tree_mask(cache, slots, among)
             kernel = (cache.start, cache.lengths, tree_mask)
         masks = {}
-        if kernel is None or any(self.windows[i] is not None for i in layer_ids):
+        if table is None and (kernel is None or any(self.windows[i] is not None for i in layer_ids)):
             if mask is None:
                 mask = cache.visible(slots, among, view_len)  # [B, Q, S]
             masks[None] = mask
@@ -179,7 +200,7 @@ class ModelRunner:
         wanted = {e: n for n, e in enumerate(collect or ())}
         kept: list[Tensor | None] = [None] * len(wanted)
         for run, i in enumerate(layer_ids, start=1):
-            tree, mask_i = (kernel if self.windows[i] is None else None), masks.get(self.windows[i])
+            tree, mask_i = (kernel if self.windows[i] is None or table is not None else None), masks.get(self.windows[i])
             if self.fused is not None:
                 hidden = self.fused.run(i, hidden, rope, cache, mask_i, _specdec_attention, tree=tree)
             else:
@@ -209,6 +230,12 @@ class ModelRunner:
         real = slots >= cache.start.unsqueeze(1)
         eye = torch.eye(slots.shape[1], dtype=torch.bool, device=slots.device)
         return (among & real.unsqueeze(1)) | eye
+
+    def _table_view(self, table, slots: Tensor, among: Tensor, layer_ids, mask, view_len: int) -> TableView:
+        if mask is not None or any((self.windows[i] or view_len) < view_len for i in layer_ids):
+            raise ValueError("forward(table=...) takes no mask, and no sliding window shorter than the view")
+        eye = torch.eye(slots.shape[1], dtype=torch.bool, device=slots.device)
+        return TableView(*table, slots[:, 0], among | eye, self._use_kernel(slots.device))
 
     def _use_kernel(self, device: torch.device) -> bool:
         if self.attention == "auto":

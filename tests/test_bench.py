@@ -17,7 +17,7 @@ from specdec.bench.report import (aggregate, below_baseline_line, by_turn, colle
 from specdec.loading import dense_zoo_dir
 
 CATEGORIES = {"coding", "editing", "summarization", "math", "qa", "chat"}
-ROW_KEYS = {"model", "dtype", "device", "drafter", "params", "batch_size", "max_new_tokens", "max_draft_batch",
+ROW_KEYS = {"memory", "memory_budget", "peak_bytes", "peak_extra_bytes", "model", "dtype", "device", "drafter", "params", "batch_size", "max_new_tokens", "max_draft_batch",
             "min_tau", "mode", "temperature", "top_p", "top_k", "question_id", "category", "num_turns", "prompt_tokens",
             "new_tokens", "steps", "tau", "draft_tokens", "acceptance_rate", "accept_hist", "wall_time",
             "tokens_per_s", "times", "lossless", "baseline", "hf", "speedup", "speedup_hf",

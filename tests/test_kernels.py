@@ -22,8 +22,9 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 import specdec  # noqa: E402
 from specdec.cache import KVCache  # noqa: E402
-from specdec.drafters import DraftModel, PromptLookup  # noqa: E402
-from specdec.kernels import kv_commit, kv_commit_reference, tree_attention_reference, tree_visibility  # noqa: E402
+from specdec.drafters import DraftModel, PromptLookup, SparseSelfDraft, TriForce  # noqa: E402
+from specdec.kernels import (block_table_attention, block_table_reference, kv_commit, kv_commit_reference,  # noqa: E402
+                             masked_attention_reference, tree_attention_reference, tree_visibility)
 
 from tiny import hf_greedy, make_tiny, ragged_batch  # noqa: E402
 
@@ -222,6 +223,76 @@ def test_kv_commit_cuda():
     assert all(torch.equal(a, b) for a, b in zip(bufs, want))
 
 
+def make_table_case(batch, hq, hkv, nq, slots, entries, d, dtype, device="cpu", seed=0):
+    """Random q/k/v, and per row a table of ``entries`` distinct committed slots in shuffled order,
+    of which a ragged range ``first .. last`` is listed (entries outside it hold -1: never read);
+    the new tokens sit after every listed slot, under a random tree."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, hq, nq, d, generator=gen).to(device, dtype)
+    k = torch.randn(batch, hkv, slots, d, generator=gen).to(device, dtype)
+    v = torch.randn(batch, hkv, slots, d, generator=gen).to(device, dtype)
+    table = torch.stack([torch.randperm(slots - nq, generator=gen)[:entries] for _ in range(batch)])
+    first = torch.randint(0, entries // 3 + 1, (batch,), generator=gen)
+    last = torch.randint(entries // 2, entries + 1, (batch,), generator=gen)
+    first[0], last[0] = 0, entries  # one row lists the whole table
+    if batch > 1:
+        last[1] = first[1]  # an empty prefix: the tree alone
+    pos = torch.arange(entries)
+    table = torch.where((pos >= first[:, None]) & (pos < last[:, None]), table, -1)
+    new_start = torch.full((batch,), slots - nq)
+    tree = random_tree(batch, nq, gen)
+    return tuple(t.to(device) for t in (q, k, v)) + (table.to(device, torch.int32), first.to(device),
+                                                     last.to(device), new_start.to(device), tree.to(device))
+
+
+def test_block_table_reference_is_attention_over_the_listed_slots():
+    """The reference equals plain masked attention over the whole cache with only the listed slots
+    and the tree visible (so neither the table's order nor its unlisted entries matter)."""
+    q, k, v, table, first, last, new_start, tree = make_table_case(3, 4, 2, 5, 70, 24, 16, torch.float32)
+    got = block_table_reference(q, k, v, table, first, last, new_start, tree, 0.3)
+    mask = tree_visibility(new_start, new_start, tree, 70)  # the new tokens under the tree
+    for b in range(3):
+        mask[b, :, table[b, first[b]:last[b]].long()] = True
+    torch.testing.assert_close(got, masked_attention_reference(q, k, v, mask, 0.3), atol=1e-6, rtol=0)
+    shuffled = table.clone()
+    shuffled[0] = shuffled[0, torch.randperm(24)]
+    torch.testing.assert_close(block_table_reference(q, k, v, shuffled, first, last, new_start, tree, 0.3)[0],
+                               got[0], atol=1e-6, rtol=0)
+
+
+# (batch, Hq, Hkv, Q, S, table entries, D, dtype, prefix splits or None for the planner's choice)
+TABLE_CASES = [
+    (1, 2, 2, 1, 40, 20, 16, torch.float32, 1),
+    (3, 4, 2, 5, 90, 37, 32, torch.float32, 3),  # ragged ranges, a row with an empty prefix
+    (2, 8, 1, 3, 64, 50, 16, torch.bfloat16, 2),  # GQA 8
+    (2, 3, 3, 17, 80, 33, 16, torch.float16, None),  # a tree wider than one key tile
+]
+
+
+@interpreted
+@pytest.mark.parametrize("batch,hq,hkv,nq,slots,entries,d,dtype,splits", TABLE_CASES)
+def test_block_table_attention_matches_reference(monkeypatch, batch, hq, hkv, nq, slots, entries, d, dtype, splits):
+    poisoned(monkeypatch)
+    case = make_table_case(batch, hq, hkv, nq, slots, entries, d, dtype)
+    out = block_table_attention(*case, d ** -0.5, config=None if splits is None else config(splits))
+    want = block_table_reference(*(t.float() if t.is_floating_point() else t for t in case), d ** -0.5)
+    assert out.shape == case[0].shape and out.dtype == dtype
+    err = (out.float() - want).abs().max().item()
+    assert err <= TOLERANCE[dtype], f"max abs error {err:.3g}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("nq,hq,hkv", [(1, 12, 2), (9, 12, 2), (16, 8, 8)])
+def test_block_table_attention_cuda(monkeypatch, dtype, nq, hq, hkv):
+    poisoned(monkeypatch)
+    case = make_table_case(3, hq, hkv, nq, 3000, 388, 128, dtype, device="cuda")
+    for cfg in (None, config(1, block=64)):
+        out = block_table_attention(*case, 128 ** -0.5, config=cfg)
+        want = block_table_reference(*(t.float() if t.is_floating_point() else t for t in case), 128 ** -0.5)
+        assert (out.float() - want).abs().max().item() <= TOLERANCE[dtype]
+
+
 @pytest.mark.skipif(INTERPRETER, reason="the interpreter tests run in this process")
 def test_interpreter_in_child():
     """Triton was imported before this module could pick the interpreter: run the file again."""
@@ -232,14 +303,18 @@ def test_interpreter_in_child():
 
 
 @interpreted
-@pytest.mark.parametrize("drafter", ["none", "lookup tree", "draft model tree"])
+@pytest.mark.parametrize("drafter", ["none", "lookup tree", "draft model tree", "sparse self-draft", "triforce"])
 def test_engine_with_triton_attention_equals_hf_greedy(drafter):
-    """The whole engine with the Triton tree-attention kernel (interpreted on CPU) stays exact."""
+    """The whole engine with the Triton tree-attention kernel (interpreted on CPU) stays exact; the
+    sparse self-draft and TriForce draft through the block-table kernel, over budgets of 6 slots
+    that the rows' contexts outgrow."""
     model = make_tiny("qwen3")
     ids, mask = ragged_batch([3, 7, 1], model.config.vocab_size, seed=9)
     ref = hf_greedy(model, ids, mask, max_new_tokens=12, eos_token_id=None)
     d = {"none": None, "lookup tree": PromptLookup(3, num_branches=2),
-         "draft model tree": DraftModel(model, 3, tree_width=2, tree_nodes=6)}[drafter]
+         "draft model tree": DraftModel(model, 3, tree_width=2, tree_nodes=6),
+         "sparse self-draft": SparseSelfDraft(num_tokens=3, sink=1, window=3, chunk=2, top_chunks=1),
+         "triforce": TriForce(num_tokens=4, sink=1, window=3, chunk=2, top_chunks=1)}[drafter]
     out = specdec.wrap(model, drafter=d, attention="triton").generate(
         ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0, eos_token_id=None)
     assert torch.equal(out, ref)

@@ -84,18 +84,55 @@ def test_without_budget_stats_report_the_analytic_extra(target):
     assert plain.spec_stats.memory["extra_bytes"] == 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_measured_extra_stays_under_budget():
-    tgt = make_tiny("llama", vocab_size=64, num_layers=2, seed=3).cuda()
-    ids, mask = ragged_batch([300, 200], 64, seed=2)
-    ids, mask = ids.cuda(), mask.cuda()
-    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None,
+def test_analytic_extra_covers_the_buffers_drafting_allocates(target):
+    """The plan's extra bytes are at least what the drafted call holds beyond a plain one: the
+    target cache's extra slots and the drafter's own cache, both read off the real buffers."""
+    ids, mask = ragged_batch([70, 45], 64, seed=6)
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None,
               return_dict_in_generate=True)
-    budget = 2_000_000
-    plain = specdec.wrap(tgt).generate(ids, **kw)
-    drafter = Rapid(make_tiny("llama", vocab_size=64, num_layers=1, seed=4).cuda(), num_tokens=6,
-                    context_tokens=128, chunk=16)
-    out = specdec.wrap(tgt, drafter=drafter, memory_budget=budget).generate(ids, **kw)
-    assert out.spec_stats.memory["measured"]
-    assert out.spec_stats.memory["peak_bytes"] - plain.spec_stats.memory["peak_bytes"] <= budget
-    assert torch.equal(out.sequences, plain.sequences)
+    plain = specdec.wrap(target)
+    plain.generate(ids, **kw)
+    for budget in (10**12, 200_000, 120_000):
+        drafter = rapid()
+        spec = specdec.wrap(target, drafter=drafter, memory_budget=budget)
+        plan = spec.generate(ids, **kw).spec_stats.memory
+        extra_slots = spec.engine._decoder.state.capacity - plain.engine._decoder.state.capacity
+        held = extra_slots * memory.kv_slot_bytes(spec.engine.runner) + drafter.cache.memory_bytes()
+        assert extra_slots > 0 and held <= plan["extra_bytes"] <= budget, (budget, held, plan)
+
+
+def _first_call_peak(model, drafter, ids, kw, budget=None) -> tuple[int, torch.Tensor]:
+    """A fresh wrapper's first call (so its caches are allocated inside it): the peak bytes above
+    what was allocated before it, and the sequences."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = specdec.wrap(model, drafter=drafter, memory_budget=budget).generate(ids, **kw)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base, out.sequences
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("make", [
+    lambda: Rapid(make_tiny("llama", vocab_size=64, num_layers=1, seed=4).cuda(), num_tokens=6, context_tokens=512,
+                  chunk=16),
+    lambda: Rapid(num_tokens=6, context_tokens=512, chunk=16)], ids=["rapid_draft_model", "rapid_self"])
+def test_cuda_measured_extra_stays_under_several_budgets(make):
+    """For budgets from the full configuration's need down to near the minimum, the measured peak
+    extra memory of a drafted call over a plain one stays at or under the budget, and it falls with
+    the budget."""
+    tgt = make_tiny("llama", vocab_size=64, num_layers=2, seed=3, max_position_embeddings=4096).cuda()
+    ids, mask = ragged_batch([1500, 1100], 64, seed=2)
+    kw = dict(attention_mask=mask.cuda(), max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None,
+              return_dict_in_generate=True)
+    ids = ids.cuda()
+    plain_peak, plain = _first_call_peak(tgt, None, ids, kw)
+    full = specdec.wrap(tgt, drafter=make(), memory_budget=10**12).generate(ids, **kw).spec_stats.memory
+    measured = []
+    for fraction in (1.0, 0.6, 0.35, 0.2):
+        budget = int(full["extra_bytes"] * fraction)
+        peak, seq = _first_call_peak(tgt, make(), ids, kw, budget)
+        assert peak - plain_peak <= budget, f"peak extra {peak - plain_peak} bytes over memory_budget={budget}"
+        assert torch.equal(seq, plain)
+        measured.append(peak - plain_peak)
+    assert measured[0] > measured[-1], measured

@@ -101,7 +101,7 @@ def test_incremental_chunk_means_match_a_recomputation():
     seq, stats = out.sequences, out.spec_stats
     assert torch.equal(seq, ref)
     capacity = spec.engine._decoder.state.capacity  # memory_bytes counts exactly the buffers it holds
-    assert drafter.memory_bytes(2, capacity, 30) == drafter.small.memory_bytes() + drafter.means.numel() * 4
+    assert drafter.memory_bytes(2, capacity, 30) == drafter.table.numel() * 4 + drafter.means.numel() * 4
     assert drafter.rebuilds == 1, "chunk means were rebuilt from scratch after begin"
     seen = torch.stack(drafter.chunks_seen)  # [steps, 2]
     assert (seen[-1] - seen[0] >= 5).all(), "too few chunks completed during decoding to test the update"

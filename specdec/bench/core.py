@@ -27,7 +27,7 @@ from specdec.bench.report import HF_LABELS, aggregate, by_category, fmt, run_lab
 from specdec.gate import check_min_tau
 
 MODES = ("greedy", "sample")
-POLICY_KEYS = ("max_draft_batch", "min_tau")   # drafter-spec keys that set the wrap policy, not the drafter
+POLICY_KEYS = ("max_draft_batch", "min_tau", "memory_budget")   # drafter-spec keys that set wrap options, not the drafter
 _MODELS: dict[tuple, tuple] = {}   # (spec, dtype, device) -> (model, tokenizer), reused across runs
 
 
@@ -36,8 +36,8 @@ class BenchSettings:
     """Everything one benchmark run needs besides its prompts. ``drafters`` are
     ``specdec.drafters.build_drafter`` mappings, ``{"name": "lookup", "num_tokens": 8}`` or
     ``{"_target_": ..., ...}``; ``{"name": "none"}`` benchmarks the baseline against itself. A
-    mapping's ``max_draft_batch`` / ``min_tau`` keys set that drafter's policy (default: the
-    settings' own)."""
+    mapping's ``max_draft_batch`` / ``min_tau`` / ``memory_budget`` keys set those ``wrap`` options
+    for that drafter (default: the settings' own)."""
     model: str = "zoo:smollm2-135m-instruct"
     dtype: str = "auto"              # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"             # auto: cuda when available
@@ -56,6 +56,7 @@ class BenchSettings:
     cache_len: int | None = None
     max_draft_batch: int | None = None
     min_tau: float | str | None = None   # or "auto" (specdec.gate.DraftGate)
+    memory_budget: int | None = None  # bytes of extra memory drafting may use (wrap's memory_budget)
     hf_baseline: bool = True         # time HF greedy generate too (the "× HF" column)
     hf_lookup: int | None = None     # N: also HF prompt lookup (greedy, batch 1)
     hf_assistant: str | None = None  # a model spec: also HF assisted generation (greedy, batch 1)

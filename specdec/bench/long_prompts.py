@@ -43,6 +43,28 @@ def _sources(seed: int) -> list[str]:
             continue
 
 
+def load_tokenizer(spec: str):
+    """The tokenizer of a model spec (``zoo:NAME``, a folder or an HF id), without the weights."""
+    from transformers import AutoTokenizer
+
+    if spec.startswith("zoo:"):
+        from specdec.loading import dense_zoo_dir
+
+        return AutoTokenizer.from_pretrained(dense_zoo_dir(spec))
+    return AutoTokenizer.from_pretrained(spec)
+
+
+def needle_answer(seed: int) -> str:
+    """The passphrase ``needle_prompt(..., seed=seed)`` hides (it depends on the seed alone)."""
+    rng = random.Random(seed)
+    return f"{rng.choice(_WORDS)}-{rng.randrange(1000, 10000)}"
+
+
+def prompt_seed(seed: int, length: int, index: int) -> int:
+    """The seed ``long_prompts(seed=seed)`` builds its ``index``-th prompt of ``length`` tokens from."""
+    return seed * 1000 + length + index
+
+
 def _count(text: str, tokenizer) -> int:
     if tokenizer is None:
         return int(len(text) / CHARS_PER_TOKEN)
@@ -74,14 +96,19 @@ def long_prompts(lengths: Sequence[int] = (4096, 8192, 16384, 32768), per_length
     """``per_length`` prompts of each length (tokens of the whole user turn), category
     ``long_<length>`` (or ``needle_<length>``, the needle at depths spread over 10%..90%).
 
+    ``tokenizer`` may be a model spec (``"zoo:qwen2.5-coder-1.5b-instruct"``), whose tokenizer is
+    loaded (``long:tokenizer=zoo:...`` on the bench's command line, so lengths are exact).
+
     Example: ``long_prompts([4096], per_length=1, tokenizer=tok)`` gives one 4096-token turn.
     """
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer)
     if per_length < 1 or not lengths or min(lengths) < 256:
         raise ValueError(f"need per_length >= 1 and lengths >= 256 tokens, got {per_length} and {list(lengths)}")
     prompts = []
     for length in lengths:
         for i in range(per_length):
-            s = seed * 1000 + length + i
+            s = prompt_seed(seed, length, i)
             if needle:
                 depth = 0.1 + 0.8 * i / max(1, per_length - 1)
                 text, _ = needle_prompt(length, depth, seed=s, tokenizer=tokenizer)
@@ -98,8 +125,7 @@ def needle_prompt(num_tokens: int, depth: float, seed: int = 0, tokenizer=None) 
     ``depth`` (0: start, 1: end; at a line boundary up to 200 characters before) and the question after it."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    rng = random.Random(seed)
-    answer = f"{rng.choice(_WORDS)}-{rng.randrange(1000, 10000)}"
+    answer = needle_answer(seed)
     fact = "\n# " + NEEDLE.format(word=answer.split("-")[0], number=answer.split("-")[1]) + "\n"
     question = "\n\n" + NEEDLE_QUESTION
     body = haystack(max(1, num_tokens - _count(fact + question, tokenizer)), seed=seed, tokenizer=tokenizer)

@@ -52,6 +52,9 @@ class Decoded:
     idle_steps: float = 0.0          # its calls' steps no row used (SpecStats.idle_steps), this row's equal share
     times: dict[str, float] = field(default_factory=dict)       # phase -> seconds (row share)
     lossless: bool | None = None
+    peak_bytes: int | None = None    # CUDA: the most memory_allocated rose above its level before a call,
+                                     # over this row's calls (the whole batch's call); None elsewhere
+    memory: dict | None = None       # the engine's spec_stats.memory of the last call (budget, plan)
 
     @property
     def new_tokens(self) -> int:
@@ -144,11 +147,12 @@ def decode(method: Method, prompts: Sequence[Prompt], tokenizer, device: torch.d
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         input_ids, attention_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         torch.manual_seed(seed + turn)
-        _sync(device)
+        base = _memory_mark(device)
         start = time.perf_counter()
         out = method(input_ids, attention_mask)
         _sync(device)
         share = (time.perf_counter() - start) / len(active)
+        peak = _memory_peak(device, base)
         prompt_len = input_ids.shape[1]
         for row, i in enumerate(active):
             ids = out.sequences[row, prompt_len: prompt_len + out.new_tokens[row]].tolist()
@@ -158,6 +162,8 @@ def decode(method: Method, prompts: Sequence[Prompt], tokenizer, device: torch.d
             res.prompt_tokens.append(int(attention_mask[row].sum()))
             res.wall_time += share
             res.turn_wall_time.append(share)
+            if peak is not None:
+                res.peak_bytes = max(peak, res.peak_bytes or 0)
             if out.stats is not None:
                 _add_engine_stats(res, out.stats, row, len(active))
     return results
@@ -253,6 +259,23 @@ def _add_engine_stats(res: Decoded, stats, row: int, rows: int) -> None:
     for phase, seconds in stats.times.items():
         res.times[phase] = res.times.get(phase, 0.0) + float(seconds) / rows
     res.lossless = bool(stats.lossless) if res.lossless is None else res.lossless and bool(stats.lossless)
+    memory = getattr(stats, "memory", None)
+    if memory is not None:
+        res.memory = {k: v for k, v in memory.items() if k != "peak_bytes"}
+
+
+def _memory_mark(device: torch.device) -> int | None:
+    """Before a call: sync, reset CUDA's peak counter and return what is allocated (None off CUDA)."""
+    _sync(device)
+    if device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _memory_peak(device: torch.device, base: int | None) -> int | None:
+    """After a call (synced): how far allocated memory rose above ``base`` at its peak."""
+    return None if base is None else torch.cuda.max_memory_allocated(device) - base
 
 
 def _sync(device: torch.device) -> None:

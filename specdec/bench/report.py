@@ -19,14 +19,15 @@ HF_LABELS = {"hf": "HF greedy", "hf_lookup": "HF lookup", "hf_assisted": "HF ass
 AXIS_KEYS = ("num_tokens", "num_nodes", "tree_size", "depth")
 # Row keys that identify a run within a sweep; _SETTINGS are those not shown as their own column.
 RUN_FIELDS = ("model", "dtype", "device", "drafter", "params", "batch_size", "max_new_tokens", "max_draft_batch",
-              "min_tau", "mode", "temperature", "top_p", "top_k")
-_SETTINGS = ("model", "dtype", "device", "batch_size", "max_draft_batch", "min_tau", "max_new_tokens")
+              "min_tau", "memory_budget", "mode", "temperature", "top_p", "top_k")
+_SETTINGS = ("model", "dtype", "device", "batch_size", "max_draft_batch", "min_tau", "memory_budget", "max_new_tokens")
 # Run settings a sweep may vary, as plot axes (after the drafter's own parameters).
 SWEEP_SETTINGS = ("batch_size", "max_draft_batch", "min_tau", "temperature", "top_p", "top_k", "max_new_tokens")
 # What identifies one run (a drafter configuration at a batch size) across its modes.
 RUN_IDENTITY = ("model", "dtype", "device", "drafter", "params", "batch_size", "max_new_tokens", "max_draft_batch",
-                "min_tau")
+                "min_tau", "memory_budget")
 POLICIES = ("max_draft_batch", "min_tau")   # settings that make some steps run without a draft
+LABELLED = (*POLICIES, "memory_budget")   # wrap settings a run label names in brackets
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -73,7 +74,29 @@ def aggregate(rows: Sequence[dict]) -> dict:
         "matches_baseline": f"{sum(checked)}/{len(checked)}" if checked else None,
         "step_ms": step_breakdown(rows),
         "baseline_step_ms": step_breakdown([r["baseline"] for r in rows]),
+        "peak_bytes": _most(r.get("peak_bytes") for r in rows),
+        "baseline_peak_bytes": _most(r["baseline"].get("peak_bytes") for r in rows),
+        "peak_extra_bytes": _most(r.get("peak_extra_bytes") for r in rows),
     }
+
+
+def _most(values: Iterable[int | None]) -> int | None:
+    """The largest of the values that were measured (None when none was)."""
+    got = [v for v in values if v is not None]
+    return max(got) if got else None
+
+
+def memory_line(agg: dict, budget: int | None) -> str | None:
+    """Peak device memory of one call over the baseline's, in MiB, beside the budget if one was set."""
+    if agg["peak_bytes"] is None:
+        return None
+    mib = 1 << 20
+    line = (f"Peak memory above the call's start (CUDA, largest call): {agg['peak_bytes'] / mib:.1f} MiB, baseline "
+            f"{agg['baseline_peak_bytes'] / mib:.1f} MiB, extra {agg['peak_extra_bytes'] / mib:.1f} MiB")
+    if budget is not None:
+        held = "within" if agg["peak_extra_bytes"] <= budget else "**over**"
+        line += f" ({held} the memory_budget of {budget / mib:.1f} MiB)"
+    return line + "."
 
 
 def by_category(rows: Sequence[dict]) -> dict[str, dict]:
@@ -165,6 +188,8 @@ def run_markdown(rows: Sequence[dict], title: str, header: Sequence[str] = ()) -
             lines += [f"Idle steps (run after every row of their call had stopped, rows' shares summed): "
                       f"{fmt(overall['idle_steps'], 1)}, beside {overall['steps']} row-steps used; "
                       f"baseline {fmt(overall['baseline_idle_steps'], 1)}.", ""]
+        if (memory := memory_line(overall, first.get("memory_budget"))) is not None:
+            lines += [memory, ""]
         lines += first_call_lines(mode_rows)
         if mode == "greedy":
             lines += divergence_lines(mode_rows) + hf_equality_lines(mode_rows)
@@ -330,7 +355,7 @@ def run_label(row: Mapping) -> str:
         run_label({"drafter": "lookup", "params": {"num_tokens": 8}, "max_draft_batch": 4, "batch_size": 16})
         # "lookup num_tokens=8 [max_draft_batch=4] batch 16"
     """
-    policy = ", ".join(f"{k}={row[k]}" for k in POLICIES if row.get(k) is not None)
+    policy = ", ".join(f"{k}={row[k]}" for k in LABELLED if row.get(k) is not None)
     parts = (row["drafter"], format_params(row.get("params") or {}), policy and f"[{policy}]",
              f"batch {row['batch_size']}" if "batch_size" in row else "")
     return " ".join(filter(None, parts))
@@ -400,9 +425,11 @@ def sweep_markdown(runs: Sequence[dict]) -> str:
     fixed = ", ".join(f"{k} {runs[0].get(k)}" for k in _SETTINGS if k not in varying)
     others = [n for n in HF_METHODS[1:] if any(r.get(f"speedup_{n}") is not None for r in runs)]
     policy = any(r.get(k) is not None for r in runs for k in POLICIES)
+    peaks = any(r.get("peak_bytes") is not None for r in runs)
     categories = list(dict.fromkeys(c for run in runs for c in run["categories"]))
     columns = ["drafter", "params", "mode", *varying, "τ", "α", "tok/s", "baseline tok/s", "× baseline", "× HF",
-               *(f"× {HF_LABELS[n]}" for n in others), *(["undrafted"] if policy else []), "= baseline", *categories]
+               *(f"× {HF_LABELS[n]}" for n in others), *(["undrafted"] if policy else []),
+               *(["peak MiB (extra)"] if peaks else []), "= baseline", *categories]
     intro = (f"{fixed}. Speedups are tokens/s ratios against the no-drafter engine baseline measured in the "
              "same run (× HF: against HF greedy `generate`); category columns give × baseline (τ). "
              "**below** marks runs slower than their baseline.")
@@ -418,6 +445,9 @@ def sweep_markdown(runs: Sequence[dict]) -> str:
                  *(fmt(run.get(f"speedup_{n}")) for n in others)]
         if policy:
             cells.append(f"{run.get('undrafted_steps', 0) / run['steps']:.0%}" if run["steps"] else "—")
+        if peaks:
+            cells.append(f"{run['peak_bytes'] / 2**20:.0f} ({run['peak_extra_bytes'] / 2**20:+.0f})"
+                         if run.get("peak_bytes") is not None else "—")
         cells.append(run["matches_baseline"] or "—")
         cells += [f"{fmt(c['speedup'])} ({fmt(c['tau'])})" if (c := run["categories"].get(cat)) else "—"
                   for cat in categories]

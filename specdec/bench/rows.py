@@ -32,7 +32,12 @@ def make_row(identity: dict, prompt: Prompt, drafted: Decoded, base: Decoded, hf
     ``first_divergence`` (``{"turn", "index"}`` or null), ``divergence`` (null, or the target's
     top-2 logit gap there: see ``measure.divergence_gap``) and ``hf_matches_baseline`` (``{HF
     method: its output equals the baseline's}`` over the HF methods that ran, or null);
-    ``output_ids`` (the drafter's tokens, per turn; the baseline's in ``baseline``). The harness
+    ``output_ids`` (the drafter's tokens, per turn; the baseline's in ``baseline``); ``peak_bytes``
+    (CUDA: the most device memory rose above its level before the call, over the row's calls, each
+    call being the whole batch's; null off CUDA; also in ``baseline`` and the HF entries),
+    ``peak_extra_bytes`` (the drafter's ``peak_bytes`` less the baseline's) and ``memory`` (the
+    engine's ``spec_stats.memory`` less its peak: ``budget``, the ``config`` chosen under it and its
+    analytic ``extra_bytes``). The harness
     (``specdec.bench.core``) adds ``batch_index``, ``first_call`` (the method's first, compiling call:
     ``{seconds, prompts, graphs, compiles}``, or null without a warm-up) and ``captures`` (graphs
     captured and frames compiled during this row's timed calls), for the drafter and in
@@ -52,6 +57,9 @@ def make_row(identity: dict, prompt: Prompt, drafted: Decoded, base: Decoded, hf
         "turn_new_tokens": drafted.turn_new_tokens, "turn_steps": drafted.turn_steps, "turn_tau": drafted.turn_tau,
         "turn_wall_time": drafted.turn_wall_time, "turn_tokens_per_s": drafted.turn_tokens_per_s,
         "turn_speedup": [_ratio(a, b) for a, b in zip(drafted.turn_tokens_per_s, base.turn_tokens_per_s)],
+        "peak_bytes": drafted.peak_bytes, "memory": drafted.memory,
+        "peak_extra_bytes": (drafted.peak_bytes - base.peak_bytes
+                             if drafted.peak_bytes is not None and base.peak_bytes is not None else None),
         "baseline": row_timing(base),
         "speedup": _ratio(drafted.tokens_per_s, base.tokens_per_s),
         "matches_baseline": divergence is None if greedy else None,
@@ -96,7 +104,7 @@ def row_timing(d: Decoded) -> dict:
     return {"new_tokens": d.new_tokens, "steps": d.steps, "idle_steps": d.idle_steps, "wall_time": d.wall_time,
             "tokens_per_s": d.tokens_per_s, "times": d.times, "turn_new_tokens": d.turn_new_tokens,
             "turn_wall_time": d.turn_wall_time, "turn_tokens_per_s": d.turn_tokens_per_s,
-            "output_ids": d.output_ids}
+            "peak_bytes": d.peak_bytes, "output_ids": d.output_ids}
 
 
 def _ratio(a: float, b: float) -> float | None:
