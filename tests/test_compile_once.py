@@ -8,7 +8,7 @@ each takes a minute or so on two cores).
 """
 import pytest
 import torch
-from test_head_drafters import AUX, noisy
+from heads_util import AUX, noisy
 from tiny import hf_greedy, make_tiny, ragged_batch
 
 import specdec

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from test_head_drafters import AUX, generate, noisy
+from heads_util import AUX, generate, noisy
 from test_sampling import PARAMS, V, chi2_pvalue, exact_joint, sampled_joint
 from tiny import ARCHS, hf_greedy, make_tiny, ragged_batch
 

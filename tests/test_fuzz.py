@@ -16,7 +16,7 @@ import zlib
 import pytest
 import torch
 from test_engine import HOST, drafters_for
-from test_head_drafters import eagle, medusa
+from heads_util import eagle, medusa
 from tiny import ARCHS, hf_greedy, make_tiny
 
 import specdec

@@ -14,6 +14,7 @@ import torch
 from test_heads_training import config, context_free_target
 from test_sampling import PARAMS, V, chi2_pvalue, exact_joint, sampled_joint
 from test_training_helpers import PROMPTS, write_prompts
+from heads_util import eagle, generate, medusa, recording
 from tiny import ARCHS, hf_greedy, make_tiny, ragged_batch
 
 import specdec
@@ -22,44 +23,6 @@ from specdec.drafters.head_drafters import default_choices
 from specdec.drafters.heads import EagleHeadModel, MedusaHeadsModel
 from specdec.training import train
 from specdec.training.heads import EagleUnroll
-
-AUX = (0, 1, 1)  # the embedding output and layer 1 twice: a 2-layer target has few layers to read
-
-
-def noisy(module, scale=0.05, seed=3):
-    """Random-init heads: perturb every weight so drafts are neither the target's nor constant."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g).to(p.device, p.dtype))  # CPU draws: same noise on any device
-    return module
-
-
-def eagle(model, num_tokens=3, vocab=None):
-    return EagleHead(noisy(EagleHeadModel.from_target(model, AUX, draft_vocab=vocab)), num_tokens=num_tokens)
-
-
-def medusa(model, num_heads=3, tree=None):
-    return MedusaHeads(noisy(MedusaHeadsModel.from_target(model, num_heads)), tree=tree)
-
-
-def recording(drafter):
-    """Record (committed tokens of row 0, drafted tokens of row 0) at every propose."""
-    seen, propose = [], drafter.propose
-
-    def record(state):
-        tree = propose(state)
-        seen.append((state.tokens[0, state.start[0]:state.seq_len[0]].clone(), tree.tokens[0].clone()))
-        return tree
-    drafter.propose = record
-    return seen
-
-
-def generate(model, drafter, ids, mask=None, n=24, eos=None, chunk_steps=1, **wrap):
-    return specdec.wrap(model, drafter=drafter, chunk_steps=chunk_steps, **wrap).generate(
-        ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=eos,
-        return_dict_in_generate=True)
-
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("lengths", [[7], [3, 9, 1, 6]], ids=["batch1", "batch4_ragged"])

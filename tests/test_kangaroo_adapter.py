@@ -18,7 +18,7 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
-from test_head_drafters import generate, noisy, recording
+from heads_util import generate, noisy, recording
 from test_sampling import PARAMS, V, chi2_pvalue, exact_joint, sampled_joint
 from tiny import ARCHS, hf_greedy, make_tiny, ragged_batch
 

@@ -36,3 +36,16 @@ def test_bare_kernels_is_missing_when_no_such_package_is_installed(tmp_path):
                 "else:\n    print('found', kernels.__file__)")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[0] == "missing", done.stdout
+
+
+def test_modules_with_cuda_tests_import_no_training_stack():
+    """The GPU machine has torch, transformers and triton but not hydra, datasets or wandb: a test
+    module that holds CUDA tests must import (with its helpers) without them."""
+    names = sorted(p.stem for p in (ROOT / "tests").glob("test_*.py") if "cuda.is_available" in p.read_text())
+    assert "test_gpu" in names and "test_kernels" in names
+    code = ("import sys\nsys.path.insert(0, 'tests')\nimport importlib\n"
+            f"for m in {names!r}:\n    importlib.import_module(m)\n"
+            "print(sorted({x.split('.')[0] for x in sys.modules} & {'hydra', 'datasets', 'wandb'}))")
+    done = _run(code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", (names, done.stdout)

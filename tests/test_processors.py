@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 import torch
-from test_head_drafters import noisy
+from heads_util import noisy
 from test_sampling import PROMPT, V, chi2_pvalue
 from tiny import hf_greedy, make_tiny, ragged_batch
 from transformers import (GenerationConfig, LogitsProcessorList, MinPLogitsWarper, NoBadWordsLogitsProcessor,

@@ -144,7 +144,7 @@ def test_hierarchical_with_an_exact_middle_keeps_its_tokens():
 def test_draft_model_top_greedy_equals_hf(arch, lengths):
     # A draft model close to the target (its weights perturbed) on top: its chains get cut by the
     # middle level and the middle's drafts by the target, at different points in each row.
-    from test_head_drafters import noisy
+    from heads_util import noisy
 
     model = make_tiny(arch, num_layers=3)
     ids, mask = ragged_batch(lengths, 256, seed=len(lengths) + 1)
@@ -179,7 +179,7 @@ def test_draft_model_top_cache_follows_the_shadow():
 
 @pytest.mark.parametrize("lengths", [[23], [13, 30, 2, 19]], ids=["batch1", "batch4"])
 def test_eagle_top_greedy_equals_hf(lengths):
-    from test_head_drafters import eagle
+    from heads_util import eagle
 
     model = make_tiny("qwen2", num_layers=3)
     ids, mask = ragged_batch(lengths, 256, seed=len(lengths) + 2)
@@ -197,7 +197,7 @@ def test_eagle_top_reads_the_middle_states_of_the_steps_tokens():
     # the target's: each one a round stores equals HF's hidden state after layer 1 at that position
     # (wherever the round's tokens are the ones decoding went on to produce), including tokens the
     # target had not verified yet (past the step's root).
-    from test_head_drafters import eagle
+    from heads_util import eagle
 
     model = make_tiny("llama", num_layers=3)
     ids, mask = ragged_batch([11], 256, seed=9)
@@ -231,7 +231,7 @@ def test_eagle_top_reads_the_middle_states_of_the_steps_tokens():
 def test_many_steps_per_sync_equal_hf(device):
     # Three steps per host sync on the CPU; on CUDA, captured graphs of eight. Selection, the
     # chunk-mean update and every top level run with no host sync in between.
-    from test_head_drafters import eagle, noisy
+    from heads_util import eagle, noisy
 
     model = make_tiny("llama", num_layers=3, vocab_size=64, init_range=1.0).to(device)
     ids, mask = (t.to(device) for t in ragged_batch([13, 30, 2, 19], 64, seed=3))
@@ -250,7 +250,7 @@ def test_many_steps_per_sync_equal_hf(device):
 
 
 def test_bad_options_are_refused():
-    from test_head_drafters import eagle, medusa
+    from heads_util import eagle, medusa
 
     with pytest.raises(ValueError, match="window"):
         SparseSelfDraft(window=0)
@@ -275,7 +275,7 @@ def test_bad_options_are_refused():
 @pytest.mark.parametrize("params", PARAMS, ids=["t1", "t0.7_k5_p0.9"])
 @pytest.mark.parametrize("kind", ["sparse", "hierarchical", "draft_model_top", "eagle_top"])
 def test_sampling_preserves_target(params, kind):
-    from test_head_drafters import eagle
+    from heads_util import eagle
 
     target = make_tiny("llama", vocab_size=8, init_range=0.15, seed=11)
     torch.manual_seed(4321)
