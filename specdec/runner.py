@@ -179,20 +179,8 @@ class ModelRunner:
         first[b]:last[b]]``, not their row's committed ones, then the (contiguous) new ones under ``among``.
         """
         layer_ids = range(self.num_layers) if layers is None else list(layers)
-        kernel = None
-        if table is not None:
-            kernel = self._table_view(table, slots, among, layer_ids, mask, view_len)
-        elif contiguous and mask is None and self._use_kernel(slots.device):
-            if tree_mask is None:
-                tree_mask = self._tree_mask(cache, slots, among)
-            kernel = (cache.start, cache.lengths, tree_mask)
-        masks = {}
-        if table is None and (kernel is None or any(self.windows[i] is not None for i in layer_ids)):
-            if mask is None:
-                mask = cache.visible(slots, among, view_len)  # [B, Q, S]
-            masks[None] = mask
-            for window in {self.windows[i] for i in layer_ids} - {None}:
-                masks[window] = mask & self._within_window(cache, slots, positions, view_len, window)
+        kernel, masks = self._attention_inputs(cache, positions, slots, among, view_len, layer_ids, mask, contiguous,
+                                               tree_mask, table)
         cache.write_slots = slots
         cache.view_len = view_len
         hidden = self.base.embed_tokens(tokens)
@@ -218,6 +206,26 @@ class ModelRunner:
             logits = self.lm_head(self.base.norm(h)).float()
         return RunnerOutput(logits=logits, hidden=hidden if return_hidden else None,
                             layer_hidden=torch.stack(kept) if kept else None)
+
+    def _attention_inputs(self, cache, positions, slots, among, view_len, layer_ids, mask, contiguous, tree_mask,
+                          table) -> tuple[tuple | None, dict]:
+        """What ``forward``'s layers attend with: the kernel's inputs (None: the dense mask) and the
+        dense masks by sliding window (None: full attention), each only where some layer needs it."""
+        kernel = None
+        if table is not None:
+            kernel = self._table_view(table, slots, among, layer_ids, mask, view_len)
+        elif contiguous and mask is None and self._use_kernel(slots.device):
+            if tree_mask is None:
+                tree_mask = self._tree_mask(cache, slots, among)
+            kernel = (cache.start, cache.lengths, tree_mask)
+        masks = {}
+        if table is None and (kernel is None or any(self.windows[i] is not None for i in layer_ids)):
+            if mask is None:
+                mask = cache.visible(slots, among, view_len)  # [B, Q, S]
+            masks[None] = mask
+            for window in {self.windows[i] for i in layer_ids} - {None}:
+                masks[window] = mask & self._within_window(cache, slots, positions, view_len, window)
+        return kernel, masks
 
     def head(self, hidden: Tensor) -> Tensor:
         """Logits (fp32) from a hidden state: the final norm, then the LM head (early exit)."""
