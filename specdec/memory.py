@@ -97,8 +97,9 @@ class Meter:
                                                               engine.chunk_steps))
         else:
             self.plan = fit(drafter, engine.runner, budget, batch, cache_len, new_tokens, engine.chunk_steps)
-        if drafter.spec != before:
-            engine._decoder = None  # its buffers were sized for the previous configuration
+        if drafter.spec != before and engine._decoder is not None:
+            engine._decoder.release()  # its buffers were sized for the previous configuration:
+            engine._decoder = None  # freed now (a Decoder holds no reference cycle), before the call allocates
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(engine.runner.device)
             self.base = torch.cuda.memory_allocated(engine.runner.device)
