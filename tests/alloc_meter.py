@@ -9,6 +9,8 @@ started are never counted, nor freed from the count.
 
 What it cannot see: workspace a kernel allocates and frees inside one op (on CUDA
 ``max_memory_allocated`` sees that too), and memory not made by aten ops.
+With ``existing=True`` a storage made before the meter started counts as minus its bytes once
+it dies (it was in the starting value), as ``torch.cuda.memory_allocated`` would have it.
 
 With ``sites=True`` every allocation records the Python frames that made it (outside torch and
 transformers, by default),
@@ -22,7 +24,9 @@ Example::
 """
 from __future__ import annotations
 
+import gc
 import traceback
+import warnings
 import weakref
 from collections import Counter
 from dataclasses import dataclass
@@ -49,13 +53,35 @@ class Site:
 class AllocMeter(TorchDispatchMode):
     """``live``: bytes of tracked storages alive now; ``peak``: the most ``live`` has been."""
 
-    def __init__(self, sites: bool = False, depth: int = 4, skip: tuple[str, ...] = ("/torch/", "/transformers/")):
+    def __init__(self, sites: bool = False, depth: int = 4, skip: tuple[str, ...] = ("/torch/", "/transformers/"),
+                 existing: bool = False):
         super().__init__()
-        self.sites, self.depth, self.skip = sites, depth, skip
+        self.sites, self.depth, self.skip, self.existing = sites, depth, skip, existing
         self.live = self.peak = 0
         self._alive: dict[int, tuple[int, str]] = {}  # id(storage) -> (rounded bytes, site)
         self._at_peak: dict[int, tuple[int, str]] = {}
         self.allocations = 0
+
+    def __enter__(self):
+        if self.existing:
+            self._watch_existing()
+        return super().__enter__()
+
+    def _watch_existing(self) -> None:
+        """Count frees of storages that were live before the meter started, as negative bytes
+        (so ``live`` follows what ``torch.cuda.memory_allocated`` minus its starting value would)."""
+        seen = set()
+        with warnings.catch_warnings():  # isinstance on every live object wakes some lazy modules' warnings
+            warnings.simplefilter("ignore")
+            tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+        for t in tensors:
+            storage = t.untyped_storage()
+            if id(storage) not in seen and storage.nbytes():
+                seen.add(id(storage))
+                weakref.finalize(storage, self._gone, rounded(storage.nbytes()))
+
+    def _gone(self, size: int) -> None:
+        self.live -= size
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

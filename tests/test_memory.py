@@ -1,8 +1,13 @@
 """wrap(..., memory_budget=...): the chosen drafting configuration's analytic extra memory stays
 under the budget, shrinks as the budget does and as the batch grows, output stays lossless, and
-a budget below the minimum fails naming both numbers. On CUDA the measured extra stays under it."""
+a budget below the minimum fails naming both numbers. The measured extra (tests/alloc_meter.py on
+CPU, the CUDA allocator's peak on CUDA) stays under it."""
+import gc
+import weakref
+
 import pytest
 import torch
+from alloc_meter import AllocMeter
 from tiny import hf_greedy, make_tiny, ragged_batch
 
 import specdec
@@ -99,6 +104,45 @@ def test_analytic_extra_covers_the_buffers_drafting_allocates(target):
         extra_slots = spec.engine._decoder.state.capacity - plain.engine._decoder.state.capacity
         held = extra_slots * memory.kv_slot_bytes(spec.engine.runner) + drafter.cache.memory_bytes()
         assert extra_slots > 0 and held <= plan["extra_bytes"] <= budget, (budget, held, plan)
+
+
+def _metered_first_call(model, drafter, ids, kw, budget=None):
+    """A fresh wrapper's first call under the CPU meter: the peak bytes above what was live when
+    it began (frees of older tensors count, as in ``torch.cuda.memory_allocated``), and the output."""
+    with AllocMeter(existing=True) as meter:
+        out = specdec.wrap(model, drafter=drafter, memory_budget=budget).generate(ids, **kw)
+    return meter.peak, out
+
+
+def _draft(seed=4):
+    return make_tiny("llama", vocab_size=64, num_layers=1, seed=seed)
+
+
+@pytest.mark.parametrize("make, fractions", [
+    (lambda: Rapid(num_tokens=6, context_tokens=128, chunk=16), (1.0, 0.6, 0.35)),
+    (lambda: Rapid(_draft(), num_tokens=6, context_tokens=128, chunk=16), (1.0, 0.6, 0.35)),
+    (lambda: DraftModel(_draft(), num_tokens=6), (1.0, 0.97, 0.94)),
+    (lambda: PromptLookup(num_tokens=8), (4.0, 1.0)),
+], ids=["rapid_self", "rapid_draft_model", "draft_model", "lookup"])
+def test_measured_extra_stays_under_several_budgets(target, make, fractions):
+    """Measured on CPU by the allocation meter: a drafted call's peak over a plain call's stays
+    at or under the budget, for budgets from above the full configuration's need down toward the
+    minimum, and falls with the budget where the drafter has memory knobs. The drafter's own
+    prefill runs after the target's, so it must not find the target's prefill buffers still live."""
+    ids, mask = ragged_batch([200, 120], 64, seed=7)
+    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None,
+              return_dict_in_generate=True)
+    plain_peak, plain = _metered_first_call(target, None, ids, kw)
+    full = specdec.wrap(target, drafter=make(), memory_budget=10**12).generate(ids, **kw).spec_stats.memory
+    measured = []
+    for fraction in fractions:
+        budget = int(full["extra_bytes"] * fraction)
+        peak, out = _metered_first_call(target, make(), ids, kw, budget)
+        assert 0 < peak - plain_peak <= budget, f"peak extra {peak - plain_peak} bytes over memory_budget={budget}"
+        assert torch.equal(out.sequences, plain.sequences)
+        measured.append(peak - plain_peak)
+    if len(make().budget_configs()) > 1:
+        assert measured == sorted(measured, reverse=True) and measured[0] > measured[-1], measured
 
 
 def _first_call_peak(model, drafter, ids, kw, budget=None) -> tuple[int, torch.Tensor]:
