@@ -11,6 +11,11 @@ Extra memory is what a drafted call holds beyond plain decoding of the same batc
 - the drafter's own buffers, ``drafter.memory_bytes(batch, cache_len, new_tokens)``: a draft
   model's or a head's KV cache and logits.
 
+The terms hold at the call's peak because nothing else drafting-only is live there: the eager
+prefill frees its inputs (a width-squared mask) before the drafter's own prefill runs, whose
+activations are then no larger than the target's were, and decode state holds no reference
+cycle, so a Decoder or draft cache being replaced is freed before the new one is allocated.
+
 ``fit`` walks the drafter's ``budget_configs()`` from the largest extra memory down and applies
 the first that fits; at a larger batch every term grows, so each row gets a smaller configuration.
 If even the smallest does not fit it raises, naming the budget and that minimum.

@@ -109,9 +109,49 @@ def test_analytic_extra_covers_the_buffers_drafting_allocates(target):
 def _metered_first_call(model, drafter, ids, kw, budget=None):
     """A fresh wrapper's first call under the CPU meter: the peak bytes above what was live when
     it began (frees of older tensors count, as in ``torch.cuda.memory_allocated``), and the output."""
+    gc.collect()  # garbage of earlier tests must not be freed (and counted) inside the call
     with AllocMeter(existing=True) as meter:
         out = specdec.wrap(model, drafter=drafter, memory_budget=budget).generate(ids, **kw)
     return meter.peak, out
+
+
+@pytest.fixture
+def no_cyclic_gc():
+    gc.collect()
+    gc.disable()
+    yield
+    gc.enable()
+
+
+def test_old_state_is_freed_before_the_new_one_is_allocated(target, no_cyclic_gc):
+    """Decode state holds no reference cycle: a wrapper that changes batch size (or, under a
+    budget, configuration) frees its old buffers before allocating new ones, and a dropped
+    wrapper frees them at once, without waiting for the cyclic GC. Otherwise a call's peak holds
+    the old state too, and when the GC runs decides what a measurement sees."""
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    one, two = ragged_batch([60], 64, seed=1), ragged_batch([60, 50], 64, seed=1)
+    spec = specdec.wrap(target, drafter=rapid())
+    spec.generate(one[0], attention_mask=one[1], **kw)
+    old = spec.engine._decoder
+    old_bytes = old.state.cache.memory_bytes() + spec.drafter.cache.memory_bytes()
+    old_ref = weakref.ref(old)
+    del old
+    with AllocMeter(existing=True) as reused:
+        spec.generate(two[0], attention_mask=two[1], **kw)
+    assert old_ref() is None
+    with AllocMeter(existing=True) as fresh:
+        specdec.wrap(target, drafter=rapid()).generate(two[0], attention_mask=two[1], **kw)
+    assert reused.peak <= fresh.peak - old_bytes, (reused.peak, fresh.peak, old_bytes)
+
+    budgeted = specdec.wrap(target, drafter=rapid(), memory_budget=70_000)
+    kw["return_dict_in_generate"] = True
+    top = budgeted.generate(two[0], attention_mask=two[1], **kw).spec_stats.memory["config"]
+    first = weakref.ref(budgeted.engine._decoder)
+    smaller = budgeted.generate(two[0], attention_mask=two[1], **dict(kw, max_new_tokens=40)).spec_stats.memory["config"]
+    assert smaller != top and first() is None and budgeted.engine._decoder is not None
+    cache = weakref.ref(budgeted.engine._decoder.state.cache)
+    del budgeted, spec
+    assert cache() is None
 
 
 def _draft(seed=4):
