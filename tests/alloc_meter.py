@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import gc
 import traceback
-import warnings
 import weakref
 from collections import Counter
 from dataclasses import dataclass
@@ -71,9 +70,9 @@ class AllocMeter(TorchDispatchMode):
         """Count frees of storages that were live before the meter started, as negative bytes
         (so ``live`` follows what ``torch.cuda.memory_allocated`` minus its starting value would)."""
         seen = set()
-        with warnings.catch_warnings():  # isinstance on every live object wakes some lazy modules' warnings
-            warnings.simplefilter("ignore")
-            tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+        # type(), not isinstance: isinstance reads __class__, which a dead weakref proxy refuses
+        # and some lazy modules answer with a warning.
+        tensors = [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor)]
         for t in tensors:
             storage = t.untyped_storage()
             if id(storage) not in seen and storage.nbytes():

@@ -1,6 +1,8 @@
 """AllocMeter (tests/alloc_meter.py): a known pattern of allocations gives a known live count
 and peak, rounded as the CUDA caching allocator rounds; views and in-place ops allocate nothing;
 storages free through their finalizers; the peak's sites name the lines that allocated."""
+import weakref
+
 import torch
 from alloc_meter import AllocMeter, rounded
 
@@ -44,6 +46,12 @@ def test_peak_sites_name_what_was_live_at_the_peak():
 
 
 def test_existing_storages_freed_inside_count_negative():
+    class Thing:
+        pass
+
+    thing = Thing()
+    dead = weakref.proxy(thing)  # a dead proxy among the live objects must not stop the scan
+    del thing
     old = torch.zeros(2048)  # 8192 bytes, live before the meter
     with AllocMeter(existing=True) as meter:
         del old
@@ -52,3 +60,4 @@ def test_existing_storages_freed_inside_count_negative():
     with AllocMeter() as plain:
         del fresh
     assert plain.live == 0  # without existing=True, a storage made before is ignored
+    del dead
