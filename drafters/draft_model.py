@@ -149,6 +149,7 @@ class DraftModel(Drafter):
     def begin(self, ctx: DecodeContext) -> None:
         b, cap = ctx.tokens.shape
         if self.cache is None or self.cache.batch != b or self.cache.max_len < cap:
+            self.cache = None  # the old cache goes before the new one is allocated
             self.cache = self.runner.new_cache(b, cap)
         self.cache.start.copy_(ctx.start)
         self.cache.lengths.zero_()

@@ -35,7 +35,7 @@ class PromptLookup(Drafter):
         self.min_ngram = min_ngram
         self.num_branches = num_branches
         self.spec = DraftSpec(num_nodes=num_tokens * num_branches)  # device work only, no forwards
-        self._match_fn = self._match
+        self._match_fn = None  # compile()'s compiled _match; None: _match itself (no bound-method cycle)
 
     @property
     def num_nodes(self) -> int:
@@ -50,14 +50,14 @@ class PromptLookup(Drafter):
         count, capped so the occurrence and the suffix stay inside the row's real text. Ranking:
         longer match first, then a match with ``num_tokens`` tokens after it, then the most
         recent. Each end position proposes its own continuation, so branches never repeat one."""
-        return self._tree(self._match_fn, ctx)
+        return self._tree(self._match_fn or self._match, ctx)
 
     def compile(self, options: dict | None) -> None:
         """Put the match under ``torch.compile`` (Inductor fuses its few dozen ops into a handful of
         kernels). With compile on, the engine's cache view is fixed, so it compiles once."""
         from specdec.step import compiled
 
-        if self._match_fn is self._match:
+        if self._match_fn is None:
             self._match_fn = compiled(self._match, options or True)
 
     @staticmethod

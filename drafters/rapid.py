@@ -165,6 +165,7 @@ class Rapid(Drafter):
         self.dstart = torch.tensor(dstart, dtype=torch.long, device=dev)
         size = w + ctx.capacity - min(end) + self.num_tokens + self.lookback
         if self.cache is None or self.cache.batch != b or self.cache.max_len < size:
+            self.cache = None  # the old cache goes before the new one is allocated
             self.cache = self.runner.new_cache(b, size)
         self.cache.start.copy_(self.dstart)
         self.cache.lengths.zero_()

@@ -149,6 +149,8 @@ class SpecEngine:
         if dec is None or dec.state.tokens.shape[0] != batch or dec.state.capacity < capacity:
             if dec is not None:
                 dec.release()  # its graphs go now, not whenever the GC finds them (maybe mid-capture)
+            # Drop the old state before allocating the new one, so the two are never live together.
+            dec = self._decoder = None
             dec = Decoder(self.runner, self.drafter, rule, batch, capacity, self.chunk_steps, self.cuda_graphs,
                           compile=self.compile, static=self.static)
             self._decoder = dec

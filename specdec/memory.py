@@ -11,6 +11,11 @@ Extra memory is what a drafted call holds beyond plain decoding of the same batc
 - the drafter's own buffers, ``drafter.memory_bytes(batch, cache_len, new_tokens)``: a draft
   model's or a head's KV cache and logits.
 
+The terms hold at the call's peak because nothing else drafting-only is live there: the eager
+prefill frees its inputs (a width-squared mask) before the drafter's own prefill runs, whose
+activations are then no larger than the target's were, and decode state holds no reference
+cycle, so a Decoder or draft cache being replaced is freed before the new one is allocated.
+
 ``fit`` walks the drafter's ``budget_configs()`` from the largest extra memory down and applies
 the first that fits; at a larger batch every term grows, so each row gets a smaller configuration.
 If even the smallest does not fit it raises, naming the budget and that minimum.
@@ -97,8 +102,9 @@ class Meter:
                                                               engine.chunk_steps))
         else:
             self.plan = fit(drafter, engine.runner, budget, batch, cache_len, new_tokens, engine.chunk_steps)
-        if drafter.spec != before:
-            engine._decoder = None  # its buffers were sized for the previous configuration
+        if drafter.spec != before and engine._decoder is not None:
+            engine._decoder.release()  # its buffers were sized for the previous configuration:
+            engine._decoder = None  # freed now (a Decoder holds no reference cycle), before the call allocates
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(engine.runner.device)
             self.base = torch.cuda.memory_allocated(engine.runner.device)

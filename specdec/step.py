@@ -18,6 +18,7 @@ It knows the state, the step and the drafter contract; not tokenizers, stopping 
 """
 from __future__ import annotations
 
+import functools
 import gc
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -100,6 +101,14 @@ def compiled(fn, compile: bool | dict):
     return torch.compile(fn, dynamic=False, options=options)
 
 
+def target_forward(runner, cache, hidden_layers: tuple, tokens, positions, slots, among, view: int,
+                   logits: bool = True, contiguous: bool = True):
+    """The target's forward of a step or a prefill chunk: ``(logits, hidden of hidden_layers)``."""
+    out = runner.forward(cache, tokens, positions, slots, among, view_len=view, contiguous=contiguous,
+                         compute_logits=logits, collect=hidden_layers if logits else None)
+    return out.logits, out.layer_hidden
+
+
 class Decoder:
     """The state of one (batch, capacity) plus its captured graphs; drafter and rule are fixed.
 
@@ -132,15 +141,12 @@ class Decoder:
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}  # (kind, view, drafting) -> graph
         self.compiled = bool(compile)
         self.contiguous = True  # verification attends through the tree kernel; False: the dense mask
-        self._forward = compiled(self._target, compile) if compile else self._target
+        # Bound to the runner and cache, not to self: a Decoder holds no reference cycle, so its
+        # buffers are freed the moment its engine drops it, not whenever the cyclic GC runs.
+        target = functools.partial(target_forward, runner, cache, self.spec.hidden_layers)
+        self._forward = compiled(target, compile) if compile else target
         if compile:
             drafter.compile(compile if isinstance(compile, dict) else None)
-
-    def _target(self, tokens, positions, slots, among, view: int, logits: bool = True, contiguous: bool = True):
-        out = self.runner.forward(self.state.cache, tokens, positions, slots, among, view_len=view,
-                                  contiguous=contiguous, compute_logits=logits,
-                                  collect=self.spec.hidden_layers if logits else None)
-        return out.logits, out.layer_hidden
 
     @property
     def growth(self) -> int:
@@ -170,6 +176,8 @@ class Decoder:
         chunk = PREFILL_CHUNK if self.static else max(n, 1)
         for offset in range(0, n, chunk):
             self._prefill_chunk(offset, min(chunk, n - offset), chunk)
+        if not self.static:  # sized by this prompt (a width x width mask): free it for the drafter's prefill
+            self.prefill_in = None
         s.cache.lengths.copy_(s.seq_len - 1)
         s.max_seq_len = width
 

@@ -1,8 +1,13 @@
 """wrap(..., memory_budget=...): the chosen drafting configuration's analytic extra memory stays
 under the budget, shrinks as the budget does and as the batch grows, output stays lossless, and
-a budget below the minimum fails naming both numbers. On CUDA the measured extra stays under it."""
+a budget below the minimum fails naming both numbers. The measured extra (tests/alloc_meter.py on
+CPU, the CUDA allocator's peak on CUDA) stays under it."""
+import gc
+import weakref
+
 import pytest
 import torch
+from alloc_meter import AllocMeter
 from tiny import hf_greedy, make_tiny, ragged_batch
 
 import specdec
@@ -99,6 +104,85 @@ def test_analytic_extra_covers_the_buffers_drafting_allocates(target):
         extra_slots = spec.engine._decoder.state.capacity - plain.engine._decoder.state.capacity
         held = extra_slots * memory.kv_slot_bytes(spec.engine.runner) + drafter.cache.memory_bytes()
         assert extra_slots > 0 and held <= plan["extra_bytes"] <= budget, (budget, held, plan)
+
+
+def _metered_first_call(model, drafter, ids, kw, budget=None):
+    """A fresh wrapper's first call under the CPU meter: the peak bytes above what was live when
+    it began (frees of older tensors count, as in ``torch.cuda.memory_allocated``), and the output."""
+    gc.collect()  # garbage of earlier tests must not be freed (and counted) inside the call
+    with AllocMeter(existing=True) as meter:
+        out = specdec.wrap(model, drafter=drafter, memory_budget=budget).generate(ids, **kw)
+    return meter.peak, out
+
+
+@pytest.fixture
+def no_cyclic_gc():
+    gc.collect()
+    gc.disable()
+    yield
+    gc.enable()
+
+
+def test_old_state_is_freed_before_the_new_one_is_allocated(target, no_cyclic_gc):
+    """Decode state holds no reference cycle: a wrapper that changes batch size (or, under a
+    budget, configuration) frees its old buffers before allocating new ones, and a dropped
+    wrapper frees them at once, without waiting for the cyclic GC. Otherwise a call's peak holds
+    the old state too, and when the GC runs decides what a measurement sees."""
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    one, two = ragged_batch([60], 64, seed=1), ragged_batch([60, 50], 64, seed=1)
+    spec = specdec.wrap(target, drafter=rapid())
+    spec.generate(one[0], attention_mask=one[1], **kw)
+    old = spec.engine._decoder
+    old_bytes = old.state.cache.memory_bytes() + spec.drafter.cache.memory_bytes()
+    old_ref = weakref.ref(old)
+    del old
+    with AllocMeter(existing=True) as reused:
+        spec.generate(two[0], attention_mask=two[1], **kw)
+    assert old_ref() is None
+    with AllocMeter(existing=True) as fresh:
+        specdec.wrap(target, drafter=rapid()).generate(two[0], attention_mask=two[1], **kw)
+    assert reused.peak <= fresh.peak - old_bytes, (reused.peak, fresh.peak, old_bytes)
+
+    budgeted = specdec.wrap(target, drafter=rapid(), memory_budget=70_000)
+    kw["return_dict_in_generate"] = True
+    top = budgeted.generate(two[0], attention_mask=two[1], **kw).spec_stats.memory["config"]
+    first = weakref.ref(budgeted.engine._decoder)
+    smaller = budgeted.generate(two[0], attention_mask=two[1], **dict(kw, max_new_tokens=40)).spec_stats.memory["config"]
+    assert smaller != top and first() is None and budgeted.engine._decoder is not None
+    cache = weakref.ref(budgeted.engine._decoder.state.cache)
+    del budgeted, spec
+    assert cache() is None
+
+
+def _draft(seed=4):
+    return make_tiny("llama", vocab_size=64, num_layers=1, seed=seed)
+
+
+@pytest.mark.parametrize("make, fractions", [
+    (lambda: Rapid(num_tokens=6, context_tokens=128, chunk=16), (1.0, 0.6, 0.35)),
+    (lambda: Rapid(_draft(), num_tokens=6, context_tokens=128, chunk=16), (1.0, 0.6, 0.35)),
+    (lambda: DraftModel(_draft(), num_tokens=6), (1.0, 0.97, 0.94)),
+    (lambda: PromptLookup(num_tokens=8), (4.0, 1.0)),
+], ids=["rapid_self", "rapid_draft_model", "draft_model", "lookup"])
+def test_measured_extra_stays_under_several_budgets(target, make, fractions):
+    """Measured on CPU by the allocation meter: a drafted call's peak over a plain call's stays
+    at or under the budget, for budgets from above the full configuration's need down toward the
+    minimum, and falls with the budget where the drafter has memory knobs. The drafter's own
+    prefill runs after the target's, so it must not find the target's prefill buffers still live."""
+    ids, mask = ragged_batch([200, 120], 64, seed=7)
+    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None,
+              return_dict_in_generate=True)
+    plain_peak, plain = _metered_first_call(target, None, ids, kw)
+    full = specdec.wrap(target, drafter=make(), memory_budget=10**12).generate(ids, **kw).spec_stats.memory
+    measured = []
+    for fraction in fractions:
+        budget = int(full["extra_bytes"] * fraction)
+        peak, out = _metered_first_call(target, make(), ids, kw, budget)
+        assert 0 < peak - plain_peak <= budget, f"peak extra {peak - plain_peak} bytes over memory_budget={budget}"
+        assert torch.equal(out.sequences, plain.sequences)
+        measured.append(peak - plain_peak)
+    if len(make().budget_configs()) > 1:
+        assert measured == sorted(measured, reverse=True) and measured[0] > measured[-1], measured
 
 
 def _first_call_peak(model, drafter, ids, kw, budget=None) -> tuple[int, torch.Tensor]:
