@@ -187,7 +187,9 @@ def test_measured_extra_stays_under_several_budgets(target, make, fractions):
 
 def _first_call_peak(model, drafter, ids, kw, budget=None) -> tuple[int, torch.Tensor]:
     """A fresh wrapper's first call (so its caches are allocated inside it): the peak bytes above
-    what was allocated before it, and the sequences."""
+    what was allocated before it, and the sequences. Earlier garbage is collected first, so no
+    cycle freed in the middle of the call shifts the measurement."""
+    gc.collect()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
