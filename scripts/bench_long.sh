@@ -20,7 +20,7 @@ compile=$(echo "$fast" | grep -o -- "--compile")
 new=${NEW:-128}
 device=${DEVICE:-cuda}
 dtype=${DTYPE:-bfloat16}
-plain="python3 -m specdec.bench --model $model --device $device --dtype $dtype --max-new-tokens $new --no-hf --quiet"
+plain="python3 -P -m specdec.bench --model $model --device $device --dtype $dtype --max-new-tokens $new --no-hf --quiet"
 # One cache size for every call, so nothing compiles or captures again at a new prompt length.
 bench="$plain --cache-len $((longest + new + 1024))"
 prompts="--prompts long:lengths=[$lengths],per_length=${PER_LENGTH:-1},tokenizer=$model
@@ -37,5 +37,5 @@ done
 # Budgets: eager and sized to the call (no --cache-len), and no warm-up, so each method's timed call
 # is its first and allocates its caches inside the measured peak (peak_extra_bytes).
 $plain --warmup 0 --prompts long:lengths=[$longest],per_length=1,tokenizer=$model $budgets --out "$out/budget"
-python3 -m specdec.bench.long_check "$out/graphs" "$out/rapid" "$out/budget" --tokenizer $model \
+python3 -P -m specdec.bench.long_check "$out/graphs" "$out/rapid" "$out/budget" --tokenizer $model \
   | tee "$out/long_check.md"

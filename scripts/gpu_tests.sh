@@ -5,7 +5,7 @@ out=${1:?usage: source scripts/gpu_tests.sh OUT [SECONDS]}
 limit=${2:-300}
 root=$PWD
 t=tests
-pytest_="timeout $limit python3 -m pytest -v -p no:cacheprovider -p no:logging -W ignore --rootdir $root"
+pytest_="timeout $limit python3 -P -m pytest -v -p no:cacheprovider -p no:logging -W ignore --rootdir $root"
 (cd /tmp && $pytest_ $root/$t/test_gpu.py > "$out/g1_gpu.log" 2>&1) &
 (cd /tmp && $pytest_ -k "cuda" $root/$t/test_kernels.py $root/$t/test_head_ops.py > "$out/g2_kernels_heads.log" 2>&1) &
 (cd /tmp && $pytest_ $root/$t/test_processors.py::test_processors_inside_captured_graphs \
