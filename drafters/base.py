@@ -40,6 +40,9 @@ class DraftSpec:
     device_only: bool = True  # propose/observe are capturable device work (many steps per sync)
     hidden_layers: tuple[int, ...] = ()  # target layer counts whose outputs verification exports
     forwards_per_step: int = 0  # draft forwards in one drafted step (statistics)
+    # The prefill collects ``hidden_layers`` too and hands them to ``observe_prefill`` chunk by
+    # chunk (inside the captured prefill), so ``begin`` need not run the target over the prompt again.
+    prefill_hidden: bool = False
 
     def __post_init__(self) -> None:
         if self.num_nodes < 0 or self.lookback < 1 or self.scratch_slots < 0 or self.forwards_per_step < 0:
@@ -83,6 +86,19 @@ class Drafter:
         Reset per-call state here and build any cache of your own over the prompt. The engine
         may call ``begin`` twice for one call (again after capturing CUDA graphs, whose warm-up
         ran steps), so it must not depend on being called once."""
+
+    def reserve(self, state: DecodeState) -> None:
+        """Called before the prefill when ``spec.prefill_hidden`` is set: allocate (or keep) the
+        buffers ``observe_prefill`` writes, sized by ``state``'s batch and capacity. A captured
+        prefill graph writes into them for as long as it lives, so keep them while the sizes hold."""
+
+    def observe_prefill(self, state: DecodeState, slots: Tensor, layer_hidden: Tensor) -> None:
+        """With ``spec.prefill_hidden``: called for each prefill chunk with its cache ``slots``
+        ``[B, C]`` (long; the same for every row) and ``layer_hidden`` ``[E, B, C, H]``, the target's
+        states after each of ``spec.hidden_layers`` at those slots. Queries past the prompt (the
+        last chunk is padded) and at left padding give garbage that must never be read. Device
+        work only: under CUDA graphs this runs inside the captured prefill. ``begin`` then sees
+        ``state.prompt_states`` true."""
 
     def propose(self, state: DecodeState) -> DraftTree:
         """Return the draft for every row, hanging off its root (``state.tokens[b, seq_len[b] - 1]``).

@@ -97,7 +97,7 @@ class EagleHead(Drafter):
         # Entry j - window reads feature j - window - 1: the engine left-pads so that slot exists.
         self.spec = DraftSpec(num_nodes=self.search.nodes if self.search else num_tokens, lookback=self.window + 1,
                               scratch_slots=self.search.scratch if self.search else 0,
-                              hidden_layers=self.counts, forwards_per_step=depth)
+                              hidden_layers=self.counts, forwards_per_step=depth, prefill_hidden=True)
         self.runner = None
         self.feature: Tensor | None = None  # [B, L, H] fused target features by slot (head dtype)
         self.cache: KVCache | None = None   # the head's own K/V by slot
@@ -160,12 +160,13 @@ class EagleHead(Drafter):
         fused = self.fuse_features(state, layer_hidden, tokens)                               # [B, Q, H]
         self.feature.scatter_(1, slots.unsqueeze(-1).expand_as(fused), fused)
 
-    def _catch_up(self, state: DecodeState, lo: int) -> None:
-        """Recompute features of slots ``lo ..`` and head entries of slots ``max(lo, 1) ..`` up to
-        where ``propose`` takes over (``seq_len - window``). Host-side."""
+    def _catch_up(self, state: DecodeState, lo: int, features: bool = True) -> None:
+        """Recompute features of slots ``lo ..`` (unless ``features`` is false: they are in place)
+        and head entries of slots ``max(lo, 1) ..`` up to where ``propose`` takes over
+        (``seq_len - window``). Host-side."""
         hi, b, dev = int(state.seq_len.max()), state.tokens.shape[0], state.tokens.device
         room = min(CHUNK, state.capacity - hi + 1)
-        for a, z in chunks(lo, hi - 1, room):
+        for a, z in chunks(lo, hi - 1, room) if features else ():
             slots = torch.arange(a, z, device=dev).expand(b, z - a)
             states = target_states(state, slots, self.counts) if self.counts else None
             self.feature[:, a:z] = self.fuse_features(state, states, state.tokens[:, a:z])
@@ -202,10 +203,8 @@ class EagleHead(Drafter):
         return self._forward(tokens, carry, rope, plan.mask[:, :, a:z] if mask is None else mask, self.cache, **kw)
 
     # ------------------------------------------------------------------ protocol
-    def begin(self, state: DecodeState) -> None:
-        """Allocate the feature buffer and head cache, refresh the head's fused weights (`EagleStep`),
-        then compute the prompt's features and head entries (one forward of the target's first
-        ``max(aux)`` layers over the prompt)."""
+    def reserve(self, state: DecodeState) -> None:
+        """The feature buffer and head cache for ``state``'s batch and capacity (kept while they fit)."""
         if self.runner is not state.target:
             self.bind(state.target)
         b, cap = state.tokens.shape
@@ -214,9 +213,21 @@ class EagleHead(Drafter):
             self.cache = KVCache.for_model(self.head.config, b, cap, dtype, dev)
             self.feature = torch.zeros(b, cap, self.head.config.hidden_size, dtype=dtype, device=dev)
             self._arange = torch.arange(cap, device=dev)
+
+    @torch.no_grad()
+    def observe_prefill(self, state: DecodeState, slots: Tensor, layer_hidden: Tensor) -> None:
+        """The prompt's features, chunk by chunk, from the target's own prefill."""
+        self.store_features(state, slots, layer_hidden, state.tokens.gather(1, slots))
+
+    def begin(self, state: DecodeState) -> None:
+        """Allocate the feature buffer and head cache, refresh the head's fused weights (`EagleStep`),
+        then the head entries over the prompt. The prompt's features come from the prefill
+        (``observe_prefill``); without it (``state.prompt_states`` false), from one more forward of
+        the target's first ``max(aux)`` layers over the prompt."""
+        self.reserve(state)
         self.step.refresh()
         self.cache.start.copy_(state.start)
-        self._catch_up(state, 0)
+        self._catch_up(state, 0, features=not state.prompt_states)
 
     def resync(self, state: DecodeState, since: int) -> None:
         """After undrafted steps (from committed length ``since`` on): recompute what they skipped."""

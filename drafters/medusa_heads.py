@@ -47,7 +47,7 @@ class MedusaHeads(Drafter):
         self.heads = heads.eval()
         self.choices = _check_choices(tree if tree is not None else default_choices(heads.num_heads), heads.num_heads)
         self.spec = DraftSpec(num_nodes=len(self.choices), hidden_layers=(heads.config.num_hidden_layers,),
-                              forwards_per_step=1)
+                              forwards_per_step=1, prefill_hidden=True)
         self.ranks = max(c[-1] for c in self.choices) + 1  # top-k read per head
         self.template: tuple[Tensor, Tensor, Tensor] | None = None  # (head, rank, parent) [N] each
         self.paths: list[list[int]] = []  # each node's root-to-node path of node indices (DraftTree.from_paths)
@@ -55,6 +55,7 @@ class MedusaHeads(Drafter):
         self._stacked: list[tuple[Tensor, Tensor]] = []  # per residual layer: weights and biases of every head
         self._key: tuple | None = None    # the heads' weights the stacked copies were made from
         self.last: Tensor | None = None  # [B, 1, H] the target's final normed state at the newest root's parent
+        self.prompt_last: Tensor | None = None  # [B, 1, H] the prefill's last-layer state at slot seq_len - 2
         self.runner = None
 
     @classmethod
@@ -89,17 +90,37 @@ class MedusaHeads(Drafter):
         else:
             self.last.copy_(normed)
 
+    def reserve(self, state: DecodeState) -> None:
+        b, h = state.tokens.shape[0], state.target.config.hidden_size
+        if self.prompt_last is None or self.prompt_last.shape[0] != b:
+            self.prompt_last = torch.zeros(b, 1, h, dtype=state.target.dtype, device=state.tokens.device)
+
+    @torch.no_grad()
+    def observe_prefill(self, state: DecodeState, slots: Tensor, layer_hidden: Tensor) -> None:
+        """Keep the state at slot ``seq_len - 2`` (the prompt's last committed slot) when this chunk holds it."""
+        at = (state.seq_len - 2).clamp(min=0) - slots[:, 0]                    # [B] its index in the chunk
+        inside = (at >= 0) & (at < slots.shape[1])
+        hid = layer_hidden[0]                                                   # [B, C, H]
+        got = hid.gather(1, at.clamp(0, slots.shape[1] - 1).view(-1, 1, 1).expand(-1, 1, hid.shape[-1]))
+        self.prompt_last.copy_(torch.where(inside.view(-1, 1, 1), got.to(self.prompt_last.dtype), self.prompt_last))
+
     def begin(self, state: DecodeState) -> None:
-        """The state at each row's slot ``seq_len - 2``, which predicted the root (one target
-        forward of one query per row against its committed cache)."""
+        """The state at each row's slot ``seq_len - 2``, which predicted the root: from the prefill
+        (``observe_prefill``), or else one target forward of one query per row against its cache."""
+        self._catch_up(state, from_prefill=state.prompt_states)
+
+    def resync(self, state: DecodeState, since: int) -> None:
+        self._catch_up(state, from_prefill=False)
+
+    def _catch_up(self, state: DecodeState, from_prefill: bool) -> None:
         if self.runner is not state.target:
             self.bind(state.target)
         self._refresh()
+        if from_prefill:
+            self._store(state, self.prompt_last)
+            return
         slots = (state.seq_len - 2).clamp(min=0).unsqueeze(1)
         self._store(state, target_states(state, slots, self.spec.hidden_layers)[0])
-
-    def resync(self, state: DecodeState, since: int) -> None:
-        self.begin(state)
 
     @torch.no_grad()  # whatever the caller's grad mode (step_profile's was on): no autograd, no grad on buffers
     def propose(self, state: DecodeState) -> DraftTree:

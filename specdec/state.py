@@ -43,3 +43,5 @@ class DecodeState:
     # at the root and every node of the last verification (None when the drafter asks for none).
     hidden: Tensor | None = None
     prompt_end: Tensor | None = None  # [B] long, seq_len right after the prefill (min_new_tokens counts from it)
+    # True when this call's prefill gave the drafter the prompt's hidden states (``observe_prefill``).
+    prompt_states: bool = False

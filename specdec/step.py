@@ -102,10 +102,11 @@ def compiled(fn, compile: bool | dict):
 
 
 def target_forward(runner, cache, hidden_layers: tuple, tokens, positions, slots, among, view: int,
-                   logits: bool = True, contiguous: bool = True):
-    """The target's forward of a step or a prefill chunk: ``(logits, hidden of hidden_layers)``."""
+                   logits: bool = True, contiguous: bool = True, collect: bool = False):
+    """The target's forward of a step or a prefill chunk: ``(logits, hidden of hidden_layers)``; a
+    prefill chunk (``logits=False``) collects them only when asked (``collect``)."""
     out = runner.forward(cache, tokens, positions, slots, among, view_len=view, contiguous=contiguous,
-                         compute_logits=logits, collect=hidden_layers if logits else None)
+                         compute_logits=logits, collect=hidden_layers if logits or collect else None)
     return out.logits, out.layer_hidden
 
 
@@ -138,6 +139,8 @@ class Decoder:
         self.proposed = torch.zeros(steps, batch, **long)  # [S, B] draft depth each row was offered
         self.faults = torch.zeros(steps, batch, **long)  # [S, B] validate.step_faults of each row per step
         self.prefill_in = None  # static prefill inputs (tokens, positions, slots, among, offset)
+        # The drafter reads the prompt's hidden states from the prefill itself (observe_prefill).
+        self.prefill_states = self.spec.prefill_hidden and bool(self.spec.hidden_layers)
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}  # (kind, view, drafting) -> graph
         self.compiled = bool(compile)
         self.contiguous = True  # verification attends through the tree kernel; False: the dense mask
@@ -173,6 +176,9 @@ class Decoder:
         s.active.fill_(1)
         s.params, s.hidden = params, None
         n = width - 1
+        s.prompt_states = self.prefill_states and n > 0
+        if s.prompt_states:
+            self.drafter.reserve(s)
         chunk = PREFILL_CHUNK if self.static else max(n, 1)
         for offset in range(0, n, chunk):
             self._prefill_chunk(offset, min(chunk, n - offset), chunk)
@@ -221,7 +227,10 @@ class Decoder:
 
     def _body(self, kind: str, view: int, draft: bool, *variant) -> None:
         if kind == "prefill":
-            self._forward(*self.prefill_in, view, logits=False, contiguous=False)
+            _, hidden = self._forward(*self.prefill_in, view, logits=False, contiguous=False,
+                                      collect=self.prefill_states)
+            if self.prefill_states:
+                self.drafter.observe_prefill(self.state, self.prefill_in[2], hidden)
             return
         self.faults.zero_()  # a step whose checks cannot fail leaves its row of marks as it is
         for i in range(self.steps):
