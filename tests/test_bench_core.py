@@ -274,6 +274,7 @@ def test_every_recipe_line_is_a_valid_harness_command(tmp_path):
             argv.append(arg)
     assert len(calls) == 5   # fp32, bf16 and batch; heads; pair
     for argv in calls:
+        argv = argv[1:] if argv[:1] == ["-P"] else argv   # -P: the device runs them from the repo root
         assert argv[:2] == ["-m", "specdec.bench"], argv
         s = settings_from(parser().parse_args(argv[2:]))
         assert all(d["name"] in DRAFTERS or d["name"] == "none" for d in s.drafters), s.drafters
@@ -348,3 +349,18 @@ def test_on_cuda_the_first_call_captures_and_timed_calls_never_do(tiny_folder, t
     assert set(profiles) == {"lookup num_tokens=4 batch 1", "lookup num_tokens=4 batch 2"}
     assert all(p["drafter"]["verify"] > 0 and p["baseline"]["verify"] > 0 for p in profiles.values())
     assert "Device ms per step" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_drafter_refusing_its_memory_budget_is_noted_and_the_others_go_on(tiny_folder, tmp_path):
+    """A budget below a drafter's smallest configuration makes ``generate`` raise MemoryError: the
+    harness notes it in the summary, gives that drafter no rows, and still runs the others."""
+    prompts = select(builtin(), num_prompts=2, categories=["coding"])
+    drafters = ({"name": "lookup", "num_tokens": 2},
+                {"name": "sparse_self", "num_tokens": 2, "memory_budget": 1})
+    for warmup in (1, 0):   # refused in the warm-up, or (no warm-up) in the first timed call
+        out = tmp_path / f"w{warmup}"
+        result = core.run(settings(tiny_folder, drafters=drafters, warmup=warmup, hf_baseline=False), prompts, out)
+        assert {r["drafter"] for r in result.rows} == {"lookup"} and len(result.rows) == len(prompts)
+        assert all(r["matches_baseline"] for r in result.rows)
+        summary = (out / "summary.md").read_text()
+        assert "refused the greedy run at batch 1" in summary and "memory_budget=1 bytes" in summary

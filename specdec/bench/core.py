@@ -177,6 +177,7 @@ class _Bench:
         self.rows: list[dict] = []
         self.profiles: dict[str, dict] = {}   # run label -> {"baseline", "drafter", "floor_ms"}
         self.notes: list[str] = []
+        self.refused: dict[str, str] = {}  # contender label -> why it refused (MemoryError), per mode
         self.rows_path = out_dir / "rows.jsonl"
         self.rows_path.write_text("", encoding="utf-8")
         eos = model.generation_config.eos_token_id
@@ -224,6 +225,7 @@ class _Bench:
         each drafter and HF in turn, so load on a shared machine hits them all alike. HF is
         greedy only, measured in the first mode and reused (``hf_state``: results, first calls)."""
         hf, hf_first = hf_state
+        self.refused = {}
         sampling = {} if mode == "greedy" else dict(self.s.sampling)
         kwargs = {k: v for k, v in self.common.items()} | {"do_sample": mode == "sample", **sampling}
         engines = [("baseline", baseline), *((c.label, w) for c, w in zip(self.contenders, wrapped) if w)]
@@ -235,7 +237,11 @@ class _Bench:
             hf_methods |= {k: hf_method(self.model, **self.common, do_sample=False, **extra)
                            for k, extra in others.items() if k not in hf}
         wrappers = dict(engines)
-        first = {name: self.first_call(m, wrappers.get(name), batches) for name, m in methods.items()}
+        first = {}
+        for name in list(methods):
+            first[name] = self.refusing(name, mode, size, lambda: self.first_call(methods[name], wrappers[name], batches))
+            if name in self.refused:
+                del methods[name]
         hf_first |= {name: self.first_call(m, None, batches) for name, m in hf_methods.items()}
         first |= hf_first
         settings = {"mode": mode, "temperature": sampling.get("temperature"), "top_p": sampling.get("top_p"),
@@ -247,13 +253,29 @@ class _Bench:
             for name, m in methods.items():
                 if hasattr(drafters.get(name), "task"):   # drafters that keep per-task state (Swift's skip sets)
                     drafters[name].task = batch[0].category
-                done[name] = self.timed(m, wrappers[name], batch, seed)
+                done[name] = self.refusing(name, mode, size, lambda: self.timed(m, wrappers[name], batch, seed))
+            for name in [n for n in methods if n in self.refused]:
+                del methods[name], done[name]
             for name, m in hf_methods.items():
                 hf.setdefault(name, {})[b] = decode(m, batch, self.tok, self.device, seed)
             new = [self.row(c, settings, b, i, prompt, done, first, hf, wrapped[k])
-                   for k, c in enumerate(self.contenders) for i, prompt in enumerate(batch)]
+                   for k, c in enumerate(self.contenders) for i, prompt in enumerate(batch)
+                   if wrapped[k] is None or c.label in done]
             self.save(new)
             self.progress(mode, size, b, len(batches), new)
+
+    def refusing(self, name: str, mode: str, size: int, call):
+        """``call()``; a drafter that refuses the run with a ``MemoryError`` (a ``memory_budget``
+        below its smallest configuration) is noted in the summary and left out of this mode,
+        while the others go on. The baseline's errors propagate."""
+        if name == "baseline":
+            return call()
+        try:
+            return call()
+        except MemoryError as err:
+            self.refused[name] = str(err)
+            self.notes.append(f"{name} refused the {mode} run at batch {size}, so it has no rows there: {err}")
+            return None
 
     def first_call(self, method, wrapped, batches) -> dict | None:
         """Decode the warm-up batches untimed; the first one's time (the call that compiles and
