@@ -177,7 +177,7 @@ class _Bench:
         self.rows: list[dict] = []
         self.profiles: dict[str, dict] = {}   # run label -> {"baseline", "drafter", "floor_ms"}
         self.notes: list[str] = []
-        self.refused: dict[str, str] = {}  # contender label -> why it refused (MemoryError), per mode
+        self.refused: set[str] = set()  # contender labels that refused this mode (MemoryError; the notes say why)
         self.rows_path = out_dir / "rows.jsonl"
         self.rows_path.write_text("", encoding="utf-8")
         eos = model.generation_config.eos_token_id
@@ -225,7 +225,7 @@ class _Bench:
         each drafter and HF in turn, so load on a shared machine hits them all alike. HF is
         greedy only, measured in the first mode and reused (``hf_state``: results, first calls)."""
         hf, hf_first = hf_state
-        self.refused = {}
+        self.refused = set()
         sampling = {} if mode == "greedy" else dict(self.s.sampling)
         kwargs = {k: v for k, v in self.common.items()} | {"do_sample": mode == "sample", **sampling}
         engines = [("baseline", baseline), *((c.label, w) for c, w in zip(self.contenders, wrapped) if w)]
@@ -273,7 +273,7 @@ class _Bench:
         try:
             return call()
         except MemoryError as err:
-            self.refused[name] = str(err)
+            self.refused.add(name)
             self.notes.append(f"{name} refused the {mode} run at batch {size}, so it has no rows there: {err}")
             return None
 
