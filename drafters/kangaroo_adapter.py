@@ -19,8 +19,10 @@ overwrites) and the adapter (its K/V go to its own cache, slot for slot like the
 
 Reuse of the exited states. Verification already runs the first ℓ layers over the root and every
 node, so the drafter asks for the target's states after layer ℓ (``hidden_layers = (ℓ,)``) and, in
-``observe``, feeds those at the accepted path into the adapter. The first ℓ layers are never re-run
-over verified tokens; only each step's new root (the bonus token) goes through them in ``propose``.
+``observe``, feeds those at the accepted path into the adapter. The prompt's are handed over the
+same way by the target's own prefill (``DraftSpec.prefill_hidden``, ``observe_prefill``, inside the
+captured prefill on CUDA), so ``begin`` runs nothing. The first ℓ layers are never re-run over
+verified tokens; only each step's new root (the bonus token) goes through them in ``propose``.
 (Verification itself still runs all layers over the draft tokens; letting it start at layer ℓ
 from the draft's exit states would need the engine's verify step to take them.)
 
@@ -165,7 +167,8 @@ class KangarooAdapter(Drafter):
             raise ValueError(f"stop_threshold must be in [0, 1), got {stop_threshold}")
         self.adapter, self.num_tokens, self.stop_threshold = adapter.eval(), num_tokens, stop_threshold
         self.exit_layer = adapter.exit_layer
-        self.spec = DraftSpec(num_nodes=num_tokens, hidden_layers=(self.exit_layer,), forwards_per_step=num_tokens)
+        self.spec = DraftSpec(num_nodes=num_tokens, hidden_layers=(self.exit_layer,), forwards_per_step=num_tokens,
+                              prefill_hidden=True)
         self.runner = None
         self.cache: KVCache | None = None  # the adapter's own K/V by slot, laid out like the target's cache
         self._exit = None                  # the target runner's forward (compiled by compile())
@@ -235,9 +238,10 @@ class KangarooAdapter(Drafter):
             self._adapter_kv(state, exits, slots, z, eager=True)
 
     # ------------------------------------------------------------------ protocol
-    def begin(self, state: DecodeState) -> None:
-        """Allocate the adapter cache, then fill it over the prompt (one forward of the first ℓ
-        target layers over the prompt, against the target's committed cache)."""
+    def reserve(self, state: DecodeState) -> None:
+        """The adapter cache for ``state``'s batch and capacity (kept while it fits), the fused
+        adapter weights (`AdapterStep.refresh`) and the rows' first real slots: all that
+        ``observe_prefill`` writes through, set before the prefill."""
         if self.runner is not state.target:
             self.bind(state.target)
         b, cap = state.tokens.shape
@@ -248,7 +252,22 @@ class KangarooAdapter(Drafter):
             self._one = torch.ones(b, 1, 1, dtype=torch.bool, device=state.tokens.device)
         self.step.refresh()
         self.cache.start.copy_(state.start)
-        self._catch_up(state, 0)
+
+    @torch.no_grad()
+    def observe_prefill(self, state: DecodeState, slots: Tensor, layer_hidden: Tensor) -> None:
+        """The adapter's K/V over a prefill chunk, from the target's own exit states there
+        (``layer_hidden[0]`` [B, C, H]): the prompt never goes through the first ℓ layers twice.
+        Slots past the prompt get entries that ``propose`` and ``observe`` overwrite before any
+        query reads them; left padding is never attended."""
+        self._adapter_kv(state, layer_hidden[0], slots, self.cache.max_len, eager=True)
+
+    def begin(self, state: DecodeState) -> None:
+        """The adapter cache over the prompt: written by the prefill (``observe_prefill``), or,
+        when the prefill did not hand the states over (``state.prompt_states`` false), by one
+        forward of the first ℓ target layers over the prompt against the committed cache."""
+        self.reserve(state)
+        if not state.prompt_states:
+            self._catch_up(state, 0)
 
     def resync(self, state: DecodeState, since: int) -> None:
         """After undrafted steps (from committed length ``since`` on): the entries they skipped."""

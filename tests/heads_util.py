@@ -3,8 +3,9 @@ GPU machine, which has neither, can run the tests that use them."""
 import torch
 
 import specdec
-from specdec.drafters import EagleHead, MedusaHeads
+from specdec.drafters import EagleHead, KangarooAdapter, MedusaHeads
 from specdec.drafters.heads import EagleHeadModel, MedusaHeadsModel
+from specdec.drafters.kangaroo_adapter import KangarooAdapterModel
 
 AUX = (0, 1, 1)  # the embedding output and layer 1 twice: a 2-layer target has few layers to read
 
@@ -24,6 +25,11 @@ def eagle(model, num_tokens=3, vocab=None):
 
 def medusa(model, num_heads=3, tree=None):
     return MedusaHeads(noisy(MedusaHeadsModel.from_target(model, num_heads)), tree=tree)
+
+
+def kangaroo(model, num_tokens=3, stop_threshold=None, exit_layer=1, scale=0.05):
+    return KangarooAdapter(noisy(KangarooAdapterModel.from_target(model, exit_layer), scale), num_tokens=num_tokens,
+                           stop_threshold=stop_threshold)
 
 
 def recording(drafter):

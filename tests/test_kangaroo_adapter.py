@@ -18,7 +18,7 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
-from heads_util import generate, noisy, recording
+from heads_util import generate, kangaroo, noisy, recording
 from test_sampling import PARAMS, V, chi2_pvalue, exact_joint, sampled_joint
 from tiny import ARCHS, hf_greedy, make_tiny, ragged_batch
 
@@ -27,11 +27,6 @@ from specdec.drafters import KangarooAdapter, LayerSkip, build_drafter
 from specdec.drafters.heads import HeadCache, HeadCheckpointError
 from specdec.drafters.kangaroo_adapter import KangarooAdapterModel
 from specdec.training.kangaroo import adapter_mask
-
-
-def kangaroo(model, num_tokens=3, stop_threshold=None, exit_layer=1, scale=0.05):
-    return KangarooAdapter(noisy(KangarooAdapterModel.from_target(model, exit_layer), scale), num_tokens=num_tokens,
-                           stop_threshold=stop_threshold)
 
 
 def recording_valid(drafter):

@@ -7,13 +7,14 @@ captured paths use, with prompts longer than several chunks and ragged rows:
 
 - greedy output equals HF greedy;
 - every draft equals the draft of the old path (``begin`` re-running the target over the prompt);
-- ``begin`` calls the target's forward zero times on the new path (and some on the old one).
+- ``begin`` calls the target's forward zero times on the new path (and some on the old one);
+- the Kangaroo adapter's K/V over the prompt, written inside the prefill, equal the old path's.
 """
 import dataclasses
 
 import pytest
 import torch
-from heads_util import eagle, generate, medusa, recording
+from heads_util import eagle, generate, kangaroo, medusa, recording
 from tiny import hf_greedy, make_tiny, ragged_batch
 
 from specdec.engine import SpecEngine
@@ -25,7 +26,7 @@ def run(model, drafter, ids, mask, prefill_hidden, monkeypatch):
     if not prefill_hidden:
         drafter.spec = dataclasses.replace(drafter.spec, prefill_hidden=False)
     seen = recording(drafter)
-    calls = {"in_begin": False, "n": 0}
+    calls = {"n": 0, "cache": None}
     begin = drafter.begin
 
     def counted_begin(state):
@@ -39,13 +40,18 @@ def run(model, drafter, ids, mask, prefill_hidden, monkeypatch):
             begin(state)
         finally:
             del state.target.forward  # the instance attribute goes; the class method shows again
+        if calls["cache"] is None and getattr(drafter, "cache", None) is not None:
+            calls["cache"] = [t.clone() for t in drafter.cache.k + drafter.cache.v]  # the head's K/V after begin
     drafter.begin = counted_begin
     monkeypatch.setattr(SpecEngine, "static", property(lambda self: True))
     out = generate(model, drafter, ids, mask, n=20, chunk_steps=2)
-    return out, [d for _, d in seen], calls["n"]
+    return out, [d for _, d in seen], calls["n"], calls["cache"]
 
 
-@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+MAKERS = {"eagle": eagle, "medusa": medusa, "kangaroo": lambda model: kangaroo(model, scale=0.3)}
+
+
+@pytest.mark.parametrize("kind", sorted(MAKERS))
 def test_prefill_gives_heads_the_prompt_states(kind, monkeypatch):
     model = make_tiny("llama")
     lengths = [2 * PREFILL_CHUNK + 45, PREFILL_CHUNK + 3]  # three chunks, and a row whose prompt ends mid-chunk
@@ -53,11 +59,20 @@ def test_prefill_gives_heads_the_prompt_states(kind, monkeypatch):
     ref = hf_greedy(model, ids, mask, max_new_tokens=20, eos_token_id=None)
     def make():  # the same random-init head twice (the heads' own init draws from the global RNG)
         torch.manual_seed(0)
-        return (eagle if kind == "eagle" else medusa)(model)
-    new, new_drafts, new_calls = run(model, make(), ids, mask, True, monkeypatch)
-    old, old_drafts, old_calls = run(model, make(), ids, mask, False, monkeypatch)
+        return MAKERS[kind](model)
+    new, new_drafts, new_calls, new_kv = run(model, make(), ids, mask, True, monkeypatch)
+    old, old_drafts, old_calls, old_kv = run(model, make(), ids, mask, False, monkeypatch)
     assert torch.equal(new.sequences, ref) and torch.equal(old.sequences, ref)
     assert new_calls == 0 and old_calls > 0, (new_calls, old_calls)
     assert len(new_drafts) == len(old_drafts) > 0
     for a, b in zip(new_drafts, old_drafts):
         assert torch.equal(a, b)
+    if kind == "kangaroo":  # every prompt slot but each row's root: [B, H, S, D] per layer, K then V
+        width = max(lengths) + 1  # the engine's width: one slot of padding (lookback 1)
+        real = torch.zeros(len(lengths), width - 1, dtype=torch.bool)
+        for r, n in enumerate(lengths):
+            real[r, width - n: width - 1] = True  # right-aligned: slots start .. width - 2, the root at width - 1
+        for a, b in zip(new_kv, old_kv):
+            a, b = a[:, :, :width - 1].transpose(1, 2)[real], b[:, :, :width - 1].transpose(1, 2)[real]
+            assert a.abs().max() > 0
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
