@@ -204,7 +204,9 @@ class EagleHead(Drafter):
 
     # ------------------------------------------------------------------ protocol
     def reserve(self, state: DecodeState) -> None:
-        """The feature buffer and head cache for ``state``'s batch and capacity (kept while they fit)."""
+        """The feature buffer and head cache for ``state``'s batch and capacity (kept while they
+        fit), the head's fused weights (`EagleStep.refresh`) and the rows' first real slots: all
+        that ``observe_prefill`` writes through, set before the prefill."""
         if self.runner is not state.target:
             self.bind(state.target)
         b, cap = state.tokens.shape
@@ -213,21 +215,32 @@ class EagleHead(Drafter):
             self.cache = KVCache.for_model(self.head.config, b, cap, dtype, dev)
             self.feature = torch.zeros(b, cap, self.head.config.hidden_size, dtype=dtype, device=dev)
             self._arange = torch.arange(cap, device=dev)
+        self.step.refresh()
+        self.cache.start.copy_(state.start)
 
     @torch.no_grad()
     def observe_prefill(self, state: DecodeState, slots: Tensor, layer_hidden: Tensor) -> None:
-        """The prompt's features, chunk by chunk, from the target's own prefill."""
-        self.store_features(state, slots, layer_hidden, state.tokens.gather(1, slots))
+        """A prefill chunk's features, then the head's K/V there (token j over feature j - 1, the
+        first slot's from the chunk before), from the target's own prefill: ``begin`` has nothing
+        left to run. Static shapes (one captured prefill serves every chunk). Entries at slots
+        from ``seq_len - window`` on are rewritten by ``propose`` before it reads them; left
+        padding is never attended."""
+        tokens = state.tokens.gather(1, slots)
+        self.store_features(state, slots, layer_hidden, tokens)
+        b, c, h = *slots.shape, self.feature.shape[-1]
+        before = self.feature.gather(1, (slots - 1).clamp(min=0).unsqueeze(-1).expand(b, c, h))   # [B, C, H]
+        self.cache.write_slots, self.cache.view_len = slots, self.cache.max_len
+        rope = self.step.rope((slots - state.start[:, None]).clamp(min=0))
+        self.step.forward(tokens, self.step.carry(before), rope, None, self.cache, kv_only=True)
 
     def begin(self, state: DecodeState) -> None:
-        """Allocate the feature buffer and head cache, refresh the head's fused weights (`EagleStep`),
-        then the head entries over the prompt. The prompt's features come from the prefill
-        (``observe_prefill``); without it (``state.prompt_states`` false), from one more forward of
-        the target's first ``max(aux)`` layers over the prompt."""
+        """Allocate the feature buffer and head cache and refresh the head's fused weights
+        (`reserve`). The prefill has then already written the prompt's features and head entries
+        (``observe_prefill``); without it (``state.prompt_states`` false) they come from one more
+        forward of the target's first ``max(aux)`` layers over the prompt, then the head's."""
         self.reserve(state)
-        self.step.refresh()
-        self.cache.start.copy_(state.start)
-        self._catch_up(state, 0, features=not state.prompt_states)
+        if not state.prompt_states:
+            self._catch_up(state, 0)
 
     def resync(self, state: DecodeState, since: int) -> None:
         """After undrafted steps (from committed length ``since`` on): recompute what they skipped."""

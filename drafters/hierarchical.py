@@ -94,7 +94,7 @@ class Hierarchical(Drafter):
         self.top, self.middle, self.rounds = top, middle, rounds
         self.gamma_top = top.spec.num_nodes
         room = rounds * (self.gamma_top + 1)  # tokens a step's rounds can make
-        middle.reserve(room + 1)  # the sparse scratch holds every token fed
+        middle.reserve_scratch(room + 1)  # the sparse scratch holds every token fed
         if isinstance(top, DraftModel):
             # A round ends with the middle's own token after the top's chain, so a step can leave
             # three tokens its cache never read (the top's last, the middle's, the bonus): re-read 3.
@@ -108,7 +108,8 @@ class Hierarchical(Drafter):
         k = min(middle.num_tokens, room)
         self.spec = DraftSpec(num_nodes=k, lookback=max(top.spec.lookback, middle.spec.lookback),
                               scratch_slots=scratch, hidden_layers=self.collect,
-                              forwards_per_step=rounds + top.spec.forwards_per_step * rounds)
+                              forwards_per_step=rounds + top.spec.forwards_per_step * rounds,
+                              prefill_hidden=self.feeds_head and top.spec.prefill_hidden)
 
     @property
     def num_nodes(self) -> int:
@@ -121,6 +122,12 @@ class Hierarchical(Drafter):
     def compile(self, options: dict | None) -> None:
         self.top.compile(options)
         self.middle.compile(options)
+
+    def reserve(self, ctx: DecodeContext) -> None:
+        self.top.reserve(ctx)  # an EagleHead top takes the prompt's states from the prefill
+
+    def observe_prefill(self, ctx: DecodeContext, slots, layer_hidden) -> None:
+        self.top.observe_prefill(ctx, slots, layer_hidden)
 
     def begin(self, ctx: DecodeContext) -> None:
         self.top.begin(ctx)

@@ -117,7 +117,7 @@ class SparseSelfDraft(Drafter):
         if self.top_chunks:
             self._rebuild_means(ctx)
 
-    def reserve(self, fed: int) -> None:
+    def reserve_scratch(self, fed: int) -> None:
         """Make room for ``fed`` tokens per step in the sparse cache's scratch (a drafter feeding
         it itself, as ``Hierarchical`` does, calls this before ``begin``)."""
         self.fed = max(fed, self.num_tokens + 1)

@@ -8,7 +8,8 @@ captured paths use, with prompts longer than several chunks and ragged rows:
 - greedy output equals HF greedy;
 - every draft equals the draft of the old path (``begin`` re-running the target over the prompt);
 - ``begin`` calls the target's forward zero times on the new path (and some on the old one);
-- the Kangaroo adapter's K/V over the prompt, written inside the prefill, equal the old path's.
+- the EAGLE head's and the Kangaroo adapter's K/V over the prompt, written inside the prefill,
+  equal the old path's.
 """
 import dataclasses
 
@@ -17,6 +18,9 @@ import torch
 from heads_util import eagle, generate, kangaroo, medusa, recording
 from tiny import hf_greedy, make_tiny, ragged_batch
 
+from test_sparse_kv import small_sparse
+
+from specdec.drafters import Hierarchical
 from specdec.engine import SpecEngine
 from specdec.step import PREFILL_CHUNK
 
@@ -48,7 +52,9 @@ def run(model, drafter, ids, mask, prefill_hidden, monkeypatch):
     return out, [d for _, d in seen], calls["n"], calls["cache"]
 
 
-MAKERS = {"eagle": eagle, "medusa": medusa, "kangaroo": lambda model: kangaroo(model, scale=0.3)}
+MAKERS = {"eagle": eagle, "medusa": medusa, "kangaroo": lambda model: kangaroo(model, scale=0.3),
+          # TriForce's hierarchy with an EAGLE head on top: the head's prompt states come from the prefill too
+          "eagle_over_sparse": lambda model: Hierarchical(eagle(model), small_sparse(num_tokens=7, window=12), rounds=2)}
 
 
 @pytest.mark.parametrize("kind", sorted(MAKERS))
@@ -67,11 +73,14 @@ def test_prefill_gives_heads_the_prompt_states(kind, monkeypatch):
     assert len(new_drafts) == len(old_drafts) > 0
     for a, b in zip(new_drafts, old_drafts):
         assert torch.equal(a, b)
-    if kind == "kangaroo":  # every prompt slot but each row's root: [B, H, S, D] per layer, K then V
+    if kind in ("eagle", "kangaroo"):  # the head's own K/V over the prompt: [B, H, S, D] per layer, K then V
         width = max(lengths) + 1  # the engine's width: one slot of padding (lookback 1)
+        # Kangaroo: every committed prompt slot; EAGLE: those begin fed (token j over feature j - 1),
+        # which stop ``window`` slots before the root (propose rewrites those).
+        end = width - 1 - (make().window if kind == "eagle" else 0)
         real = torch.zeros(len(lengths), width - 1, dtype=torch.bool)
         for r, n in enumerate(lengths):
-            real[r, width - n: width - 1] = True  # right-aligned: slots start .. width - 2, the root at width - 1
+            real[r, width - n: end] = True  # right-aligned: slots start .. width - 2, the root at width - 1
         for a, b in zip(new_kv, old_kv):
             a, b = a[:, :, :width - 1].transpose(1, 2)[real], b[:, :, :width - 1].transpose(1, 2)[real]
             assert a.abs().max() > 0
