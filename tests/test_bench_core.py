@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import make_tiny
+from tiny import char_tokenizer, make_tiny
 from transformers import AutoTokenizer
 
 from specdec.bench import core
@@ -25,6 +25,16 @@ def tiny_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama")
     make_tiny("llama", vocab_size=49152).save_pretrained(folder)
     AutoTokenizer.from_pretrained(dense_zoo_dir("zoo:smollm2-135m-instruct")).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def char_folder(tmp_path_factory):
+    """A 2-layer random Llama with a character-level tokenizer (`tiny.char_tokenizer`), saved as a
+    model folder: needs nothing from the zoo (the GPU machine may not have SmolLM2's files)."""
+    folder = tmp_path_factory.mktemp("tiny-char")
+    make_tiny("llama", vocab_size=73).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
     return str(folder)
 
 
@@ -333,12 +343,12 @@ def test_sampling_options_without_the_sample_mode_are_refused(capsys):
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_on_cuda_the_first_call_captures_and_timed_calls_never_do(tiny_folder, tmp_path):
+def test_on_cuda_the_first_call_captures_and_timed_calls_never_do(char_folder, tmp_path):
     """With cuda_graphs and compile, every cache bucket is captured before timing: the first call
     captures graphs, no timed call captures or compiles, each run has a step profile, and fp32
     greedy output still equals the baseline's."""
     prompts = select(builtin(), num_prompts=3, categories=["coding", "editing", "qa"])
-    result = core.run(settings(tiny_folder, device="cuda", cuda_graphs=True, compile=True, batch_sizes=(1, 2),
+    result = core.run(settings(char_folder, device="cuda", cuda_graphs=True, compile=True, batch_sizes=(1, 2),
                                drafters=({"name": "lookup", "num_tokens": 4},)), prompts, tmp_path)
     for r in result.rows:
         assert r["matches_baseline"], r["question_id"]
