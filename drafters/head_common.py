@@ -1,8 +1,8 @@
 """What the head drafters share: the prompt's target states (`target_states`), and the checks and
 casts every head makes when it is loaded or bound (`check_fits`, `cast`).
 
-``target_states`` re-runs the target's first layers over committed slots for ``begin`` and
-``resync``, writing only scratch slots past the root, so the committed cache is left as it was.
+``target_states`` re-runs the target's first layers over committed slots for ``resync`` (and
+for ``begin`` when the prefill did not hand the prompt's states over), writing only scratch slots past the root, so the committed cache is left as it was.
 This module knows the target runner and the engine's state; not heads, trees or acceptance.
 """
 from __future__ import annotations

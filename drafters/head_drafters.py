@@ -14,12 +14,15 @@ token of the row's buffer (left padding first). ``feature[j]`` is the target's s
 (after it read token j). As in training (`specdec.training.heads`), the EAGLE head's entry at
 slot j reads (token j, fused feature j - 1) and predicts token j + 1.
 
-Prompt features (``begin``). The engine's prefill exports no hidden states, so ``begin`` re-runs
-the target's first layers over the committed slots (`target_states`): each query attends to the
-prefix's K/V already in the target's cache and writes its own K/V only into scratch slots past
-the root, which verification overwrites. So the target's committed cache is never touched, and
-outputs stay exactly those of plain decoding whatever the features are. ``resync`` does the same
-for the tokens committed while drafting was paused.
+Prompt features. The target's prefill collects the head's aux layers and hands them to
+``observe_prefill`` chunk by chunk (``DraftSpec.prefill_hidden``; inside the captured prefill on
+CUDA), which stores the fused features and writes the head's own K/V over the prompt; ``begin``
+then has nothing to run. Without that hand-over (a spec with ``prefill_hidden=False``), and in
+``resync`` for the tokens committed while drafting was paused, the target's first layers are
+re-run over the committed slots (`target_states`): each query attends to the prefix's K/V already
+in the target's cache and writes its own K/V only into scratch slots past the root, which
+verification overwrites. Either way the target's committed cache is never touched, and outputs
+stay exactly those of plain decoding whatever the features are.
 
 This module knows the drafter contract, slots and head models; not acceptance rules or the host loop.
 """
